@@ -1,0 +1,22 @@
+"""The `embedctl` command line: a thin layer over `pipeline`, `jobs` and `shm_loader`."""
+
+from __future__ import annotations
+
+import click
+
+from jobs.cli.common import setup_logging
+from jobs.cli.index import index
+from jobs.cli.query import info, query
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
+@click.version_option(package_name="embedctl")
+def main(verbose: int) -> None:
+    """embedctl: batch text embedding into FAISS HNSW indexes (full dim plus Matryoshka slices)."""
+    setup_logging(verbose)
+
+
+main.add_command(index)
+main.add_command(query)
+main.add_command(info)

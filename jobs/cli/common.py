@@ -1,0 +1,85 @@
+"""What every CLI command shares: error formatting, progress bars, JSON output, logging set-up."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from contextlib import contextmanager
+
+import click
+
+from pipeline.errors import EmbedctlError
+
+
+def one_line(message: str) -> str:
+    return " ".join(str(message).split())
+
+
+def handle_errors(func: Callable) -> Callable:
+    """Turn project errors into one line on stderr and exit 1 (never a traceback for a user mistake)."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except EmbedctlError as exc:
+            raise click.ClickException(one_line(str(exc))) from None
+        except PermissionError as exc:
+            raise click.ClickException(f"permission denied: {exc.filename}; check the folder's owner and mode") \
+                from None
+        except OSError as exc:
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise click.ClickException(one_line(f"{exc.strerror or exc}{where}")) from None
+
+    return wrapper
+
+
+def tqdm_progress(quiet: bool):
+    """A ProgressFactory showing tqdm bars on stderr (or nothing when quiet)."""
+
+    @contextmanager
+    def factory(desc: str, total: int, unit: str = "", initial: int = 0):
+        if quiet:
+            yield lambda n: None
+            return
+        from tqdm import tqdm
+
+        with tqdm(total=total, initial=initial, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True,
+                  file=sys.stderr, smoothing=0.1) as bar:
+            yield bar.update
+
+    return factory
+
+
+def print_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, default=str, ensure_ascii=False))
+
+
+def setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def parse_dims(_ctx, _param, value) -> tuple[int, ...] | None:
+    """Click callback: '1024,512,256' -> (1024, 512, 256)."""
+    if value is None:
+        return None
+    if isinstance(value, tuple | list):
+        return tuple(value)
+    try:
+        dims = tuple(int(x) for x in str(value).replace(" ", "").split(",") if x)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers, e.g. 1024,512,256") from None
+    if any(d <= 0 for d in dims):
+        raise click.BadParameter(f"{value!r}: dims must be positive")
+    return dims

@@ -1,0 +1,85 @@
+"""`embedctl index`: embed a corpus and publish its indexes."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from jobs.cli.common import handle_errors, one_line, parse_dims, print_json, tqdm_progress
+from jobs.runner import run_embedded
+from jobs.spec import JobSpec
+from pipeline import defaults
+from pipeline.errors import EmbedctlError
+
+
+def _opt(*names, env: str, **kw):
+    return click.option(*names, envvar=f"EMBEDCTL_{env}", show_envvar=True, **kw)
+
+
+@click.command()
+@click.argument("corpus", envvar="EMBEDCTL_CORPUS")
+@_opt("--out", "-o", env="OUT", required=True, help="Output folder: vectors, index versions, `current` pointer.")
+@_opt("--model", "-m", env="MODEL", default=defaults.DEFAULT_MODEL, show_default=True,
+      help="Alias (minilm, qwen3-0.6b, qwen3-4b, qwen3-8b), model folder or Hugging Face hub id.")
+@_opt("--text-column", env="TEXT_COLUMN", default=defaults.DEFAULT_TEXT_COLUMN, show_default=True)
+@_opt("--id-column", env="ID_COLUMN", default=defaults.DEFAULT_ID_COLUMN, show_default=True,
+      help="Unique ids; when the default column is absent, row numbers are the ids.")
+@_opt("--instruction", env="INSTRUCTION", default=None,
+      help="Instruction for the documents (Qwen3 format); default: none.")
+@_opt("--query-instruction", env="QUERY_INSTRUCTION", default=None,
+      help="Instruction recorded for queries; default: the model's own ('' for none).")
+@_opt("--dims", env="DIMS", default=",".join(map(str, defaults.DEFAULT_DIMS)), show_default=True,
+      callback=parse_dims, help="Matryoshka dims indexed besides the full dim (those below it).")
+@_opt("--chunk-rows", env="CHUNK_ROWS", type=int, default=defaults.DEFAULT_CHUNK_ROWS, show_default=True,
+      help="Rows per chunk (unit of resume and of distribution).")
+@_opt("--batch-tokens", env="BATCH_TOKENS", type=int, default=None,
+      help=f"Padded tokens per forward batch [default: {defaults.DEFAULT_BATCH_TOKENS_CPU} on CPU, "
+           f"{defaults.DEFAULT_BATCH_TOKENS_CUDA} on CUDA].")
+@_opt("--max-length", env="MAX_LENGTH", type=int, default=None,
+      help=f"Truncate texts at this many tokens [default: the model's limit, at most {defaults.MAX_LENGTH_CAP}].")
+@_opt("--dtype", env="DTYPE", default="auto", show_default=True, help="auto (fp32 on CPU, bf16 on CUDA), fp32, fp16, bf16.")
+@_opt("--device", env="DEVICE", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@_opt("--threads", env="THREADS", type=int, default=None, help="Intra-op CPU threads [default: torch's].")
+@_opt("--hnsw-m", env="HNSW_M", type=int, default=defaults.DEFAULT_HNSW_M, show_default=True)
+@_opt("--ef-construction", env="EF_CONSTRUCTION", type=int, default=defaults.DEFAULT_EF_CONSTRUCTION, show_default=True)
+@_opt("--ef-search", env="EF_SEARCH", type=int, default=defaults.DEFAULT_EF_SEARCH, show_default=True,
+      help="efSearch stored in the indexes (queries may override with --ef).")
+@_opt("--quiet", "-q", env="QUIET", is_flag=True, help="No progress bars.")
+@_opt("--json", "as_json", env="JSON", is_flag=True, help="Print the run report as JSON.")
+@handle_errors
+def index(corpus: str, out: str, model: str, text_column: str, id_column: str, instruction: str | None,
+          query_instruction: str | None, dims: tuple[int, ...], chunk_rows: int, batch_tokens: int | None,
+          max_length: int | None, dtype: str, device: str, threads: int | None, hnsw_m: int, ef_construction: int,
+          ef_search: int, quiet: bool, as_json: bool) -> None:
+    """Embed CORPUS (Parquet file, directory or glob) and publish FAISS HNSW indexes in --out.
+
+    Re-running the same command resumes: complete chunks are not embedded again, and a job whose published
+    version is up to date does nothing.
+    """
+    spec = JobSpec(corpus=corpus, out=out, model=model, text_column=text_column, id_column=id_column,
+                   instruction=instruction, query_instruction=query_instruction, dims=dims, chunk_rows=chunk_rows,
+                   batch_tokens=batch_tokens, max_length=max_length, dtype=dtype, device=device, threads=threads,
+                   hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search)
+    try:
+        report = run_embedded(spec, progress=tqdm_progress(quiet))
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted: complete chunks are kept; run the same command again to resume", err=True)
+        sys.exit(130)
+    except EmbedctlError as exc:
+        raise click.ClickException(one_line(str(exc))) from None
+    if as_json:
+        print_json(report)
+        return
+    if report["status"] == "up-to-date":
+        click.echo(f"up to date: {report['version']} of {out} already indexes this corpus "
+                   f"({report['rows_indexed']} rows); nothing embedded")
+        return
+    click.echo(f"published {report['version']} in {out}: {report['rows_indexed']} rows indexed, dims "
+               f"{', '.join(map(str, report['dims']))}; embedded {report['rows_embedded']} rows in "
+               f"{report['chunks_embedded']} chunks ({report['chunks_done_before']} were complete)")
+    if report["rows_skipped"]:
+        click.echo(f"skipped {report['rows_skipped']} null or empty texts (listed in --json and "
+                   f"{out}/work/{report['plan_id']}/report.json)")
+    if report["rows_truncated"]:
+        click.echo(f"truncated {report['rows_truncated']} texts at {spec.max_length or 'the model limit'} tokens")

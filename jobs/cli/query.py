@@ -1,0 +1,121 @@
+"""`embedctl query` and `embedctl info`: search a published index, describe it."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import click
+
+from jobs.cli.common import handle_errors, print_json
+from pipeline import defaults
+from pipeline.errors import ConfigError, ModelError
+from pipeline.fsutil import read_json
+from pipeline.index import IndexReader
+from pipeline.models import ModelRef, format_instruction, resolve_model
+from pipeline.versions import INFO, resolve_index_dir
+
+
+def _opt(*names, env: str, **kw):
+    return click.option(*names, envvar=f"EMBEDCTL_{env}", show_envvar=True, **kw)
+
+
+def _index_model(info: dict) -> ModelRef:
+    """The model recorded in an index: its folder when it still exists, else its name resolved again."""
+    path = Path(info["model_path"])
+    if (path / "config.json").is_file() or (path / "modules.json").is_file():
+        return ModelRef(info["model"], path)
+    try:
+        return resolve_model(info["model"])
+    except ModelError as exc:
+        raise ModelError(f"the index was built with {info['model']!r}, which cannot be loaded here: {exc}") from None
+
+
+def _read_queries(texts: tuple[str, ...], file: str | None) -> list[str]:
+    if file and texts:
+        raise click.UsageError("give query texts or --file, not both")
+    if file:
+        try:
+            lines = Path(file).read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise ConfigError(f"cannot read --file {file!r}: {exc.strerror}") from None
+        queries = [q for q in (line.strip() for line in lines) if q]
+        if not queries:
+            raise ConfigError(f"--file {file!r} holds no queries (one query a line)")
+        return queries
+    if not texts:
+        raise click.UsageError("give a query text or --file FILE")
+    return list(texts)
+
+
+@click.command()
+@click.argument("index_dir", type=click.Path(file_okay=False))
+@click.argument("texts", nargs=-1)
+@click.option("-k", "k", type=int, default=defaults.DEFAULT_TOP_K, show_default=True, envvar="EMBEDCTL_K",
+              show_envvar=True, help="Results per query.")
+@_opt("--dim", env="DIM", type=int, default=None, help="Index dim to search [default: the full dim].")
+@_opt("--ef", env="EF", type=int, default=None, help="HNSW efSearch [default: the index's, 64].")
+@_opt("--query-instruction", env="QUERY_INSTRUCTION", default=None,
+      help="Instruction for the queries [default: the one recorded in the index; '' for none].")
+@_opt("--file", "file", env="QUERY_FILE", default=None, help="Read queries from a file, one a line.")
+@_opt("--device", env="DEVICE", default="auto", show_default=True)
+@_opt("--json", "as_json", env="JSON", is_flag=True, help="Print a list of {id, score, text} per query.")
+@handle_errors
+def query(index_dir: str, texts: tuple[str, ...], k: int, dim: int | None, ef: int | None,
+          query_instruction: str | None, file: str | None, device: str, as_json: bool) -> None:
+    """Search INDEX_DIR (an --out folder or a version folder) for TEXTS, embedded with the index's model."""
+    queries = _read_queries(texts, file)
+    reader = IndexReader(Path(index_dir))
+    if dim is not None and dim not in reader.dims:
+        raise ConfigError(f"--dim {dim} is not indexed in {index_dir}; choose one of "
+                          f"{', '.join(map(str, reader.dims))}")
+    if k <= 0:
+        raise ConfigError(f"-k must be > 0, got {k!r}")
+    from pipeline.encoder import load_encoder  # torch is imported only when a query is embedded
+
+    info = reader.info
+    encoder = load_encoder(_index_model(info), device=device, max_length=info["max_length"])
+    prefix = info["query_prefix"] if query_instruction is None else format_instruction(query_instruction)
+    vectors = encoder.encode(queries, prefix=prefix).vectors
+    results = reader.search(vectors, k=k, dim=dim, ef=ef)
+    if as_json:
+        print_json([[hit.to_dict() for hit in hits] for hits in results] if file or len(queries) > 1
+                   else [hit.to_dict() for hit in results[0]])
+        return
+    width = shutil.get_terminal_size((110, 20)).columns
+    for text, hits in zip(queries, results, strict=True):
+        if len(queries) > 1:
+            click.echo(f"\nquery: {text}")
+        id_width = max([len(str(h.id)) for h in hits] + [2])
+        click.echo(f"{'rank':>4}  {'score':>6}  {'id':<{id_width}}  text")
+        for rank, hit in enumerate(hits, 1):
+            room = max(width - id_width - 18, 20)
+            shown = hit.text if len(hit.text) <= room else hit.text[:room - 1] + "…"
+            click.echo(f"{rank:>4}  {hit.score:6.4f}  {hit.id!s:<{id_width}}  {shown}")
+
+
+@click.command()
+@click.argument("index_dir", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, envvar="EMBEDCTL_JSON", help="Print the index info as JSON.")
+@handle_errors
+def info(index_dir: str, as_json: bool) -> None:
+    """Describe the index published in INDEX_DIR: model, dims, rows, version, files."""
+    version_dir = resolve_index_dir(Path(index_dir))
+    data = read_json(version_dir / INFO)
+    data["version"] = version_dir.name
+    data["path"] = str(version_dir)
+    data["paths"] = {"rows": str(version_dir / data["rows_file"]),
+                     **{d: str(version_dir / f) for d, f in data["files"].items()}}
+    if as_json:
+        print_json(data)
+        return
+    click.echo(f"index    {data['path']} ({data['version']}, created {data['created']})")
+    click.echo(f"model    {data['model']} ({data['model_type']}, {data['pooling']} pooling, dim {data['dim']}, "
+               f"{data['dtype']})")
+    click.echo(f"rows     {data['rows']} of {data['corpus']['rows']} corpus rows ({data['corpus']['source']})")
+    click.echo(f"dims     {', '.join(map(str, data['dims']))} (HNSW M={data['hnsw']['m']}, "
+               f"efConstruction={data['hnsw']['ef_construction']}, efSearch={data['hnsw']['ef_search']})")
+    click.echo(f"query    instruction prefix {data['query_prefix']!r}")
+    click.echo(f"files    {data['paths']['rows']}")
+    for dim in data["dims"]:
+        click.echo(f"         {data['paths'][str(dim)]}")

@@ -1,0 +1,114 @@
+"""Planning a job and the embedded runner (in-process: no broker, no server).
+
+`plan_job` turns a JobSpec into a WorkPlan (validating corpus and model before any embedding); `run_embedded`
+embeds the missing chunks in this process, then builds and publishes the indexes. The Celery submitter uses
+the same plan and the same `pipeline.work` steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from jobs.spec import JobSpec
+from pipeline import versions, work
+from pipeline.corpus import iter_chunks, plan_corpus
+from pipeline.fsutil import read_json, write_json
+from pipeline.index import index_dims
+from pipeline.models import ModelRef, read_profile, resolve_model
+from pipeline.plan import WorkPlan
+from pipeline.work import ProgressFactory, no_progress
+
+LOG = logging.getLogger(__name__)
+
+
+def plan_job(spec: JobSpec) -> WorkPlan:
+    """Validate the corpus and resolve the model of `spec` (reads no weights); raises EmbedctlError."""
+    ref = resolve_model(spec.model)
+    profile = read_profile(ref.path)
+    corpus = plan_corpus(spec.corpus, spec.text_column, spec.id_column, spec.chunk_rows,
+                         id_column_required=spec.id_column_required)
+    return WorkPlan(
+        out=str(spec.out), corpus=corpus, model=spec.model, model_path=str(ref.path),
+        model_fingerprint=ref.fingerprint, model_type=profile.model_type, pooling=profile.pooling, dim=profile.dim,
+        dtype=spec.dtype, device=spec.device, max_length=spec.max_length or profile.max_length,
+        batch_tokens=spec.batch_tokens, document_prefix=profile.document_prefix(spec.instruction),
+        query_prefix=profile.query_prefix(spec.query_instruction), dims=tuple(index_dims(profile.dim, spec.dims)),
+        hnsw_m=spec.hnsw_m, ef_construction=spec.ef_construction, ef_search=spec.ef_search)
+
+
+def published_info(plan: WorkPlan) -> dict | None:
+    """Info of the current version when it was built from exactly this plan and these index settings."""
+    current = versions.current_version(plan.out)
+    if current is None:
+        return None
+    info = read_json(current / versions.INFO)
+    return info if info.get("index_key") == plan.index_key else None
+
+
+def remove_stale_work(plan: WorkPlan) -> None:
+    """Remove the work folders of other plans (their vectors no longer match the corpus or settings)."""
+    root = plan.work_dir.parent
+    for path in root.iterdir() if root.is_dir() else []:
+        if path.is_dir() and path.name != plan.plan_id:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def run_embedded(spec: JobSpec, progress: ProgressFactory = no_progress, encoder=None) -> dict:
+    """Run the job in this process: embed missing chunks, build and publish; returns the run report.
+
+    A re-run skips complete chunks (resume after an interrupt); a job whose current version matches embeds and
+    builds nothing.
+    """
+    t0 = time.perf_counter()
+    started = datetime.now(UTC).isoformat(timespec="seconds")
+    plan = plan_job(spec)
+    chunks = plan.corpus.chunks
+    report = {"started": started, "out": str(spec.out), "plan_id": plan.plan_id, "model": plan.model,
+              "rows_total": plan.corpus.rows, "chunks_total": len(chunks), "dims": list(plan.dims)}
+    info = published_info(plan)
+    if info is not None:
+        version = versions.current_version(plan.out)
+        return {**report, "status": "up-to-date", "chunks_embedded": 0, "rows_embedded": 0, "version": version.name,
+                "rows_indexed": info["rows"], "seconds": round(time.perf_counter() - t0, 3)}
+    plan.save()
+    missing = work.missing_chunks(plan)
+    report["chunks_done_before"] = len(chunks) - len(missing)
+    rows_embedded = 0
+    if missing:
+        if encoder is None:
+            encoder = load_job_encoder(spec, plan)
+        todo = sum(chunks[k].rows for k in missing)
+        t_embed = time.perf_counter()
+        with progress("embed", plan.corpus.rows, "rows", plan.corpus.rows - todo) as update:
+            for chunk, data in iter_chunks(plan.corpus, set(missing)):
+                chunk_report = work.embed_rows(plan, chunk, data, encoder, update)
+                rows_embedded += chunk_report["embedded"]
+        report["embed_seconds"] = round(time.perf_counter() - t_embed, 3)
+    report["chunks_embedded"] = len(missing)
+    report["rows_embedded"] = rows_embedded
+    info = work.build_and_publish(plan, progress)
+    remove_stale_work(plan)
+    report.update(work.summarise(plan))
+    report.update(status="published", version=info["version"], path=info["path"],
+                  seconds=round(time.perf_counter() - t0, 3))
+    if rows_embedded and report.get("embed_seconds"):
+        report["rows_per_second"] = round(rows_embedded / report["embed_seconds"], 1)
+    write_json(plan.work_dir / "report.json", report)
+    return report
+
+
+def load_job_encoder(spec: JobSpec, plan: WorkPlan):
+    """Load the encoder a job computes with (threads set first)."""
+    import torch  # imported here: planning and status need no torch
+
+    from pipeline.encoder import load_encoder
+
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    return load_encoder(ModelRef(plan.model, Path(plan.model_path)), device=plan.device, dtype=plan.dtype,
+                        max_length=plan.max_length, batch_tokens=plan.batch_tokens)
+

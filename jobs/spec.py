@@ -1,0 +1,90 @@
+"""The job spec: one validated dataclass holding every setting of a job, with a JSON round-trip.
+
+The CLI builds it from its options (each with an `EMBEDCTL_*` environment variable); the Celery submitter sends
+it as JSON (`to_dict` / `from_dict`). Invalid values raise ConfigError naming the bad value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from pipeline.defaults import (
+    DEFAULT_CHUNK_ROWS,
+    DEFAULT_DIMS,
+    DEFAULT_EF_CONSTRUCTION,
+    DEFAULT_EF_SEARCH,
+    DEFAULT_HNSW_M,
+    DEFAULT_ID_COLUMN,
+    DEFAULT_MODEL,
+    DEFAULT_TEXT_COLUMN,
+    DTYPE_NAMES,
+)
+from pipeline.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything that defines an indexing job.
+
+    `instruction` / `query_instruction`: None means "not set" (model defaults apply), "" means none.
+    `id_column`: when it is the default ("id") and the corpus has no such column, row numbers are the ids.
+    """
+
+    corpus: str
+    out: str
+    model: str = DEFAULT_MODEL
+    text_column: str = DEFAULT_TEXT_COLUMN
+    id_column: str = DEFAULT_ID_COLUMN
+    instruction: str | None = None
+    query_instruction: str | None = None
+    dims: tuple[int, ...] = DEFAULT_DIMS
+    chunk_rows: int = DEFAULT_CHUNK_ROWS
+    batch_tokens: int | None = None
+    max_length: int | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    threads: int | None = None
+    hnsw_m: int = DEFAULT_HNSW_M
+    ef_construction: int = DEFAULT_EF_CONSTRUCTION
+    ef_search: int = DEFAULT_EF_SEARCH
+    extra: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dims", tuple(self.dims))
+        for name in ("corpus", "out", "model", "text_column"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise ConfigError(f"{name} must be a non-empty string, got {value!r}")
+        for name, low in (("chunk_rows", 1), ("batch_tokens", 1), ("max_length", 2), ("threads", 1),
+                          ("hnsw_m", 2), ("ef_construction", 1), ("ef_search", 1)):
+            value = getattr(self, name)
+            if value is None and name in ("batch_tokens", "max_length", "threads"):
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+        bad = [d for d in self.dims if not isinstance(d, int) or isinstance(d, bool) or d <= 0]
+        if bad:
+            raise ConfigError(f"dims must be positive integers, got {bad!r}")
+        if self.dtype != "auto" and self.dtype.lower() not in DTYPE_NAMES:
+            raise ConfigError(f"dtype must be auto or one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
+
+    @property
+    def id_column_required(self) -> bool:
+        return self.id_column != DEFAULT_ID_COLUMN
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data.pop("extra")
+        data["dims"] = list(self.dims)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> JobSpec:
+        known = {f.name for f in fields(cls)} - {"extra"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown job setting {unknown[0]!r}; known settings: {', '.join(sorted(known))}")
+        missing = [k for k in ("corpus", "out") if k not in data]
+        if missing:
+            raise ConfigError(f"job setting {missing[0]!r} is required")
+        return cls(**data)

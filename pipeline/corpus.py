@@ -1,0 +1,278 @@
+"""Corpus: Parquet files (a file, a directory or a glob) read chunk by chunk.
+
+`plan_corpus` validates the whole corpus before any embedding (columns, types, unique ids) reading only the
+footers and the id column, and splits the rows into chunks (global row ranges that may span files).
+`iter_chunks` then streams the chunks in order, reading each file once; `read_chunk` reads one chunk alone
+(what a distributed worker does).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.errors import ConfigError, CorpusError
+
+LOG = logging.getLogger(__name__)
+
+_READ_BATCH_ROWS = 8192
+
+
+@dataclass(frozen=True)
+class CorpusFile:
+    """One Parquet file of the corpus and where its rows start in the corpus numbering."""
+
+    path: str
+    rows: int
+    size: int
+    mtime_ns: int
+    row_offset: int
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Rows [start, stop) of the corpus: the unit of work, resume and distribution."""
+
+    number: int
+    start: int
+    stop: int
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class CorpusPlan:
+    """A validated corpus: its files, columns, chunking and fingerprint."""
+
+    source: str
+    files: tuple[CorpusFile, ...]
+    text_column: str
+    id_column: str | None  # None: the row number is the id
+    chunk_rows: int
+    fingerprint: str
+
+    @property
+    def rows(self) -> int:
+        return sum(f.rows for f in self.files)
+
+    @property
+    def chunks(self) -> list[Chunk]:
+        return [Chunk(k, start, min(start + self.chunk_rows, self.rows))
+                for k, start in enumerate(range(0, self.rows, self.chunk_rows))]
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "files": [asdict(f) for f in self.files]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CorpusPlan:
+        return cls(**{**data, "files": tuple(CorpusFile(**f) for f in data["files"])})
+
+
+@dataclass
+class ChunkRows:
+    """The rows of one chunk as read from the corpus (texts may be None or empty: they are skipped later)."""
+
+    rows: np.ndarray  # int64 corpus row numbers
+    ids: list
+    texts: list
+
+
+def discover_files(source: str) -> list[Path]:
+    """The Parquet files named by `source`: a file, a directory (searched recursively) or a glob, sorted."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.parquet") if p.is_file())
+        if not files:
+            raise CorpusError(f"no *.parquet files in directory {source!r}; point the corpus at Parquet files")
+        return files
+    if glob.has_magic(source):
+        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True) if Path(p).is_file())
+        if not files:
+            raise CorpusError(f"no files match {source!r}; check the pattern (quote it so the shell does not expand it)")
+        return files
+    raise CorpusError(f"corpus {source!r} does not exist; give a Parquet file, a directory or a glob")
+
+
+def _open(path: Path) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise CorpusError(f"cannot read {str(path)!r} as Parquet ({exc}); the corpus must be Parquet files") from None
+
+
+def _footer_digest(path: Path) -> bytes:
+    """The Parquet footer (schema, row groups, statistics): part of the corpus fingerprint."""
+    with open(path, "rb") as fh:
+        fh.seek(-8, os.SEEK_END)
+        length = int.from_bytes(fh.read(4), "little")
+        fh.seek(-8 - length, os.SEEK_END)
+        return hashlib.sha256(fh.read(length)).digest()
+
+
+def plan_corpus(source: str, text_column: str, id_column: str | None, chunk_rows: int,
+                id_column_required: bool = False) -> CorpusPlan:
+    """Validate the corpus and split it into chunks, before any embedding.
+
+    Args:
+        source: a Parquet file, a directory of Parquet files or a glob.
+        text_column: the column with the texts (string).
+        id_column: the column with unique ids (string or integer); when absent from the corpus and not
+            `id_column_required`, the row number is the id.
+        chunk_rows: rows per chunk.
+
+    Raises:
+        CorpusError: missing file or column, wrong type, null or duplicate ids.
+    """
+    if chunk_rows <= 0:
+        raise ConfigError(f"chunk_rows must be > 0, got {chunk_rows!r}")
+    paths = discover_files(source)
+    files: list[CorpusFile] = []
+    digest = hashlib.sha256()
+    offset = 0
+    use_ids: bool | None = None
+    id_type: str | None = None
+    for path in paths:
+        pf = _open(path)
+        schema = pf.schema_arrow
+        names = schema.names
+        if text_column not in names:
+            raise CorpusError(f"column {text_column!r} is not in {str(path)!r} (columns: {', '.join(names)}); "
+                              "choose the text column with --text-column")
+        text_type = schema.field(text_column).type
+        if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)
+                or pa.types.is_string_view(text_type)):
+            raise CorpusError(f"column {text_column!r} of {str(path)!r} holds {text_type}, not strings; "
+                              "choose a text column with --text-column")
+        has_id = bool(id_column) and id_column in names
+        if id_column and not has_id and id_column_required:
+            raise CorpusError(f"id column {id_column!r} is not in {str(path)!r} (columns: {', '.join(names)}); "
+                              "choose it with --id-column")
+        if use_ids is None:
+            use_ids = has_id
+        elif use_ids != has_id:
+            raise CorpusError(f"id column {id_column!r} is in some corpus files but not in {str(path)!r}; "
+                              "every file needs the same columns")
+        if has_id:
+            this_type = schema.field(id_column).type
+            if not (pa.types.is_integer(this_type) or pa.types.is_string(this_type)
+                    or pa.types.is_large_string(this_type)):
+                raise CorpusError(f"id column {id_column!r} of {str(path)!r} holds {this_type}; ids must be strings "
+                                  "or integers")
+            family = "int" if pa.types.is_integer(this_type) else "str"
+            if id_type is not None and family != id_type:
+                raise CorpusError(f"id column {id_column!r} is {this_type} in {str(path)!r} but not in the other "
+                                  "files; every file needs the same id type")
+            id_type = family
+        stat = path.stat()
+        rows = pf.metadata.num_rows
+        files.append(CorpusFile(str(path.resolve()), rows, stat.st_size, stat.st_mtime_ns, offset))
+        offset += rows
+        digest.update(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\0{rows}\0".encode())
+        digest.update(_footer_digest(path))
+    if offset == 0:
+        raise CorpusError(f"corpus {source!r} has no rows")
+    plan = CorpusPlan(source=str(source), files=tuple(files), text_column=text_column,
+                      id_column=id_column if use_ids else None, chunk_rows=int(chunk_rows),
+                      fingerprint=digest.hexdigest()[:16])
+    if plan.id_column:
+        _check_ids(plan)
+    return plan
+
+
+def _check_ids(plan: CorpusPlan) -> None:
+    """Refuse null and duplicate ids (reads the id column only)."""
+    columns = []
+    for f in plan.files:
+        col = pq.read_table(f.path, columns=[plan.id_column]).column(0)
+        nulls = col.null_count
+        if nulls:
+            first = int(pc.index(pc.is_null(col), True).as_py())
+            raise CorpusError(f"{nulls} null ids in column {plan.id_column!r} of {f.path!r} (first at row {first}); "
+                              "every row needs an id")
+        columns.extend(col.chunks)
+    common = pa.int64() if pa.types.is_integer(columns[0].type) else pa.large_string()
+    ids = pa.chunked_array([c.cast(common) for c in columns], type=common)
+    if pc.count_distinct(ids).as_py() != len(ids):
+        counts = pc.value_counts(ids)
+        dup = counts.filter(pc.greater(counts.field("counts"), 1))
+        example = dup[0]["values"].as_py()
+        raise CorpusError(f"{len(dup)} duplicate ids in column {plan.id_column!r} (e.g. {example!r} appears "
+                          f"{dup[0]['counts'].as_py()} times); ids must be unique")
+
+
+def _columns(plan: CorpusPlan) -> list[str]:
+    return [plan.text_column] + ([plan.id_column] if plan.id_column else [])
+
+
+def _read_range(plan: CorpusPlan, start: int, stop: int) -> Iterator[pa.RecordBatch]:
+    """Record batches of corpus rows [start, stop), in order, across files."""
+    for f in plan.files:
+        lo, hi = max(start, f.row_offset), min(stop, f.row_offset + f.rows)
+        if lo >= hi:
+            continue
+        pf = _open(Path(f.path))
+        if pf.metadata.num_rows != f.rows:
+            raise CorpusError(f"{f.path!r} changed since the job was planned ({pf.metadata.num_rows} rows, "
+                              f"was {f.rows}); re-run the job to plan it again")
+        pos = f.row_offset
+        for batch in pf.iter_batches(batch_size=_READ_BATCH_ROWS, columns=_columns(plan)):
+            b_lo, b_hi = max(lo - pos, 0), min(hi - pos, batch.num_rows)
+            if b_lo < b_hi:
+                yield batch.slice(b_lo, b_hi - b_lo)
+            pos += batch.num_rows
+            if pos >= hi:
+                break
+
+
+def _to_rows(plan: CorpusPlan, start: int, batches: list[pa.RecordBatch]) -> ChunkRows:
+    table = pa.Table.from_batches(batches) if batches else None
+    n = table.num_rows if table is not None else 0
+    rows = np.arange(start, start + n, dtype=np.int64)
+    texts = table.column(plan.text_column).to_pylist() if n else []
+    ids = table.column(plan.id_column).to_pylist() if plan.id_column and n else rows.tolist()
+    return ChunkRows(rows=rows, ids=ids, texts=texts)
+
+
+def read_chunk(plan: CorpusPlan, chunk: Chunk) -> ChunkRows:
+    """Read the rows of one chunk."""
+    return _to_rows(plan, chunk.start, list(_read_range(plan, chunk.start, chunk.stop)))
+
+
+def iter_chunks(plan: CorpusPlan, numbers: set[int] | None = None) -> Iterator[tuple[Chunk, ChunkRows]]:
+    """Stream the chunks `numbers` (all when None) in order, reading the corpus once from the first wanted row."""
+    chunks = [c for c in plan.chunks if numbers is None or c.number in numbers]
+    if not chunks:
+        return
+    pending: list[pa.RecordBatch] = []
+    it = iter(chunks)
+    current = next(it)
+    pos = chunks[0].start
+    for batch in _read_range(plan, chunks[0].start, chunks[-1].stop):
+        while batch.num_rows:
+            if pos < current.start:  # rows of a chunk not wanted: skip them
+                skip = min(current.start - pos, batch.num_rows)
+                batch, pos = batch.slice(skip), pos + skip
+                continue
+            take = min(current.stop - pos, batch.num_rows)
+            pending.append(batch.slice(0, take))
+            batch, pos = batch.slice(take), pos + take
+            if pos == current.stop:
+                yield current, _to_rows(plan, current.start, pending)
+                pending = []
+                current = next(it, None)
+                if current is None:
+                    return

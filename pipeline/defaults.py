@@ -1,0 +1,48 @@
+"""Default values of every setting, one named constant each (see `jobs.spec.JobSpec`)."""
+
+from __future__ import annotations
+
+DEFAULT_MODEL = "Qwen/Qwen3-Embedding-4B"
+"""Model used when `--model` is not given: the reference model of embedctl."""
+
+DEFAULT_TEXT_COLUMN = "text"
+"""Corpus column holding the text to embed."""
+
+DEFAULT_ID_COLUMN = "id"
+"""Corpus column holding the row ids; when the corpus has no such column, the row number is the id."""
+
+DEFAULT_CHUNK_ROWS = 4096
+"""Rows per chunk: the unit of work, of resume and of distribution to workers."""
+
+DEFAULT_BATCH_TOKENS_CPU = 1024
+"""Token budget of one forward batch on CPU (padded tokens). Small batches stay in the CPU caches."""
+
+DEFAULT_BATCH_TOKENS_CUDA = 16384
+"""Token budget of one forward batch on a CUDA device."""
+
+MAX_LENGTH_CAP = 8192
+"""Upper bound of the default `--max-length` (a model's own limit may be far larger)."""
+
+DEFAULT_DIMS = (1024, 512, 256, 128)
+"""Matryoshka dims indexed besides the full dim (those below the model's dim are kept)."""
+
+DEFAULT_HNSW_M = 32
+"""HNSW graph degree (`IndexHNSWFlat` M)."""
+
+DEFAULT_EF_CONSTRUCTION = 200
+"""HNSW efConstruction: candidate list size while building."""
+
+DEFAULT_EF_SEARCH = 64
+"""HNSW efSearch used by `embedctl query` unless `--ef` is given."""
+
+DEFAULT_TOP_K = 10
+"""Results per query."""
+
+DEFAULT_QUERY_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+"""Query instruction of instruction-aware models (the Qwen3 embedding family) without prompts of their own."""
+
+INSTRUCTION_TEMPLATE = "Instruct: {task}\nQuery:{text}"
+"""How an instruction is put in front of a text (the Qwen3-Embedding format)."""
+
+DTYPE_NAMES = ("fp32", "float32", "fp16", "float16", "bf16", "bfloat16")
+"""Values of `--dtype` besides `auto` (fp32 on CPU, bf16 on CUDA)."""

@@ -1,0 +1,241 @@
+"""The encoder: texts in, L2-normalised float32 vectors out, in input order.
+
+Texts are de-duplicated, tokenised, sorted by token length and packed into batches by a token budget (padded
+tokens per forward pass, like text-embeddings-inference's `--max-batch-tokens`), so short texts fill big
+batches and long ones do not run out of memory. Pooling follows the model profile: mean over the attention
+mask, the CLS token, or the last token (decoder-only models, left padding, an end-of-text token appended when
+the tokenizer does not append one).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.defaults import DEFAULT_BATCH_TOKENS_CPU, DEFAULT_BATCH_TOKENS_CUDA
+from pipeline.errors import ConfigError, ModelError
+from pipeline.models import ModelProfile, ModelRef, read_profile
+
+LOG = logging.getLogger(__name__)
+
+DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "fp16": torch.float16, "float16": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+}
+"""Names accepted by `--dtype` (besides `auto`)."""
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` is the first CUDA device when there is one, else the CPU."""
+    if device in ("", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device!r}: no CUDA device is available here; use --device cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto` computes in fp32 on CPU and in bf16 (fp16 where bf16 is unsupported) on CUDA."""
+    if dtype in ("", "auto"):
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    try:
+        return DTYPES[dtype.lower()]
+    except KeyError:
+        raise ConfigError(f"--dtype {dtype!r} is not one of auto, {', '.join(sorted(DTYPES))}") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """Short name of a torch dtype (fp32, fp16, bf16)."""
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+
+
+def default_batch_tokens(device: torch.device) -> int:
+    """Token budget that suits the device: small on CPU (caches), large on GPUs."""
+    return DEFAULT_BATCH_TOKENS_CUDA if device.type == "cuda" else DEFAULT_BATCH_TOKENS_CPU
+
+
+def pack_batches(lengths: Sequence[int], budget: int) -> list[tuple[int, int]]:
+    """Split texts sorted by descending length into [start, stop) batches whose padded size fits `budget`.
+
+    A batch's padded size is its longest text times its count; a text longer than the budget runs alone.
+    """
+    batches: list[tuple[int, int]] = []
+    start = 0
+    n = len(lengths)
+    while start < n:
+        longest = max(int(lengths[start]), 1)
+        count = max(1, budget // longest)
+        stop = min(n, start + count)
+        batches.append((start, stop))
+        start = stop
+    return batches
+
+
+@dataclass
+class Encoded:
+    """Result of `Encoder.encode`: vectors in input order and what happened on the way."""
+
+    vectors: np.ndarray  # (n, dim) float32, L2-normalised
+    truncated: np.ndarray  # (n,) bool: the text was cut at max_length
+    tokens: int  # real (unpadded) tokens run through the model
+    unique: int  # distinct texts embedded
+
+
+class Encoder:
+    """A loaded model with its tokenizer, ready to embed texts."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, profile: ModelProfile, device: torch.device,
+                 max_length: int | None = None, batch_tokens: int | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.profile = profile
+        self.device = device
+        self.max_length = int(max_length or profile.max_length)
+        if self.max_length < 2:
+            raise ConfigError(f"max_length must be >= 2, got {self.max_length!r}")
+        self.batch_tokens = int(batch_tokens or default_batch_tokens(device))
+        if self.batch_tokens <= 0:
+            raise ConfigError(f"batch_tokens must be > 0, got {self.batch_tokens!r}")
+        self.left_padding = profile.pooling == "last"
+        self.eos_id = _eos_to_append(tokenizer) if profile.pooling == "last" else None
+        self.pad_id = _pad_id(tokenizer)
+
+    @property
+    def dim(self) -> int:
+        return self.profile.dim
+
+    def tokenize(self, texts: Sequence[str]) -> tuple[list[list[int]], np.ndarray]:
+        """Token ids of each text (special tokens included), cut at max_length; and which texts were cut."""
+        limit = self.max_length - (1 if self.eos_id is not None else 0)
+        ids = self.tokenizer(list(texts), add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+        truncated = np.fromiter((len(x) > limit for x in ids), dtype=bool, count=len(ids))
+        if truncated.any():
+            where = np.flatnonzero(truncated)
+            # Re-tokenise with truncation so that special tokens (e.g. [SEP]) are kept at the end.
+            cut = self.tokenizer([texts[i] for i in where], add_special_tokens=True, truncation=True,
+                                 max_length=limit, verbose=False)["input_ids"]
+            for i, seq in zip(where, cut, strict=True):
+                ids[i] = seq
+        if self.eos_id is not None:
+            for seq in ids:
+                seq.append(self.eos_id)
+        return ids, truncated
+
+    def encode(self, texts: Sequence[str], prefix: str = "",
+               on_progress: Callable[[int], None] | None = None) -> Encoded:
+        """Embed `texts` (each preceded by `prefix`); identical texts are embedded once.
+
+        Args:
+            texts: the texts, in corpus order.
+            prefix: instruction prefix (see `ModelProfile.query_prefix` / `document_prefix`).
+            on_progress: called with the number of distinct texts finished after each batch.
+        """
+        n = len(texts)
+        if n == 0:
+            return Encoded(np.zeros((0, self.dim), np.float32), np.zeros(0, bool), 0, 0)
+        first_seen: dict[str, int] = {}
+        inverse = np.fromiter((first_seen.setdefault(t, len(first_seen)) for t in texts), dtype=np.int64, count=n)
+        unique = list(first_seen)
+        ids, truncated = self.tokenize([prefix + t for t in unique] if prefix else unique)
+        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+        order = np.argsort(-lengths, kind="stable")
+        out = np.empty((len(unique), self.dim), dtype=np.float32)
+        with torch.inference_mode():
+            for start, stop in pack_batches(lengths[order], self.batch_tokens):
+                batch = order[start:stop]
+                out[batch] = self._forward([ids[i] for i in batch])
+                if on_progress is not None:
+                    on_progress(stop - start)
+        return Encoded(vectors=out[inverse], truncated=truncated[inverse], tokens=int(lengths.sum()),
+                       unique=len(unique))
+
+    def _forward(self, seqs: list[list[int]]) -> np.ndarray:
+        width = max(len(s) for s in seqs)
+        input_ids = np.full((len(seqs), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(seqs), width), dtype=np.int64)
+        for row, seq in enumerate(seqs):
+            if self.left_padding:
+                input_ids[row, width - len(seq):] = seq
+                mask[row, width - len(seq):] = 1
+            else:
+                input_ids[row, :len(seq)] = seq
+                mask[row, :len(seq)] = 1
+        input_ids_t = torch.from_numpy(input_ids).to(self.device)
+        mask_t = torch.from_numpy(mask).to(self.device)
+        hidden = self.model(input_ids=input_ids_t, attention_mask=mask_t).last_hidden_state.float()
+        if self.profile.pooling == "mean":
+            weights = mask_t.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+        elif self.profile.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:  # last token: with left padding it is the last position of every row
+            pooled = hidden[:, -1]
+        pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+        return pooled.cpu().numpy()
+
+
+def _eos_to_append(tokenizer) -> int | None:
+    """The end-of-text id to append for last-token pooling, or None when the tokenizer appends one itself."""
+    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+    if probe and probe[-1] in set(tokenizer.all_special_ids):
+        return None
+    vocab = tokenizer.get_vocab()
+    eod = vocab.get("<|endoftext|>", tokenizer.eos_token_id)
+    if eod is None:
+        raise ModelError("last-token pooling needs an end-of-text token, and the tokenizer defines none")
+    return int(eod)
+
+
+def _pad_id(tokenizer) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if candidate is not None:
+            return int(candidate)
+    return 0  # pragma: no cover
+
+
+def load_tokenizer(path: Path):
+    """The model's tokenizer (fast, from its folder)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:  # noqa: BLE001 - one line for the user
+        raise ModelError(f"cannot load the tokenizer of {path}: {type(exc).__name__}: {exc}") from None
+
+
+def load_transformer(path: Path, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """Load the transformer weights from disk (the path taken when no shared-memory segment exists)."""
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # embedctl shows its own progress; a per-load bar would break it up
+    try:
+        model = AutoModel.from_pretrained(str(path), dtype=dtype)
+    except Exception as exc:  # noqa: BLE001 - one line for the user
+        raise ModelError(f"cannot load the model in {path}: {type(exc).__name__}: {exc}") from None
+    return model.to(device).eval()
+
+
+def load_encoder(ref: ModelRef, device: str = "auto", dtype: str = "auto", max_length: int | None = None,
+                 batch_tokens: int | None = None) -> Encoder:
+    """Load the model `ref` for embedding on `device` in `dtype`."""
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    profile = read_profile(ref.path)
+    tokenizer = load_tokenizer(profile.transformer_path)
+    model = load_transformer(profile.transformer_path, torch_dtype, dev)
+    LOG.info("loaded %s (%s, %s pooling, dim %d) on %s in %s", ref.name, profile.model_type, profile.pooling,
+             profile.dim, dev, dtype_name(torch_dtype))
+    return Encoder(model, tokenizer, profile, dev, max_length=max_length, batch_tokens=batch_tokens)

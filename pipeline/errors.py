@@ -1,0 +1,39 @@
+"""One exception hierarchy for every package of embedctl.
+
+This module is a leaf (it imports nothing of the project), so the lowest layer (`shm_loader`) can raise
+these errors too. The CLI shows ``str(error)`` as one line (cause and remedy) and exits 1.
+"""
+
+from __future__ import annotations
+
+
+class EmbedctlError(Exception):
+    """Root of all errors whose message is meant for the user: one line, cause and remedy."""
+
+
+class ConfigError(EmbedctlError):
+    """A setting or job spec value is invalid."""
+
+
+class CorpusError(EmbedctlError):
+    """The corpus cannot be read or does not have the expected shape."""
+
+
+class ModelError(EmbedctlError):
+    """The model cannot be resolved or loaded."""
+
+
+class StorageError(EmbedctlError):
+    """An output folder (vectors, index versions) is missing, foreign or damaged."""
+
+
+class IndexNotFoundError(StorageError):
+    """No published index where one was expected."""
+
+
+class SegmentError(EmbedctlError):
+    """A shared-memory weight segment cannot be published or attached."""
+
+
+class BrokerError(EmbedctlError):
+    """The Celery broker cannot be reached or refused the connection."""

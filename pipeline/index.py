@@ -1,0 +1,153 @@
+"""FAISS HNSW indexes for the full dim and Matryoshka slices, built from the chunk store, and searched.
+
+Every sliced index is derived from the full-dim vectors (first d dims, re-normalised), never by running the
+model again. Index positions are row numbers of `rows.parquet` (columns `row`, `id`, `text`) in the same
+version folder, so a search maps to corpus ids and texts; each `index-<dim>.faiss` opens with plain
+`faiss.read_index`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import ConfigError, StorageError
+from pipeline.fsutil import atomic_write, read_json
+from pipeline.versions import INFO, resolve_index_dir
+
+LOG = logging.getLogger(__name__)
+
+ROWS_FILE = "rows.parquet"
+ROWS_GROUP = 16384
+"""Row group size of rows.parquet: a query reads only the groups of its hits."""
+ADD_BATCH = 8192
+"""Vectors added to an HNSW index per call (the progress step)."""
+
+
+def index_file(dim: int) -> str:
+    return f"index-{dim}.faiss"
+
+
+def index_dims(full_dim: int, dims: Sequence[int]) -> list[int]:
+    """The dims to index: the full dim, then each requested dim below it, largest first."""
+    bad = [d for d in dims if not isinstance(d, int) or d <= 0]
+    if bad:
+        raise ConfigError(f"dims must be positive integers, got {bad!r}")
+    return [full_dim] + sorted({d for d in dims if d < full_dim}, reverse=True)
+
+
+def slice_normalise(vectors: np.ndarray, dim: int) -> np.ndarray:
+    """First `dim` dims of each vector, L2-normalised again (float32): a Matryoshka slice."""
+    out = np.array(vectors[:, :dim], dtype=np.float32)
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    np.maximum(norms, 1e-12, out=norms)
+    out /= norms
+    return out
+
+
+def build_hnsw(vectors: np.ndarray, m: int, ef_construction: int, ef_search: int,
+               on_progress: Callable[[int], None] | None = None) -> faiss.IndexHNSWFlat:
+    """An inner-product HNSW index over `vectors` (float32, normalised), added in batches."""
+    index = faiss.IndexHNSWFlat(vectors.shape[1], m, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = ef_construction
+    index.hnsw.efSearch = ef_search
+    for start in range(0, len(vectors), ADD_BATCH):
+        batch = vectors[start:start + ADD_BATCH]
+        index.add(batch)
+        if on_progress is not None:
+            on_progress(len(batch))
+    return index
+
+
+def write_index(index: faiss.Index, path: Path) -> None:
+    """Write a FAISS index atomically."""
+    atomic_write(path, lambda tmp: faiss.write_index(index, str(tmp)))
+
+
+def write_rows(table: pa.Table, path: Path) -> None:
+    """Write rows.parquet (row, id, text) atomically, in small row groups for lookups."""
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp, row_group_size=ROWS_GROUP))
+
+
+@dataclass
+class Hit:
+    """One search result."""
+
+    id: object
+    score: float
+    text: str
+    row: int
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "score": self.score, "text": self.text, "row": self.row}
+
+
+class IndexReader:
+    """A published index version: its info, its per-dim FAISS indexes (memory-mapped) and its rows."""
+
+    def __init__(self, path: Path):
+        self.dir = resolve_index_dir(path)
+        try:
+            self.info = read_json(self.dir / INFO)
+        except (OSError, ValueError) as exc:
+            raise StorageError(f"cannot read {self.dir / INFO}: {exc}; rebuild the index") from None
+        self._indexes: dict[int, faiss.Index] = {}
+        self._rows = pq.ParquetFile(self.dir / ROWS_FILE)
+
+    @property
+    def dims(self) -> list[int]:
+        return [int(d) for d in self.info["dims"]]
+
+    def index(self, dim: int) -> faiss.Index:
+        """The index of `dim`, memory-mapped (IO_FLAG_MMAP_IFC maps the HNSW graph instead of reading it)."""
+        if dim not in self.dims:
+            raise ConfigError(f"--dim {dim} is not indexed here; choose one of {', '.join(map(str, self.dims))}")
+        if dim not in self._indexes:
+            path = str(self.dir / index_file(dim))
+            try:
+                self._indexes[dim] = faiss.read_index(path, faiss.IO_FLAG_MMAP_IFC)
+            except RuntimeError:
+                self._indexes[dim] = faiss.read_index(path)
+        return self._indexes[dim]
+
+    def lookup(self, positions: Sequence[int]) -> list[tuple[object, str, int]]:
+        """(id, text, corpus row) of index positions, reading only the row groups that hold them."""
+        wanted = sorted({int(p) for p in positions if p >= 0})
+        groups = sorted({p // ROWS_GROUP for p in wanted})
+        found: dict[int, tuple[object, str, int]] = {}
+        for g in groups:
+            table = self._rows.read_row_group(g, columns=["row", "id", "text"])
+            base = g * ROWS_GROUP
+            rows, ids, texts = (table.column(c).to_pylist() for c in ("row", "id", "text"))
+            for p in wanted:
+                if base <= p < base + table.num_rows:
+                    found[p] = (ids[p - base], texts[p - base], rows[p - base])
+        return [found[int(p)] for p in positions if p >= 0]
+
+    def search(self, queries: np.ndarray, k: int, dim: int | None = None, ef: int | None = None) -> list[list[Hit]]:
+        """Search full-dim normalised query vectors at `dim` (sliced and re-normalised) with efSearch `ef`."""
+        if k <= 0:
+            raise ConfigError(f"-k must be > 0, got {k!r}")
+        dim = dim or self.dims[0]
+        index = self.index(dim)
+        if ef is not None:
+            if ef <= 0:
+                raise ConfigError(f"--ef must be > 0, got {ef!r}")
+            faiss.downcast_index(index).hnsw.efSearch = max(ef, k)
+        t0 = time.perf_counter()
+        scores, positions = index.search(slice_normalise(queries, dim), k)
+        LOG.debug("searched %d queries at dim %d in %.1f ms", len(queries), dim, 1000 * (time.perf_counter() - t0))
+        results = []
+        for qs, qp in zip(scores, positions, strict=True):
+            looked = self.lookup(qp)
+            results.append([Hit(id=i, score=float(s), text=t, row=r)
+                            for (i, t, r), s in zip(looked, qs[qp >= 0], strict=True)])
+        return results

@@ -1,0 +1,92 @@
+"""The work plan: everything the data path needs to embed a corpus and build its indexes, saved as plan.json.
+
+A plan is made once per run (corpus validated, model resolved, prefixes decided) and saved in
+`OUT/work/<plan_id>/plan.json`. The embedded runner and Celery workers read that file, so every process embeds
+with the same settings. `plan_id` covers what changes the vectors (corpus, model, instruction, length, dtype,
+chunking): the same job on the same corpus finds its earlier chunks and resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from pipeline.corpus import CorpusPlan
+from pipeline.errors import StorageError
+from pipeline.fsutil import read_json, write_json
+from pipeline.vectors import ChunkStore
+
+PLAN_FILE = "plan.json"
+WORK = "work"
+
+
+@dataclass(frozen=True)
+class WorkPlan:
+    """A validated, resolved job: corpus chunks, model, prefixes and index parameters."""
+
+    out: str
+    corpus: CorpusPlan
+    model: str  # as the user named it
+    model_path: str
+    model_fingerprint: str
+    model_type: str
+    pooling: str
+    dim: int
+    dtype: str  # the --dtype setting (auto resolves per device)
+    device: str
+    max_length: int
+    batch_tokens: int | None
+    document_prefix: str
+    query_prefix: str
+    dims: tuple[int, ...]  # indexed dims, full dim first
+    hnsw_m: int
+    ef_construction: int
+    ef_search: int
+
+    @property
+    def plan_id(self) -> str:
+        """Identity of the vectors this plan produces (not of index parameters, which only change the build)."""
+        key = [self.corpus.fingerprint, self.corpus.text_column, self.corpus.id_column, self.corpus.chunk_rows,
+               self.model_fingerprint, self.dtype, self.max_length, self.document_prefix]
+        return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]
+
+    @property
+    def work_dir(self) -> Path:
+        return Path(self.out) / WORK / self.plan_id
+
+    @property
+    def store(self) -> ChunkStore:
+        return ChunkStore(self.work_dir / "chunks")
+
+    @property
+    def index_key(self) -> dict:
+        """What a published version must match for the job to be up to date."""
+        return {"plan_id": self.plan_id, "dims": list(self.dims), "hnsw_m": self.hnsw_m,
+                "ef_construction": self.ef_construction, "query_prefix": self.query_prefix}
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "corpus": self.corpus.to_dict(), "dims": list(self.dims)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> WorkPlan:
+        return cls(**{**data, "corpus": CorpusPlan.from_dict(data["corpus"]), "dims": tuple(data["dims"])})
+
+    def with_out(self, out: str) -> WorkPlan:
+        return replace(self, out=out)
+
+    def save(self) -> Path:
+        """Write plan.json into the work folder (idempotent)."""
+        return write_json(self.work_dir / PLAN_FILE, self.to_dict())
+
+
+def load_plan(work_dir: Path) -> WorkPlan:
+    """Read the plan a job saved in `work_dir`."""
+    path = Path(work_dir) / PLAN_FILE
+    try:
+        return WorkPlan.from_dict(read_json(path))
+    except FileNotFoundError:
+        raise StorageError(f"no plan at {path}: the job folder is missing or was removed; re-run the job") from None
+    except (ValueError, TypeError, KeyError) as exc:
+        raise StorageError(f"cannot read {path} ({exc}); remove that folder and re-run the job") from None

@@ -1,0 +1,92 @@
+"""Index versions inside an output folder, published by an atomic pointer swap.
+
+    OUT/versions/v000001/   a complete index version (info.json, rows.parquet, index-<dim>.faiss)
+    OUT/versions/.build-*   a version being built (never read)
+    OUT/current             symlink -> versions/v000001 (replaced atomically with os.replace)
+
+A reader resolves `current` once and reads that version's files: it never sees a half-written version, and a
+failed build leaves the previous version current.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from pipeline.errors import IndexNotFoundError
+from pipeline.fsutil import fsync_dir
+
+CURRENT = "current"
+VERSIONS = "versions"
+INFO = "info.json"
+_VERSION = re.compile(r"^v(\d{6,})$")
+
+
+def version_dirs(out: Path) -> list[Path]:
+    """Complete versions in `out`, oldest first."""
+    root = Path(out) / VERSIONS
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _VERSION.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def current_version(out: Path) -> Path | None:
+    """The version `out/current` points to, or None before the first publish."""
+    link = Path(out) / CURRENT
+    if not link.is_symlink() and not link.exists():
+        return None
+    target = link.resolve()
+    return target if (target / INFO).is_file() else None
+
+
+def new_build_dir(out: Path) -> Path:
+    """A fresh private folder in which to build the next version."""
+    root = Path(out) / VERSIONS
+    root.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=".build-", dir=root))
+
+
+def publish(out: Path, build_dir: Path) -> Path:
+    """Move a complete build to the next version number and point `current` at it, atomically."""
+    out = Path(out)
+    root = out / VERSIONS
+    while True:
+        existing = version_dirs(out)
+        number = int(_VERSION.match(existing[-1].name).group(1)) + 1 if existing else 1
+        target = root / f"v{number:06d}"
+        try:
+            os.rename(build_dir, target)  # fails if another publisher took the number: try the next
+            break
+        except OSError:
+            if not target.exists():
+                raise
+    fsync_dir(root)
+    tmp_link = out / f".{CURRENT}.{os.getpid()}.tmp"
+    tmp_link.unlink(missing_ok=True)
+    os.symlink(os.path.join(VERSIONS, target.name), tmp_link)
+    os.replace(tmp_link, out / CURRENT)
+    fsync_dir(out)
+    return target
+
+
+def discard(build_dir: Path) -> None:
+    """Remove an unfinished build."""
+    shutil.rmtree(build_dir, ignore_errors=True)
+
+
+def resolve_index_dir(path: Path) -> Path:
+    """The version folder to read for `path`: an output folder (its current version) or a version folder."""
+    path = Path(path).expanduser()
+    if (path / INFO).is_file():
+        return path.resolve()
+    if not path.exists():
+        raise IndexNotFoundError(f"index folder {str(path)!r} does not exist; build one with `embedctl index`")
+    version = current_version(path)
+    if version is None:
+        raise IndexNotFoundError(f"{str(path)!r} holds no published index yet; run `embedctl index CORPUS --out "
+                                 f"{path}` (or wait for the running job to finish)")
+    return version

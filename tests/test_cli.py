@@ -1,0 +1,185 @@
+"""The CLI end to end: index -> info -> query, resume, up-to-date re-runs, one-line errors, a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from jobs.cli import main
+
+EMBEDCTL = str(Path(sys.executable).parent / "embedctl")
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, sample_slice):
+    """An index of 600 sample rows with MiniLM, built once through the CLI."""
+    out = tmp_path_factory.mktemp("cli") / "idx"
+    result = invoke("index", sample_slice, "--out", out, "--model", "minilm", "--chunk-rows", 200, "--quiet",
+                    "--json")
+    assert result.exit_code == 0, result.output
+    return out, json.loads(result.stdout)
+
+
+def test_index_reports_what_it_did(built):
+    out, report = built
+    assert report["status"] == "published" and report["version"] == "v000001"
+    assert report["rows_total"] == report["rows_embedded"] == report["rows_indexed"] == 600
+    assert report["chunks_total"] == report["chunks_embedded"] == 3 and report["chunks_done_before"] == 0
+    assert report["dims"] == [384, 256, 128]
+
+
+def test_info_json_describes_the_index(built):
+    out, _ = built
+    result = invoke("info", out, "--json")
+    assert result.exit_code == 0
+    info = json.loads(result.stdout)
+    assert info["model"] == "minilm" and info["dims"] == [384, 256, 128] and info["rows"] == 600
+    assert info["version"] == "v000001" and Path(info["paths"]["384"]).is_file()
+    human = invoke("info", out)
+    assert "minilm" in human.stdout and "v000001" in human.stdout
+
+
+def test_query_finds_a_known_row(built, sample_slice):
+    out, _ = built
+    row = pq.read_table(sample_slice).slice(123, 1).to_pylist()[0]
+    for dim in ("384", "128"):
+        result = invoke("query", out, row["text"], "-k", 3, "--dim", dim, "--json")
+        assert result.exit_code == 0, result.output
+        hits = json.loads(result.stdout)
+        assert hits[0]["id"] == row["id"] and hits[0]["text"] == row["text"] and len(hits) == 3
+    table = invoke("query", out, row["text"], "-k", 2)
+    assert row["id"] in table.stdout.splitlines()[1] and "rank" in table.stdout
+
+
+def test_query_file_gives_one_list_per_query(built, tmp_path):
+    out, _ = built
+    queries = tmp_path / "q.txt"
+    queries.write_text("a small dog\n\nthe sea\n")
+    result = invoke("query", out, "--file", queries, "-k", 2, "--json")
+    assert result.exit_code == 0
+    data = json.loads(result.stdout)
+    assert len(data) == 2 and all(len(hits) == 2 for hits in data)
+
+
+def test_rerun_of_a_complete_job_embeds_nothing(built, sample_slice):
+    out, _ = built
+    result = invoke("index", sample_slice, "--out", out, "--model", "minilm", "--chunk-rows", 200, "--json")
+    report = json.loads(result.stdout)
+    assert report["status"] == "up-to-date" and report["rows_embedded"] == 0 and report["version"] == "v000001"
+
+
+def _snapshot(out: Path) -> dict:
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} | \
+        {"current": os.readlink(out / "current")}
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["index", "{missing}", "--out", "{out}", "--model", "minilm"], 1, "does not exist"),
+    (["index", "{corpus}", "--out", "{out}", "--model", "minilm", "--text-column", "body"], 1,
+     "column 'body' is not in"),
+    (["index", "{corpus}", "--out", "{out}", "--model", "minilm", "--id-column", "pos"], 1, "duplicate ids"),
+    (["index", "{corpus}", "--out", "{out}", "--model", "minilm", "--id-column", "doc"], 1,
+     "id column 'doc' is not in"),
+    (["index", "{corpus}", "--out", "{out}", "--model", "nope-model"], 1, "unknown model"),
+    (["index", "{corpus}", "--out", "{out}", "--model", "minilm", "--chunk-rows", "0"], 1, "chunk_rows must be"),
+    (["index", "{corpus}", "--out", "{out}", "--model", "minilm", "--dims", "12,x"], 2, "comma-separated"),
+    (["index", "{corpus}", "--out", "{out}", "--model", "minilm", "--dtype", "int3"], 1, "dtype must be"),
+    (["query", "{out}", "x", "--dim", "77"], 1, "--dim 77 is not indexed"),
+    (["query", "{out}", "x", "-k", "0"], 1, "-k must be > 0"),
+    (["query", "{out}"], 2, "give a query text or --file"),
+    (["query", "{out}", "x", "--file", "{missing}"], 2, "not both"),
+    (["query", "{missing}", "x"], 1, "does not exist"),
+    (["info", "{missing}"], 1, "does not exist"),
+])
+def test_bad_input_is_one_line_and_leaves_the_index_untouched(built, sample_slice, tmp_path, args, code, message):
+    out, _ = built
+    before = _snapshot(out)
+    values = {"missing": str(tmp_path / "missing.parquet"), "out": str(out), "corpus": str(sample_slice)}
+    result = invoke(*[a.format(**values) for a in args])
+    assert result.exit_code == code, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert message in result.stderr
+    assert "Traceback" not in result.output
+    if code == 1:
+        assert len(lines) == 1 and lines[0].startswith("Error: ")
+    assert _snapshot(out) == before
+    assert invoke("query", out, "dog", "--json").exit_code == 0
+
+
+def test_wrong_corpus_for_an_existing_out_keeps_it_servable(built, tmp_path, write_corpus):
+    out, _ = built
+    before = _snapshot(out)
+    bad = write_corpus({"id": ["a", "a"], "text": ["x", "y"]})
+    result = invoke("index", bad, "--out", out, "--model", "minilm")
+    assert result.exit_code == 1 and "duplicate ids" in result.stderr
+    assert _snapshot(out) == before
+
+
+def test_env_vars_configure_options(tmp_path, sample_slice, monkeypatch):
+    monkeypatch.setenv("EMBEDCTL_MODEL", "minilm")
+    monkeypatch.setenv("EMBEDCTL_DIMS", "128")
+    monkeypatch.setenv("EMBEDCTL_CHUNK_ROWS", "300")
+    result = invoke("index", sample_slice, "--out", tmp_path / "o", "--quiet", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["dims"] == [384, 128] and report["chunks_total"] == 2
+
+
+def test_installed_command_runs_in_a_subprocess(tmp_path, sample_slice):
+    out = tmp_path / "idx"
+    index = subprocess.run([EMBEDCTL, "index", str(sample_slice), "--out", str(out), "--model", "minilm",
+                            "--dims", "128", "--quiet"], capture_output=True, text=True, timeout=300)
+    assert index.returncode == 0, index.stderr
+    assert "published v000001" in index.stdout
+    row = pq.read_table(sample_slice).slice(7, 1).to_pylist()[0]
+    query = subprocess.run([EMBEDCTL, "query", str(out), row["text"], "-k", "1", "--json"], capture_output=True,
+                           text=True, timeout=300)
+    assert query.returncode == 0, query.stderr
+    assert json.loads(query.stdout)[0]["id"] == row["id"]
+    bad = subprocess.run([EMBEDCTL, "index", str(tmp_path / "nothing.parquet"), "--out", str(out), "--model",
+                          "minilm"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_with_only_missing_chunks(tmp_path, sample_corpus):
+    out = tmp_path / "idx"
+    args = [EMBEDCTL, "index", str(sample_corpus), "--out", str(out), "--model", "minilm", "--chunk-rows", "150",
+            "--dims", "128", "--threads", "1"]
+    proc = subprocess.Popen(args + ["--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        done = list(out.glob("work/*/chunks/chunk-*.npy"))
+        if len(done) >= 3:
+            break
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "run the same command again to resume" in stderr and "Traceback" not in stderr
+    complete = len(list(out.glob("work/*/chunks/chunk-*.npy")))
+    assert 3 <= complete < 20
+    assert not (out / "current").exists()
+    assert not list(out.glob("work/*/chunks/.*.tmp"))  # no partial file left behind
+    resumed = subprocess.run(args + ["--quiet", "--json"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    report = json.loads(resumed.stdout)
+    assert report["chunks_done_before"] == complete
+    assert report["chunks_embedded"] == 20 - complete
+    assert report["rows_indexed"] == 3000
+    ids = pq.read_table(out / "current" / "rows.parquet").column("id").to_pylist()
+    assert sorted(ids) == sorted(pq.read_table(sample_corpus).column("id").to_pylist())

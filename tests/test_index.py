@@ -1,0 +1,104 @@
+"""Indexes: Matryoshka slices, plain-FAISS files, versions published by an atomic pointer swap."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.runner import run_embedded
+from jobs.spec import JobSpec
+from pipeline import versions
+from pipeline.index import IndexReader, index_dims, slice_normalise
+from pipeline.plan import WORK
+
+
+def test_slice_is_normalised_prefix():
+    rng = np.random.default_rng(0)
+    full = rng.normal(size=(50, 64)).astype(np.float32)
+    full /= np.linalg.norm(full, axis=1, keepdims=True)
+    for d in (32, 16):
+        expected = full[:, :d] / np.linalg.norm(full[:, :d], axis=1, keepdims=True)
+        assert np.allclose(slice_normalise(full, d), expected, atol=1e-6)
+    assert index_dims(64, (1024, 32, 16, 32)) == [64, 32, 16]
+
+
+@pytest.fixture
+def small_corpus(write_corpus):
+    words = "dog cat house tree river stone light water fire city music paper glass cloud rain".split()
+    texts = [" ".join(words[(i * 7 + j) % len(words)] for j in range(3 + i % 6)) + f" {i}" for i in range(90)]
+    texts[10] = None
+    texts[20] = "   "
+    return write_corpus({"id": [f"doc-{i}" for i in range(90)], "text": texts})
+
+
+def _spec(corpus, out, model, **kw):
+    return JobSpec(corpus=str(corpus), out=str(out), model=str(model), **{"dims": (32, 16), "chunk_rows": 25, **kw})
+
+
+def test_index_files_are_plain_formats_and_slices_derive_from_full_vectors(tmp_path, small_corpus, tiny_qwen3):
+    out = tmp_path / "out"
+    report = run_embedded(_spec(small_corpus, out, tiny_qwen3))
+    assert report["status"] == "published" and report["rows_indexed"] == 88
+    assert report["rows_skipped"] == 2
+    assert {(s["id"], s["reason"]) for s in report["skipped"]} == {("doc-10", "null"), ("doc-20", "empty")}
+    version = versions.current_version(out)
+    assert version.name == "v000001" and (out / "current").is_symlink()
+    rows = pq.read_table(version / "rows.parquet")  # plain pyarrow
+    assert rows.num_rows == 88 and "doc-10" not in rows.column("id").to_pylist()
+    chunk_dir = out / WORK / report["plan_id"] / "chunks"
+    full = np.concatenate([np.load(chunk_dir / f"chunk-{k:06d}.npy") for k in range(4)])  # plain numpy
+    assert full.dtype == np.float16 and full.shape == (88, 64)
+    for dim in (64, 32, 16):
+        index = faiss.read_index(str(version / f"index-{dim}.faiss"))  # plain faiss
+        assert index.ntotal == 88 and index.d == dim
+        stored = np.stack([index.reconstruct(i) for i in range(88)])
+        assert np.allclose(stored, slice_normalise(full, dim), atol=1e-6)
+
+
+def test_search_maps_rows_to_ids_and_texts(tmp_path, small_corpus, tiny_qwen3):
+    from pipeline.encoder import load_encoder
+    from pipeline.models import ModelRef
+
+    out = tmp_path / "out"
+    run_embedded(_spec(small_corpus, out, tiny_qwen3))
+    reader = IndexReader(out)
+    encoder = load_encoder(ModelRef("tiny", tiny_qwen3), device="cpu")
+    text = pq.read_table(small_corpus).column("text")[33].as_py()
+    for dim in (64, 32, 16):
+        hits = reader.search(encoder.encode([text]).vectors, k=3, dim=dim, ef=64)[0]
+        assert hits[0].id == "doc-33" and hits[0].text == text and hits[0].row == 33
+        assert hits[0].score == pytest.approx(1.0, abs=1e-2)
+
+
+def test_failed_build_leaves_previous_version_current(tmp_path, small_corpus, tiny_qwen3, monkeypatch):
+    import pipeline.work
+
+    out = tmp_path / "out"
+    run_embedded(_spec(small_corpus, out, tiny_qwen3))
+    before = IndexReader(out)
+    calls = []
+
+    def failing_write(index, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device", str(path))
+        faiss.write_index(index, str(path))
+
+    monkeypatch.setattr(pipeline.work, "write_index", failing_write)
+    with pytest.raises(OSError, match="No space left"):
+        run_embedded(_spec(small_corpus, out, tiny_qwen3, hnsw_m=16))  # new index settings: rebuild
+    assert versions.current_version(out).name == "v000001"
+    assert [p.name for p in (out / "versions").iterdir()] == ["v000001"]  # the half-built version is gone
+    assert IndexReader(out).info == before.info
+
+
+def test_publish_swaps_atomically_and_readers_keep_their_version(tmp_path, small_corpus, tiny_qwen3):
+    out = tmp_path / "out"
+    run_embedded(_spec(small_corpus, out, tiny_qwen3))
+    reader_v1 = IndexReader(out)
+    report = run_embedded(_spec(small_corpus, out, tiny_qwen3, dims=(16,)))
+    assert report["version"] == "v000002" and report["rows_embedded"] == 0  # vectors reused
+    assert reader_v1.dir.name == "v000001" and reader_v1.index(32).ntotal == 88
+    assert IndexReader(out).dims == [64, 16]
