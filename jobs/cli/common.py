@@ -48,7 +48,7 @@ def tqdm_progress(quiet: bool):
         from tqdm import tqdm
 
         with tqdm(total=total, initial=initial, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True,
-                  file=sys.stderr, smoothing=0.1) as bar:
+                  file=sys.stderr, smoothing=0.1, mininterval=0.5) as bar:
             yield bar.update
 
     return factory
