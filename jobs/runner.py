@@ -110,5 +110,5 @@ def load_job_encoder(spec: JobSpec, plan: WorkPlan):
     if spec.threads:
         torch.set_num_threads(spec.threads)
     return load_encoder(ModelRef(plan.model, Path(plan.model_path)), device=plan.device, dtype=plan.dtype,
-                        max_length=plan.max_length, batch_tokens=plan.batch_tokens)
+                        max_length=plan.max_length, batch_tokens=plan.batch_tokens, shm=spec.shm)
 

@@ -44,6 +44,7 @@ class JobSpec:
     dtype: str = "auto"
     device: str = "auto"
     threads: int | None = None
+    shm: str = "auto"
     hnsw_m: int = DEFAULT_HNSW_M
     ef_construction: int = DEFAULT_EF_CONSTRUCTION
     ef_search: int = DEFAULT_EF_SEARCH
@@ -65,6 +66,8 @@ class JobSpec:
         bad = [d for d in self.dims if not isinstance(d, int) or isinstance(d, bool) or d <= 0]
         if bad:
             raise ConfigError(f"dims must be positive integers, got {bad!r}")
+        if self.shm not in ("auto", "require", "off"):
+            raise ConfigError(f"shm must be auto, require or off, got {self.shm!r}")
         if self.dtype != "auto" and self.dtype.lower() not in DTYPE_NAMES:
             raise ConfigError(f"dtype must be auto or one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
 

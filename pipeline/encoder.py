@@ -111,6 +111,7 @@ class Encoder:
         self.left_padding = profile.pooling == "last"
         self.eos_id = _eos_to_append(tokenizer) if profile.pooling == "last" else None
         self.pad_id = _pad_id(tokenizer)
+        self.source = "memory"  # where the weights came from: disk, shm:<segment>, or a model handed in
 
     @property
     def dim(self) -> int:
@@ -228,14 +229,46 @@ def load_transformer(path: Path, dtype: torch.dtype, device: torch.device) -> to
     return model.to(device).eval()
 
 
+SHM_MODES = ("auto", "require", "off")
+"""`auto`: attach to a published shared-memory segment when there is one, else load from disk;
+`require`: fail without a segment (EMBEDCTL_REQUIRE_SHM=1); `off`: always load from disk."""
+
+
+def load_model(folder: Path, dtype: torch.dtype, device: torch.device, shm: str = "auto",
+               shm_dir: Path | None = None) -> tuple[torch.nn.Module, str]:
+    """The transformer of `folder` in `dtype` on `device`, attached from shared memory when published.
+
+    Returns the model and where its weights came from (`shm:<segment>` or `disk`). On CUDA the shared host copy
+    is copied to the device: no disk read, no deserialisation.
+    """
+    if shm not in SHM_MODES:
+        raise ConfigError(f"shm must be one of {', '.join(SHM_MODES)}, got {shm!r}")
+    if shm != "off":
+        from shm_loader.model import attach_model
+
+        model = attach_model(folder, dtype, shm_dir)
+        if model is not None:
+            return model.to(device), f"shm:{model._embedctl_segment.name}"
+        if shm == "require":
+            from shm_loader.segment import segment_name
+
+            raise ModelError(f"no shared-memory segment {segment_name(folder, dtype)} for {folder} in "
+                             f"{dtype_name(dtype)}, and shared weights are required; publish one with "
+                             f"`embedctl shm publish --model {folder} --dtype {dtype_name(dtype)}`")
+        LOG.info("no shared-memory segment for %s in %s: loading from disk", folder, dtype_name(dtype))
+    return load_transformer(folder, dtype, device), "disk"
+
+
 def load_encoder(ref: ModelRef, device: str = "auto", dtype: str = "auto", max_length: int | None = None,
-                 batch_tokens: int | None = None) -> Encoder:
-    """Load the model `ref` for embedding on `device` in `dtype`."""
+                 batch_tokens: int | None = None, shm: str = "auto", shm_dir: Path | None = None) -> Encoder:
+    """Load the model `ref` for embedding on `device` in `dtype` (attached from shared memory when published)."""
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     profile = read_profile(ref.path)
     tokenizer = load_tokenizer(profile.transformer_path)
-    model = load_transformer(profile.transformer_path, torch_dtype, dev)
-    LOG.info("loaded %s (%s, %s pooling, dim %d) on %s in %s", ref.name, profile.model_type, profile.pooling,
-             profile.dim, dev, dtype_name(torch_dtype))
-    return Encoder(model, tokenizer, profile, dev, max_length=max_length, batch_tokens=batch_tokens)
+    model, source = load_model(profile.transformer_path, torch_dtype, dev, shm=shm, shm_dir=shm_dir)
+    LOG.info("loaded %s (%s, %s pooling, dim %d) on %s in %s from %s", ref.name, profile.model_type,
+             profile.pooling, profile.dim, dev, dtype_name(torch_dtype), source)
+    encoder = Encoder(model, tokenizer, profile, dev, max_length=max_length, batch_tokens=batch_tokens)
+    encoder.source = source
+    return encoder

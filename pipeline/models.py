@@ -7,7 +7,6 @@ derived from the architecture (decoder-only: last-token pooling; encoders: mean 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -18,6 +17,7 @@ from pathlib import Path
 
 from pipeline.defaults import DEFAULT_QUERY_INSTRUCTION, INSTRUCTION_TEMPLATE, MAX_LENGTH_CAP
 from pipeline.errors import ModelError
+from shm_loader.fingerprint import folder_fingerprint
 
 LOG = logging.getLogger(__name__)
 
@@ -45,7 +45,6 @@ INSTRUCTION_AWARE_MODEL_TYPES = frozenset({"qwen3"})
 """Architectures of instruction-aware embedding families (Qwen3-Embedding) that get a default query instruction."""
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".txt", ".model")
 
 
 @dataclass(frozen=True)
@@ -146,15 +145,6 @@ def _from_hub(repo_id: str) -> Path:
         reason = type(exc).__name__
         raise ModelError(f"model {repo_id!r} is not in the local Hugging Face cache and the hub cannot be reached "
                          f"({reason}); {hint}") from None
-
-
-def folder_fingerprint(path: Path) -> str:
-    """A fingerprint of a model folder: names, sizes and modification times of its files, and its config."""
-    digest = hashlib.sha256()
-    for file in sorted(p for p in Path(path).rglob("*") if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES)):
-        stat = file.stat()
-        digest.update(f"{file.relative_to(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:16]
 
 
 def _read_json(path: Path) -> dict:

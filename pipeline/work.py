@@ -62,7 +62,7 @@ def embed_rows(plan: WorkPlan, chunk: Chunk, data: ChunkRows, encoder: Encoder,
         "chunk": chunk.number, "rows": chunk.rows, "embedded": len(keep), "unique": encoded.unique,
         "skipped": skipped, "truncated": len(truncated_ids), "truncated_ids": truncated_ids[:100],
         "tokens": encoded.tokens, "seconds": round(time.perf_counter() - t0, 3),
-        "device": str(encoder.device), "dtype": str(next(encoder.model.parameters()).dtype).removeprefix("torch."),
+        "device": str(encoder.device), "weights": encoder.source, "dtype": str(next(encoder.model.parameters()).dtype).removeprefix("torch."),
     }
     id_type = pa.string() if plan.corpus.id_column and data.ids and isinstance(data.ids[0], str) else pa.int64()
     plan.store.write(chunk.number, data.rows[keep], [data.ids[i] for i in keep], texts, encoded.vectors, report,

@@ -7,6 +7,7 @@ import click
 from jobs.cli.common import setup_logging
 from jobs.cli.index import index
 from jobs.cli.query import info, query
+from jobs.cli.shm import shm
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -20,3 +21,4 @@ def main(verbose: int) -> None:
 main.add_command(index)
 main.add_command(query)
 main.add_command(info)
+main.add_command(shm)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -83,3 +84,17 @@ def parse_dims(_ctx, _param, value) -> tuple[int, ...] | None:
     if any(d <= 0 for d in dims):
         raise click.BadParameter(f"{value!r}: dims must be positive")
     return dims
+
+
+def shm_option(func: Callable) -> Callable:
+    """`--shm auto|require|off` (EMBEDCTL_SHM); EMBEDCTL_REQUIRE_SHM=1 makes it `require`."""
+
+    def resolve(_ctx, _param, value: str) -> str:
+        if os.environ.get("EMBEDCTL_REQUIRE_SHM", "").strip().lower() in {"1", "true", "yes"}:
+            return "require"
+        return value
+
+    return click.option("--shm", type=click.Choice(["auto", "require", "off"]), default="auto", show_default=True,
+                        envvar="EMBEDCTL_SHM", show_envvar=True, callback=resolve,
+                        help="Weights from a published shared-memory segment: auto (when present), require, off. "
+                             "EMBEDCTL_REQUIRE_SHM=1 means require.")(func)

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from jobs.cli.common import handle_errors, one_line, parse_dims, print_json, tqdm_progress
+from jobs.cli.common import handle_errors, one_line, parse_dims, print_json, shm_option, tqdm_progress
 from jobs.runner import run_embedded
 from jobs.spec import JobSpec
 from pipeline import defaults
@@ -45,13 +45,14 @@ def _opt(*names, env: str, **kw):
 @_opt("--ef-construction", env="EF_CONSTRUCTION", type=int, default=defaults.DEFAULT_EF_CONSTRUCTION, show_default=True)
 @_opt("--ef-search", env="EF_SEARCH", type=int, default=defaults.DEFAULT_EF_SEARCH, show_default=True,
       help="efSearch stored in the indexes (queries may override with --ef).")
+@shm_option
 @_opt("--quiet", "-q", env="QUIET", is_flag=True, help="No progress bars.")
 @_opt("--json", "as_json", env="JSON", is_flag=True, help="Print the run report as JSON.")
 @handle_errors
 def index(corpus: str, out: str, model: str, text_column: str, id_column: str, instruction: str | None,
           query_instruction: str | None, dims: tuple[int, ...], chunk_rows: int, batch_tokens: int | None,
           max_length: int | None, dtype: str, device: str, threads: int | None, hnsw_m: int, ef_construction: int,
-          ef_search: int, quiet: bool, as_json: bool) -> None:
+          ef_search: int, shm: str, quiet: bool, as_json: bool) -> None:
     """Embed CORPUS (Parquet file, directory or glob) and publish FAISS HNSW indexes in --out.
 
     Re-running the same command resumes: complete chunks are not embedded again, and a job whose published
@@ -60,7 +61,7 @@ def index(corpus: str, out: str, model: str, text_column: str, id_column: str, i
     spec = JobSpec(corpus=corpus, out=out, model=model, text_column=text_column, id_column=id_column,
                    instruction=instruction, query_instruction=query_instruction, dims=dims, chunk_rows=chunk_rows,
                    batch_tokens=batch_tokens, max_length=max_length, dtype=dtype, device=device, threads=threads,
-                   hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search)
+                   hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search, shm=shm)
     try:
         report = run_embedded(spec, progress=tqdm_progress(quiet))
     except KeyboardInterrupt:

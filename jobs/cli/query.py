@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from jobs.cli.common import handle_errors, print_json
+from jobs.cli.common import handle_errors, print_json, shm_option
 from pipeline import defaults
 from pipeline.errors import ConfigError, ModelError
 from pipeline.fsutil import read_json
@@ -59,10 +59,11 @@ def _read_queries(texts: tuple[str, ...], file: str | None) -> list[str]:
       help="Instruction for the queries [default: the one recorded in the index; '' for none].")
 @_opt("--file", "file", env="QUERY_FILE", default=None, help="Read queries from a file, one a line.")
 @_opt("--device", env="DEVICE", default="auto", show_default=True)
+@shm_option
 @_opt("--json", "as_json", env="JSON", is_flag=True, help="Print a list of {id, score, text} per query.")
 @handle_errors
 def query(index_dir: str, texts: tuple[str, ...], k: int, dim: int | None, ef: int | None,
-          query_instruction: str | None, file: str | None, device: str, as_json: bool) -> None:
+          query_instruction: str | None, file: str | None, device: str, shm: str, as_json: bool) -> None:
     """Search INDEX_DIR (an --out folder or a version folder) for TEXTS, embedded with the index's model."""
     queries = _read_queries(texts, file)
     reader = IndexReader(Path(index_dir))
@@ -74,7 +75,7 @@ def query(index_dir: str, texts: tuple[str, ...], k: int, dim: int | None, ef: i
     from pipeline.encoder import load_encoder  # torch is imported only when a query is embedded
 
     info = reader.info
-    encoder = load_encoder(_index_model(info), device=device, max_length=info["max_length"])
+    encoder = load_encoder(_index_model(info), device=device, max_length=info["max_length"], shm=shm)
     prefix = info["query_prefix"] if query_instruction is None else format_instruction(query_instruction)
     vectors = encoder.encode(queries, prefix=prefix).vectors
     results = reader.search(vectors, k=k, dim=dim, ef=ef)
