@@ -206,6 +206,19 @@ def _pad_id(tokenizer) -> int:
     return 0  # pragma: no cover
 
 
+def import_model_code(path: Path) -> None:
+    """Import the transformers code of the model in `path` without reading weights.
+
+    A prefork worker parent calls this once before forking, so that its pool children only attach the weights
+    and load the tokenizer (transformers imports a model's code lazily, which costs seconds).
+    """
+    from transformers import AutoConfig, AutoTokenizer  # noqa: F401 - imported for its side effect
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    config = AutoConfig.from_pretrained(str(path))
+    MODEL_MAPPING[type(config)]
+
+
 def load_tokenizer(path: Path):
     """The model's tokenizer (fast, from its folder)."""
     from transformers import AutoTokenizer

@@ -43,16 +43,17 @@ def build_tokenizer(append_eos: bool = False):
 
 def save_tiny_qwen3(path: Path, hidden_size: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
                     intermediate_size: int = 128, dtype: str = "bfloat16", append_eos: bool = False,
-                    seed: int = 0) -> Path:
+                    seed: int = 0, vocab_size: int | None = None, head_dim: int | None = None) -> Path:
     """Save a random Qwen3 embedding model (Qwen3Model weights + tokenizer) to `path`, like a real checkpoint."""
     import torch
     from transformers import Qwen3Config, Qwen3Model
 
     tokenizer = build_tokenizer(append_eos=append_eos)
     torch.manual_seed(seed)
-    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         head_dim=hidden_size // heads, max_position_embeddings=1024,
+    config = Qwen3Config(vocab_size=max(vocab_size or 0, len(tokenizer)), hidden_size=hidden_size,
+                         intermediate_size=intermediate_size, num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=kv_heads, head_dim=head_dim or hidden_size // heads,
+                         max_position_embeddings=1024,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     model = Qwen3Model(config).to(getattr(torch, dtype))
     path = Path(path)

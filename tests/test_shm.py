@@ -217,3 +217,18 @@ def test_abandoned_publish_is_listed_and_released(shm_dir):
     [entry] = list_segments()
     assert entry["state"] == "abandoned"
     assert release() == [leftover.name] and not leftover.exists()
+
+
+def test_import_model_code_imports_the_architecture_without_weights(tiny_qwen3):
+    code = f"""
+import sys
+from pathlib import Path
+sys.path.insert(0, {str(ROOT)!r})
+from pipeline.encoder import import_model_code
+import_model_code(Path({str(tiny_qwen3)!r}))
+assert "transformers.models.qwen3.modeling_qwen3" in sys.modules
+import torch
+assert not any(isinstance(o, torch.nn.Module) for o in __import__("gc").get_objects())
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
