@@ -13,10 +13,10 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from jobs import state
 from jobs.spec import JobSpec
-from pipeline import versions, work
+from pipeline import work
 from pipeline.corpus import iter_chunks, plan_corpus
-from pipeline.fsutil import read_json, write_json
 from pipeline.index import index_dims
 from pipeline.models import ModelRef, read_profile, resolve_model
 from pipeline.plan import WorkPlan
@@ -40,15 +40,6 @@ def plan_job(spec: JobSpec) -> WorkPlan:
         hnsw_m=spec.hnsw_m, ef_construction=spec.ef_construction, ef_search=spec.ef_search)
 
 
-def published_info(plan: WorkPlan) -> dict | None:
-    """Info of the current version when it was built from exactly this plan and these index settings."""
-    current = versions.current_version(plan.out)
-    if current is None:
-        return None
-    info = read_json(current / versions.INFO)
-    return info if info.get("index_key") == plan.index_key else None
-
-
 def remove_stale_work(plan: WorkPlan) -> None:
     """Remove the work folders of other plans (their vectors no longer match the corpus or settings)."""
     root = plan.work_dir.parent
@@ -67,14 +58,15 @@ def run_embedded(spec: JobSpec, progress: ProgressFactory = no_progress, encoder
     started = datetime.now(UTC).isoformat(timespec="seconds")
     plan = plan_job(spec)
     chunks = plan.corpus.chunks
-    report = {"started": started, "out": str(spec.out), "plan_id": plan.plan_id, "model": plan.model,
+    report = {"started": started, "out": str(spec.out), "plan_id": plan.plan_id, "job_id": plan.plan_id,
+              "mode": "embedded", "model": plan.model,
               "rows_total": plan.corpus.rows, "chunks_total": len(chunks), "dims": list(plan.dims)}
-    info = published_info(plan)
+    info = state.published_info(plan)
     if info is not None:
-        version = versions.current_version(plan.out)
-        return {**report, "status": "up-to-date", "chunks_embedded": 0, "rows_embedded": 0, "version": version.name,
-                "rows_indexed": info["rows"], "seconds": round(time.perf_counter() - t0, 3)}
-    plan.save()
+        return {**report, "status": "up-to-date", "chunks_embedded": 0, "rows_embedded": 0,
+                "version": info["version"], "rows_indexed": info["rows"],
+                "seconds": round(time.perf_counter() - t0, 3)}
+    state.write_job(plan, mode="embedded")
     missing = work.missing_chunks(plan)
     report["chunks_done_before"] = len(chunks) - len(missing)
     rows_embedded = 0
@@ -92,13 +84,10 @@ def run_embedded(spec: JobSpec, progress: ProgressFactory = no_progress, encoder
     report["rows_embedded"] = rows_embedded
     info = work.build_and_publish(plan, progress)
     remove_stale_work(plan)
-    report.update(work.summarise(plan))
-    report.update(status="published", version=info["version"], path=info["path"],
-                  seconds=round(time.perf_counter() - t0, 3))
+    report["seconds"] = round(time.perf_counter() - t0, 3)
     if rows_embedded and report.get("embed_seconds"):
         report["rows_per_second"] = round(rows_embedded / report["embed_seconds"], 1)
-    write_json(plan.work_dir / "report.json", report)
-    return report
+    return state.finish(plan, info, report)
 
 
 def load_job_encoder(spec: JobSpec, plan: WorkPlan):

@@ -32,9 +32,17 @@ ProgressFactory = Callable[[str, int, str, int], AbstractContextManager[Progress
 """(description, total, unit, initial) -> a context manager yielding an update(n) callable (e.g. a tqdm bar)."""
 
 
+class _Silent:
+    def __call__(self, n: int) -> None:
+        pass
+
+    def note(self, text: str) -> None:
+        pass
+
+
 def no_progress(desc: str, total: int, unit: str = "", initial: int = 0) -> AbstractContextManager[Progress]:
-    """A ProgressFactory that shows nothing."""
-    return nullcontext(lambda n: None)
+    """A ProgressFactory that shows nothing (its update also takes `.note(text)`, like the CLI's bars)."""
+    return nullcontext(_Silent())
 
 
 def skip_reason(text: object) -> str | None:

@@ -82,3 +82,64 @@ def sample_slice(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "sample600.parquet"
     pq.write_table(pq.read_table(SAMPLE).slice(0, 600), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A real redis-server with a password on a free port (`--save ""`), or EMBEDCTL_TEST_REDIS_URL's server."""
+    from tests.services import RedisServer
+
+    if os.environ.get("EMBEDCTL_TEST_REDIS_URL"):
+        yield _ExistingRedis(os.environ["EMBEDCTL_TEST_REDIS_URL"])
+        return
+    import shutil
+
+    if not shutil.which("redis-server"):
+        pytest.skip("redis-server is not installed (.ci/run installs it)")
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+class _ExistingRedis:
+    def __init__(self, url: str):
+        self.url = url
+
+    def flush(self) -> None:
+        import redis
+
+        redis.Redis.from_url(self.url).flushdb()
+
+
+@pytest.fixture
+def celery_env(redis_server, tmp_path):
+    """Environment for CLI and workers: the test Redis, a private shared-memory folder, short polls."""
+    import shutil
+    import uuid
+
+    redis_server.flush()
+    shm = Path("/dev/shm") / f"embedctl-test-{uuid.uuid4().hex[:8]}"
+    shm.mkdir(mode=0o700)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDCTL_")}
+    env.update(EMBEDCTL_BROKER_URL=redis_server.url, EMBEDCTL_SHM_DIR=str(shm), HF_HUB_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    yield env
+    shutil.rmtree(shm, ignore_errors=True)
+
+
+@pytest.fixture
+def start_worker(celery_env, tmp_path):
+    """Start real prefork workers (stopped at the end of the test): start_worker(EMBEDCTL_MODEL=..., ...)."""
+    from tests.services import Worker
+
+    started = []
+
+    def start(command: list[str] | None = None, concurrency: int = 2, **env) -> Worker:
+        worker = Worker({**celery_env, **env}, tmp_path / f"worker-{len(started)}.log", concurrency=concurrency,
+                        command=command)
+        started.append(worker)
+        return worker.start()
+
+    yield start
+    for worker in started:
+        worker.stop()

@@ -8,6 +8,7 @@ from jobs.cli.common import setup_logging
 from jobs.cli.index import index
 from jobs.cli.query import info, query
 from jobs.cli.shm import shm
+from jobs.cli.status import status, worker
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -22,3 +23,5 @@ main.add_command(index)
 main.add_command(query)
 main.add_command(info)
 main.add_command(shm)
+main.add_command(status)
+main.add_command(worker)

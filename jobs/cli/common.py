@@ -44,15 +44,31 @@ def tqdm_progress(quiet: bool):
     @contextmanager
     def factory(desc: str, total: int, unit: str = "", initial: int = 0):
         if quiet:
-            yield lambda n: None
+            from pipeline.work import no_progress
+
+            with no_progress(desc, total) as silent:
+                yield silent
             return
         from tqdm import tqdm
 
         with tqdm(total=total, initial=initial, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True,
                   file=sys.stderr, smoothing=0.1, mininterval=0.5) as bar:
-            yield bar.update
+            yield _Bar(bar)
 
     return factory
+
+
+class _Bar:
+    """A tqdm bar as a progress callback: `bar(n)` advances, `bar.note(text)` shows a status after it."""
+
+    def __init__(self, bar):
+        self.bar = bar
+
+    def __call__(self, n: int) -> None:
+        self.bar.update(n)
+
+    def note(self, text: str) -> None:
+        self.bar.set_postfix_str(text, refresh=False)
 
 
 def print_json(data) -> None:

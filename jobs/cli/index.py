@@ -46,13 +46,16 @@ def _opt(*names, env: str, **kw):
 @_opt("--ef-search", env="EF_SEARCH", type=int, default=defaults.DEFAULT_EF_SEARCH, show_default=True,
       help="efSearch stored in the indexes (queries may override with --ef).")
 @shm_option
+@_opt("--broker", env="BROKER_URL", default=None,
+      help="Redis URL: fan the chunks out to Celery workers (default: run in this process).")
+@_opt("--detach", env="DETACH", is_flag=True, help="With --broker: print the job id and return at once.")
 @_opt("--quiet", "-q", env="QUIET", is_flag=True, help="No progress bars.")
 @_opt("--json", "as_json", env="JSON", is_flag=True, help="Print the run report as JSON.")
 @handle_errors
 def index(corpus: str, out: str, model: str, text_column: str, id_column: str, instruction: str | None,
           query_instruction: str | None, dims: tuple[int, ...], chunk_rows: int, batch_tokens: int | None,
           max_length: int | None, dtype: str, device: str, threads: int | None, hnsw_m: int, ef_construction: int,
-          ef_search: int, shm: str, quiet: bool, as_json: bool) -> None:
+          ef_search: int, shm: str, broker: str | None, detach: bool, quiet: bool, as_json: bool) -> None:
     """Embed CORPUS (Parquet file, directory or glob) and publish FAISS HNSW indexes in --out.
 
     Re-running the same command resumes: complete chunks are not embedded again, and a job whose published
@@ -62,13 +65,20 @@ def index(corpus: str, out: str, model: str, text_column: str, id_column: str, i
                    instruction=instruction, query_instruction=query_instruction, dims=dims, chunk_rows=chunk_rows,
                    batch_tokens=batch_tokens, max_length=max_length, dtype=dtype, device=device, threads=threads,
                    hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search, shm=shm)
-    try:
-        report = run_embedded(spec, progress=tqdm_progress(quiet))
-    except KeyboardInterrupt:
-        click.echo("\ninterrupted: complete chunks are kept; run the same command again to resume", err=True)
-        sys.exit(130)
-    except EmbedctlError as exc:
-        raise click.ClickException(one_line(str(exc))) from None
+    if detach and not broker:
+        raise click.UsageError("--detach needs --broker (or EMBEDCTL_BROKER_URL): an embedded run cannot detach")
+    if broker:
+        report = _distributed(spec, broker, detach, quiet, as_json)
+        if report is None:
+            return
+    else:
+        try:
+            report = run_embedded(spec, progress=tqdm_progress(quiet))
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted: complete chunks are kept; run the same command again to resume", err=True)
+            sys.exit(130)
+        except EmbedctlError as exc:
+            raise click.ClickException(one_line(str(exc))) from None
     if as_json:
         print_json(report)
         return
@@ -84,3 +94,29 @@ def index(corpus: str, out: str, model: str, text_column: str, id_column: str, i
                    f"{out}/work/{report['plan_id']}/report.json)")
     if report["rows_truncated"]:
         click.echo(f"truncated {report['rows_truncated']} texts at {spec.max_length or 'the model limit'} tokens")
+
+
+def _distributed(spec: JobSpec, broker: str, detach: bool, quiet: bool, as_json: bool) -> dict | None:
+    """Submit to Celery workers; follow to the publish unless detached (then print the job and return None)."""
+    from jobs.distributed import follow, submit
+    from tasks.settings import Settings
+
+    submitted = submit(spec, Settings.from_env(broker_url=broker))
+    if submitted.up_to_date:
+        info = submitted.up_to_date
+        return {"status": "up-to-date", "version": info["version"], "rows_indexed": info["rows"],
+                "rows_embedded": 0, "chunks_embedded": 0, "job_id": submitted.plan.plan_id}
+    if detach:
+        if as_json:
+            print_json(submitted.to_dict())
+        else:
+            click.echo(f"submitted job {submitted.plan.plan_id}: {submitted.chunks_submitted} chunks queued "
+                       f"({submitted.chunks_done_before} already complete); follow it with "
+                       f"`embedctl status {spec.out}`")
+        return None
+    try:
+        return follow(submitted, progress=tqdm_progress(quiet))
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted: job {submitted.plan.plan_id} keeps running on the workers; follow it with "
+                   f"`embedctl status {spec.out}`", err=True)
+        sys.exit(130)

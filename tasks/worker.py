@@ -1,0 +1,133 @@
+"""Worker process set-up: the parent imports code only; each pool child sets its threads and device and attaches
+the shared-memory weights; models are cached once per process.
+
+The parent never runs a torch op or initialises CUDA before forking: a libgomp thread pool or a CUDA context
+inherited through fork deadlocks or breaks the children. The parent only imports the model's code, so that a
+child's `worker_process_init` (which Celery kills after 4 s) only maps the segment and loads the tokenizer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from celery.signals import worker_init, worker_process_init
+
+from pipeline.errors import EmbedctlError
+
+LOG = logging.getLogger(__name__)
+
+_WORKER: dict = {"concurrency": None, "device": None}
+_MODELS: dict[tuple, tuple] = {}  # (folder, dtype, device) -> (model, tokenizer, profile, source)
+
+
+def child_threads(cpus: int, concurrency: int | None, override: str | None = None) -> int:
+    """Intra-op threads of one pool child: EMBEDCTL_THREADS, else cores / concurrency (at least 1)."""
+    if override:
+        try:
+            value = int(override)
+        except ValueError:
+            raise EmbedctlError(f"EMBEDCTL_THREADS must be a positive integer, got {override!r}") from None
+        if value <= 0:
+            raise EmbedctlError(f"EMBEDCTL_THREADS must be a positive integer, got {override!r}")
+        return value
+    return max(1, cpus // max(1, concurrency or 1))
+
+
+def child_device(setting: str, index: int, gpus: int) -> str:
+    """The device of pool child `index`: child i uses GPU i mod n; CPU when there is none or it is asked for."""
+    setting = (setting or "auto").strip()
+    if setting == "cpu" or (setting == "auto" and gpus == 0):
+        return "cpu"
+    if setting in ("auto", "cuda"):
+        if gpus == 0:
+            raise EmbedctlError("EMBEDCTL_DEVICE=cuda but no CUDA device is visible to this worker")
+        return f"cuda:{index % gpus}"
+    return setting  # an explicit device, e.g. cuda:1
+
+
+def shm_mode(environ=os.environ) -> str:
+    if environ.get("EMBEDCTL_REQUIRE_SHM", "").strip().lower() in {"1", "true", "yes"}:
+        return "require"
+    return environ.get("EMBEDCTL_SHM") or "auto"
+
+
+@worker_init.connect
+def _parent_init(sender=None, **_kw) -> None:
+    """In the worker parent, before forking: remember the concurrency, import the model's code (no torch op)."""
+    _WORKER["concurrency"] = getattr(sender, "concurrency", None)
+    model = os.environ.get("EMBEDCTL_MODEL")
+    if model:
+        from pipeline.encoder import import_model_code
+        from pipeline.models import read_profile, resolve_model
+
+        import_model_code(read_profile(resolve_model(model).path).transformer_path)
+
+
+@worker_process_init.connect
+def _child_init(**_kw) -> None:
+    """In each pool child: threads, device, and the shared weights of EMBEDCTL_MODEL (attach only: < 4 s)."""
+    import torch
+    from billiard.process import current_process
+
+    index = getattr(current_process(), "index", 0) or 0
+    torch.set_num_threads(child_threads(os.cpu_count() or 1, _WORKER["concurrency"], os.environ.get("EMBEDCTL_THREADS")))
+    setting = os.environ.get("EMBEDCTL_DEVICE", "auto")
+    gpus = torch.cuda.device_count() if setting != "cpu" else 0
+    _WORKER["device"] = child_device(setting, index, gpus)
+    model = os.environ.get("EMBEDCTL_MODEL")
+    if not model:
+        return
+    from pipeline.encoder import resolve_dtype
+    from pipeline.models import read_profile, resolve_model
+
+    profile = read_profile(resolve_model(model).path)
+    dtype = resolve_dtype(os.environ.get("EMBEDCTL_DTYPE", "auto"), torch.device(_WORKER["device"]))
+    mode = shm_mode()
+    if mode == "off":
+        return
+    from shm_loader.model import attach_model
+
+    attached = attach_model(profile.transformer_path, dtype)
+    if attached is None:
+        if mode == "require":
+            raise EmbedctlError(f"no shared-memory segment for {model} in {dtype} and EMBEDCTL_REQUIRE_SHM=1; run "
+                                f"`embedctl shm publish --model {model}` on this host first")
+        LOG.warning("no shared-memory segment for %s: this pool child loads it from disk on its first task "
+                    "(publish it once per host with `embedctl shm publish --model %s`)", model, model)
+        return
+    _cache_model(profile, dtype, _WORKER["device"], attached.to(_WORKER["device"]),
+                 f"shm:{attached._embedctl_segment.name}")
+    LOG.info("pool child %d attached %s on %s with %d threads", index, model, _WORKER["device"],
+             torch.get_num_threads())
+
+
+def _cache_model(profile, dtype, device: str, model, source: str) -> tuple:
+    from pipeline.encoder import load_tokenizer
+
+    entry = (model, load_tokenizer(profile.transformer_path), profile, source)
+    _MODELS[(str(profile.transformer_path), str(dtype), device)] = entry
+    return entry
+
+
+def worker_encoder(plan):
+    """The encoder for `plan` in this process: the cached (attached) model, or one loaded now and cached."""
+    import torch
+
+    from pipeline.encoder import Encoder, load_model, resolve_device, resolve_dtype
+    from pipeline.models import read_profile
+
+    device = _WORKER["device"] or str(resolve_device(plan.device))
+    dev = torch.device(device)
+    profile = read_profile(Path(plan.model_path))
+    dtype = resolve_dtype(plan.dtype, dev)
+    key = (str(profile.transformer_path), str(dtype), device)
+    entry = _MODELS.get(key)
+    if entry is None:
+        model, source = load_model(profile.transformer_path, dtype, dev, shm=shm_mode())
+        entry = _cache_model(profile, dtype, device, model, source)
+    model, tokenizer, profile, source = entry
+    encoder = Encoder(model, tokenizer, profile, dev, max_length=plan.max_length, batch_tokens=plan.batch_tokens)
+    encoder.source = source
+    return encoder

@@ -1,0 +1,111 @@
+"""Real services for the integration tests: a redis-server on a free port and prefork Celery workers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A redis-server that keeps nothing on disk (`--save ""`), started and stopped by PID."""
+
+    def __init__(self, workdir: Path, password: str = "s3cret-pw", port: int | None = None):
+        self.workdir = Path(workdir)
+        self.password = password
+        self.port = port or free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--requirepass", self.password, "--dir",
+                                      str(self.workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        import redis
+
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                if redis.Redis.from_url(self.url, socket_connect_timeout=0.5).ping():
+                    return self
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError(f"redis-server on port {self.port} did not answer PING")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=20)
+
+    def flush(self) -> None:
+        import redis
+
+        redis.Redis.from_url(self.url).flushall()
+
+
+class Worker:
+    """`celery -A tasks worker --pool prefork` (or `embedctl worker`) in its own process group, logging to a file."""
+
+    def __init__(self, env: dict, log: Path, concurrency: int = 2, command: list[str] | None = None):
+        self.env = env
+        self.log = Path(log)
+        self.concurrency = concurrency
+        self.command = command
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 120) -> Worker:
+        name = f"test-{uuid.uuid4().hex[:6]}@%h"
+        argv = self.command or [sys.executable, "-m", "celery", "-A", "tasks", "worker", "--pool", "prefork",
+                                "--concurrency", str(self.concurrency), "--queues", "embedctl.embed,embedctl.build",
+                                "--loglevel", "INFO", "--hostname", name, "--without-gossip", "--without-mingle"]
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as fh:
+            self.proc = subprocess.Popen(argv, cwd=ROOT, env=self.env, stdout=fh, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if " ready." in self.text():
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.text()[-3000:]}")
+            time.sleep(0.1)
+        raise RuntimeError(f"worker not ready in {timeout}s:\n{self.text()[-3000:]}")
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def children(self) -> list[int]:
+        import psutil
+
+        return [c.pid for c in psutil.Process(self.proc.pid).children(recursive=True)]
+
+    def kill(self) -> None:
+        """SIGKILL the whole worker (parent and pool children)."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=20)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
