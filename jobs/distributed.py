@@ -116,6 +116,7 @@ def follow(submitted: Submitted, progress: ProgressFactory = no_progress, poll: 
     t0 = time.monotonic()
     chunks, rows = state.progress(plan)
     last_change = time.monotonic()
+    embedded_at = None
     hinted = False
     with progress("embed", plan.corpus.rows, "rows", rows) as update:
         while True:
@@ -130,6 +131,8 @@ def follow(submitted: Submitted, progress: ProgressFactory = no_progress, poll: 
                 update(now_rows - rows)
                 last_change = time.monotonic()
             chunks, rows = now_chunks, now_rows
+            if chunks == total_chunks and embedded_at is None:
+                embedded_at = time.monotonic()
             stage = "building indexes" if chunks == total_chunks else f"chunks {chunks}/{total_chunks}"
             getattr(update, "note", lambda _s: None)(stage)
             if not hinted and time.monotonic() - last_change > STALL_HINT_SECONDS:
@@ -148,4 +151,5 @@ def follow(submitted: Submitted, progress: ProgressFactory = no_progress, poll: 
             "chunks_total": total_chunks, "chunks_embedded": submitted.chunks_submitted,
             "chunks_done_before": submitted.chunks_done_before, "rows_embedded": embedded,
             "follow_seconds": round(seconds, 3),
-            "rows_per_second": round(embedded / seconds, 1) if embedded and seconds else None}
+            "embed_seconds": round((embedded_at or time.monotonic()) - t0, 3),
+            "rows_per_second": round(embedded / ((embedded_at or time.monotonic()) - t0), 1) if embedded else None}
