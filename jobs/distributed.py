@@ -81,7 +81,7 @@ def _clean(text: str, url: str) -> str:
     return text.replace(password, "***") if password else text
 
 
-def submit(spec: JobSpec, settings: Settings) -> Submitted:
+def submit(spec: JobSpec, settings: Settings, **job_fields) -> Submitted:
     """Plan `spec`, record the job, and queue its missing chunks (or its build, when all chunks are done)."""
     from tasks.app import app, configure
     from tasks.embed import build_index, embed_chunk
@@ -92,7 +92,7 @@ def submit(spec: JobSpec, settings: Settings) -> Submitted:
     published = state.published_info(plan)
     if published:
         return Submitted(plan, [], False, up_to_date=published)
-    state.write_job(plan, mode="celery", broker=settings.masked_broker)
+    state.write_job(plan, mode="celery", broker=settings.masked_broker, keep=spec.keep, **job_fields)
     missing = missing_chunks(plan)
     work_dir = str(plan.work_dir)
     try:
@@ -146,10 +146,12 @@ def follow(submitted: Submitted, progress: ProgressFactory = no_progress, poll: 
             time.sleep(poll)
     report = state.status(plan.work_dir).get("report", {})
     seconds = time.monotonic() - t0
-    embedded = sum(plan.store.read_report(k)["embedded"] for k in submitted.missing)
+    chunk_reports = [plan.store.read_report(k) for k in submitted.missing]
+    embedded = sum(r["embedded"] for r in chunk_reports)
     return {**report, "status": "published", "job_id": plan.plan_id, "mode": "celery",
             "chunks_total": total_chunks, "chunks_embedded": submitted.chunks_submitted,
             "chunks_done_before": submitted.chunks_done_before, "rows_embedded": embedded,
+            "rows_reused": sum(r["reused"] for r in chunk_reports),
             "follow_seconds": round(seconds, 3),
             "embed_seconds": round((embedded_at or time.monotonic()) - t0, 3),
             "rows_per_second": round(embedded / ((embedded_at or time.monotonic()) - t0), 1) if embedded else None}

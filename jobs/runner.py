@@ -16,6 +16,7 @@ from pathlib import Path
 from jobs import state
 from jobs.spec import JobSpec
 from pipeline import work
+from pipeline.cache import EmbeddingCache
 from pipeline.corpus import iter_chunks, plan_corpus
 from pipeline.index import index_dims
 from pipeline.models import ModelRef, read_profile, resolve_model
@@ -30,7 +31,7 @@ def plan_job(spec: JobSpec) -> WorkPlan:
     ref = resolve_model(spec.model)
     profile = read_profile(ref.path)
     corpus = plan_corpus(spec.corpus, spec.text_column, spec.id_column, spec.chunk_rows,
-                         id_column_required=spec.id_column_required)
+                         id_column_required=spec.id_column_required, validated=_validated_fingerprint(spec))
     return WorkPlan(
         out=str(spec.out), corpus=corpus, model=spec.model, model_path=str(ref.path),
         model_fingerprint=ref.fingerprint, model_type=profile.model_type, pooling=profile.pooling, dim=profile.dim,
@@ -38,6 +39,18 @@ def plan_job(spec: JobSpec) -> WorkPlan:
         batch_tokens=spec.batch_tokens, document_prefix=profile.document_prefix(spec.instruction),
         query_prefix=profile.query_prefix(spec.query_instruction), dims=tuple(index_dims(profile.dim, spec.dims)),
         hnsw_m=spec.hnsw_m, ef_construction=spec.ef_construction, ef_search=spec.ef_search)
+
+
+def _validated_fingerprint(spec: JobSpec) -> str | None:
+    """Fingerprint of the corpus the current version was built from, when its ids were checked in this column."""
+    from pipeline import versions
+    from pipeline.fsutil import read_json
+
+    current = versions.current_version(spec.out)
+    if current is None:
+        return None
+    corpus = read_json(current / versions.INFO).get("corpus", {})
+    return corpus.get("fingerprint") if corpus.get("id_column") == spec.id_column else None
 
 
 def remove_stale_work(plan: WorkPlan) -> None:
@@ -63,31 +76,39 @@ def run_embedded(spec: JobSpec, progress: ProgressFactory = no_progress, encoder
               "rows_total": plan.corpus.rows, "chunks_total": len(chunks), "dims": list(plan.dims)}
     info = state.published_info(plan)
     if info is not None:
-        return {**report, "status": "up-to-date", "chunks_embedded": 0, "rows_embedded": 0,
-                "version": info["version"], "rows_indexed": info["rows"],
+        return {**report, "status": "up-to-date", "chunks_embedded": 0, "rows_embedded": 0, "rows_reused": 0,
+                "rows_deleted": 0, "version": info["version"], "rows_indexed": info["rows"],
                 "seconds": round(time.perf_counter() - t0, 3)}
-    state.write_job(plan, mode="embedded")
+    state.write_job(plan, mode="embedded", keep=spec.keep)
     missing = work.missing_chunks(plan)
     report["chunks_done_before"] = len(chunks) - len(missing)
-    rows_embedded = 0
+    rows_embedded = rows_reused = 0
     if missing:
-        if encoder is None:
-            encoder = load_job_encoder(spec, plan)
+        loaded = [encoder]
+
+        def lazy_encoder():  # the model is loaded only when some text is not in the cache
+            if loaded[0] is None:
+                loaded[0] = load_job_encoder(spec, plan)
+            return loaded[0]
+
+        cache = EmbeddingCache(plan.cache_sources())
         todo = sum(chunks[k].rows for k in missing)
         t_embed = time.perf_counter()
         with progress("embed", plan.corpus.rows, "rows", plan.corpus.rows - todo) as update:
             for chunk, data in iter_chunks(plan.corpus, set(missing)):
-                chunk_report = work.embed_rows(plan, chunk, data, encoder, update)
+                chunk_report = work.embed_rows(plan, chunk, data, lazy_encoder, update, cache)
                 rows_embedded += chunk_report["embedded"]
+                rows_reused += chunk_report["reused"]
         report["embed_seconds"] = round(time.perf_counter() - t_embed, 3)
     report["chunks_embedded"] = len(missing)
     report["rows_embedded"] = rows_embedded
+    report["rows_reused"] = rows_reused
     info = work.build_and_publish(plan, progress)
     remove_stale_work(plan)
     report["seconds"] = round(time.perf_counter() - t0, 3)
     if rows_embedded and report.get("embed_seconds"):
         report["rows_per_second"] = round(rows_embedded / report["embed_seconds"], 1)
-    return state.finish(plan, info, report)
+    return state.finish(plan, info, report, keep=spec.keep)
 
 
 def load_job_encoder(spec: JobSpec, plan: WorkPlan):

@@ -15,6 +15,7 @@ from pipeline.defaults import (
     DEFAULT_EF_SEARCH,
     DEFAULT_HNSW_M,
     DEFAULT_ID_COLUMN,
+    DEFAULT_KEEP_VERSIONS,
     DEFAULT_MODEL,
     DEFAULT_TEXT_COLUMN,
     DTYPE_NAMES,
@@ -48,6 +49,7 @@ class JobSpec:
     hnsw_m: int = DEFAULT_HNSW_M
     ef_construction: int = DEFAULT_EF_CONSTRUCTION
     ef_search: int = DEFAULT_EF_SEARCH
+    keep: int = DEFAULT_KEEP_VERSIONS
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -57,7 +59,7 @@ class JobSpec:
             if not isinstance(value, str) or not value.strip():
                 raise ConfigError(f"{name} must be a non-empty string, got {value!r}")
         for name, low in (("chunk_rows", 1), ("batch_tokens", 1), ("max_length", 2), ("threads", 1),
-                          ("hnsw_m", 2), ("ef_construction", 1), ("ef_search", 1)):
+                          ("hnsw_m", 2), ("ef_construction", 1), ("ef_search", 1), ("keep", 1)):
             value = getattr(self, name)
             if value is None and name in ("batch_tokens", "max_length", "threads"):
                 continue

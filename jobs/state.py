@@ -27,11 +27,12 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def write_job(plan: WorkPlan, mode: str, broker: str | None = None) -> dict:
+def write_job(plan: WorkPlan, mode: str, broker: str | None = None, keep: int | None = None,
+              **extra) -> dict:
     """Record a submission (mode: embedded or celery; broker masked) and clear earlier failures."""
     job = {"job_id": plan.plan_id, "out": str(plan.out), "work_dir": str(plan.work_dir), "mode": mode,
            "broker": broker, "submitted": now(), "host": socket.gethostname(), "pid": os.getpid(),
-           "chunks_total": len(plan.corpus.chunks), "rows_total": plan.corpus.rows}
+           "chunks_total": len(plan.corpus.chunks), "rows_total": plan.corpus.rows, "keep": keep, **extra}
     plan.save()
     clear_failures(plan)
     write_json(plan.work_dir / JOB_FILE, job)
@@ -61,6 +62,11 @@ def progress(plan: WorkPlan) -> tuple[int, int]:
     return len(done), sum(c.rows for c in plan.corpus.chunks if c.number in done)
 
 
+def read_job(plan: WorkPlan) -> dict:
+    path = plan.work_dir / JOB_FILE
+    return read_json(path) if path.exists() else {}
+
+
 def published_info(plan: WorkPlan) -> dict | None:
     """Info of the current version when it was built from exactly this plan and these index settings."""
     current = versions.current_version(plan.out)
@@ -70,12 +76,27 @@ def published_info(plan: WorkPlan) -> dict | None:
     return {**info, "version": current.name} if info.get("index_key") == plan.index_key else None
 
 
-def finish(plan: WorkPlan, info: dict, report: dict) -> dict:
-    """Complete the run report of a published version and write it beside the job."""
+def finish(plan: WorkPlan, info: dict, report: dict, keep: int | None = None) -> dict:
+    """Complete the run report of a just-published version, apply retention, and write the report."""
     report = {**report, **work.summarise(plan), "status": "published", "version": info["version"],
-              "path": info["path"], "finished": now()}
+              "path": info["path"], "finished": now(), "rows_deleted": _rows_deleted(plan, info["version"])}
+    if keep:
+        report["versions_removed"] = versions.prune(plan.out, keep)
     write_json(plan.work_dir / REPORT_FILE, report)
     return report
+
+
+def _rows_deleted(plan: WorkPlan, version: str) -> int:
+    """Ids of the version published before `version` that the new one no longer has."""
+    import pyarrow.parquet as pq
+
+    older = [p for p in versions.version_dirs(plan.out) if p.name < version]
+    if not older:
+        return 0
+    before = set(pq.read_table(older[-1] / "rows.parquet", columns=["id"]).column("id").to_pylist())
+    after = set(pq.read_table(Path(plan.out) / versions.VERSIONS / version / "rows.parquet",
+                              columns=["id"]).column("id").to_pylist())
+    return len(before - after)
 
 
 def resolve_work_dir(target: Path) -> Path:

@@ -124,7 +124,7 @@ def _footer_digest(path: Path) -> bytes:
 
 
 def plan_corpus(source: str, text_column: str, id_column: str | None, chunk_rows: int,
-                id_column_required: bool = False) -> CorpusPlan:
+                id_column_required: bool = False, validated: str | None = None) -> CorpusPlan:
     """Validate the corpus and split it into chunks, before any embedding.
 
     Args:
@@ -133,6 +133,7 @@ def plan_corpus(source: str, text_column: str, id_column: str | None, chunk_rows
         id_column: the column with unique ids (string or integer); when absent from the corpus and not
             `id_column_required`, the row number is the id.
         chunk_rows: rows per chunk.
+        validated: fingerprint of a corpus whose ids were already checked (an unchanged corpus is not re-read).
 
     Raises:
         CorpusError: missing file or column, wrong type, null or duplicate ids.
@@ -188,7 +189,7 @@ def plan_corpus(source: str, text_column: str, id_column: str | None, chunk_rows
     plan = CorpusPlan(source=str(source), files=tuple(files), text_column=text_column,
                       id_column=id_column if use_ids else None, chunk_rows=int(chunk_rows),
                       fingerprint=digest.hexdigest()[:16])
-    if plan.id_column:
+    if plan.id_column and plan.fingerprint != validated:
         _check_ids(plan)
     return plan
 

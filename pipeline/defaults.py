@@ -35,6 +35,9 @@ DEFAULT_EF_CONSTRUCTION = 200
 DEFAULT_EF_SEARCH = 64
 """HNSW efSearch used by `embedctl query` unless `--ef` is given."""
 
+DEFAULT_KEEP_VERSIONS = 3
+"""Index versions kept in an output folder (the current one is never removed)."""
+
 DEFAULT_TOP_K = 10
 """Results per query."""
 

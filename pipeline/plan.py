@@ -53,6 +53,12 @@ class WorkPlan:
         return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]
 
     @property
+    def vector_key(self) -> str:
+        """What shapes a vector besides its text: vectors of equal keys and texts are interchangeable."""
+        key = [self.model_fingerprint, self.dtype, self.max_length, self.document_prefix, self.pooling, self.dim]
+        return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]
+
+    @property
     def work_dir(self) -> Path:
         return Path(self.out) / WORK / self.plan_id
 
@@ -67,11 +73,28 @@ class WorkPlan:
                 "ef_construction": self.ef_construction, "query_prefix": self.query_prefix}
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "corpus": self.corpus.to_dict(), "dims": list(self.dims)}
+        return {**asdict(self), "corpus": self.corpus.to_dict(), "dims": list(self.dims),
+                "vector_key": self.vector_key}
 
     @classmethod
     def from_dict(cls, data: dict) -> WorkPlan:
+        data = {k: v for k, v in data.items() if k != "vector_key"}
         return cls(**{**data, "corpus": CorpusPlan.from_dict(data["corpus"]), "dims": tuple(data["dims"])})
+
+    def cache_sources(self) -> list[ChunkStore]:
+        """Chunk stores of other plans of this output folder whose vectors this plan can reuse."""
+        sources = []
+        root = Path(self.out) / WORK
+        for path in sorted(root.iterdir()) if root.is_dir() else []:
+            if path.name == self.plan_id or not (path / PLAN_FILE).is_file():
+                continue
+            try:
+                key = read_json(path / PLAN_FILE).get("vector_key")
+            except (OSError, ValueError):
+                continue
+            if key == self.vector_key:
+                sources.append(ChunkStore(path / "chunks"))
+        return sources
 
     def with_out(self, out: str) -> WorkPlan:
         return replace(self, out=out)

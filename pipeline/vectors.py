@@ -1,7 +1,8 @@
 """The chunk store: full-dim vectors of each chunk, beside its ids and texts, keyed by chunk number.
 
 Per chunk k, in the store folder:
-- `chunk-{k:06d}.rows.parquet`: columns `row` (corpus row number), `id`, `text` of the embedded rows;
+- `chunk-{k:06d}.rows.parquet`: columns `row` (corpus row number), `id`, `text`, `hash` (64-bit text hash, the
+  embedding cache key) of the embedded rows;
 - `chunk-{k:06d}.json`: the chunk report (rows read, skipped rows with their reason, truncated rows, seconds);
 - `chunk-{k:06d}.npy`: float16 (rows, dim) vectors, L2-normalised at full dim, in the order of the rows file.
 Each file is written atomically, the `.npy` last: its existence means the chunk is complete. The files are
@@ -41,13 +42,16 @@ class ChunkStore:
         return {int(m.group(1)) for p in self.root.iterdir() if (m := _DONE.match(p.name))}
 
     def write(self, number: int, rows: np.ndarray, ids: list, texts: list, vectors: np.ndarray, report: dict,
-              id_type: pa.DataType | None = None) -> None:
+              id_type: pa.DataType | None = None, hashes: np.ndarray | None = None) -> None:
         """Write one chunk's outputs (rows file, report, then vectors: the completion mark)."""
         if len(rows) != len(vectors) or len(ids) != len(rows) or len(texts) != len(rows):
             raise ValueError(f"chunk {number}: {len(rows)} rows, {len(ids)} ids, {len(texts)} texts, "
                              f"{len(vectors)} vectors")
-        table = pa.table({"row": pa.array(rows, pa.int64()), "id": pa.array(ids, type=id_type),
-                          "text": pa.array(texts, pa.string())})
+        columns = {"row": pa.array(rows, pa.int64()), "id": pa.array(ids, type=id_type),
+                   "text": pa.array(texts, pa.string())}
+        if hashes is not None:
+            columns["hash"] = pa.array(np.asarray(hashes, dtype=np.uint64), pa.uint64())
+        table = pa.table(columns)
         atomic_write(self._path(number, ".rows.parquet"), lambda tmp: pq.write_table(table, tmp))
         write_json(self._path(number, ".json"), report)
         half = np.ascontiguousarray(vectors, dtype=np.float16)

@@ -73,6 +73,20 @@ def publish(out: Path, build_dir: Path) -> Path:
     return target
 
 
+def prune(out: Path, keep: int) -> list[str]:
+    """Remove the oldest versions beyond the newest `keep`, never the current one; returns the removed names."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep!r}")
+    current = current_version(out)
+    removed = []
+    for path in version_dirs(out)[:-keep]:
+        if current is not None and path.resolve() == current:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path.name)
+    return removed
+
+
 def discard(build_dir: Path) -> None:
     """Remove an unfinished build."""
     shutil.rmtree(build_dir, ignore_errors=True)

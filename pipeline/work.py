@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import versions
+from pipeline.cache import EmbeddingCache, text_hashes
 from pipeline.corpus import Chunk, ChunkRows, read_chunk
 from pipeline.errors import CorpusError, StorageError
 from pipeline.fsutil import write_json
@@ -54,31 +55,51 @@ def skip_reason(text: object) -> str | None:
     return None
 
 
-def embed_rows(plan: WorkPlan, chunk: Chunk, data: ChunkRows, encoder: Encoder,
-               on_progress: Progress | None = None) -> dict:
-    """Embed the rows of one chunk and write them to the chunk store; returns the chunk report."""
+def embed_rows(plan: WorkPlan, chunk: Chunk, data: ChunkRows, encoder: Encoder | Callable[[], Encoder],
+               on_progress: Progress | None = None, cache: EmbeddingCache | None = None) -> dict:
+    """Embed the rows of one chunk and write them to the chunk store; returns the chunk report.
+
+    Texts found in `cache` reuse their stored vectors; only the others run through the model (`encoder` may be
+    a function that loads it, called only when some text is not cached).
+    """
     t0 = time.perf_counter()
     reasons = [skip_reason(t) for t in data.texts]
     keep = [i for i, r in enumerate(reasons) if r is None]
     skipped = [{"row": int(data.rows[i]), "id": data.ids[i], "reason": r} for i, r in enumerate(reasons) if r]
     texts = [data.texts[i] for i in keep]
-    encoded = encoder.encode(texts, prefix=plan.document_prefix, on_progress=on_progress)
-    if on_progress is not None:
-        on_progress(len(data.texts) - encoded.unique)  # skipped rows and duplicates count as done too
-    truncated_ids = [data.ids[keep[i]] for i in np.flatnonzero(encoded.truncated)]
-    report = {
-        "chunk": chunk.number, "rows": chunk.rows, "embedded": len(keep), "unique": encoded.unique,
-        "skipped": skipped, "truncated": len(truncated_ids), "truncated_ids": truncated_ids[:100],
-        "tokens": encoded.tokens, "seconds": round(time.perf_counter() - t0, 3),
-        "device": str(encoder.device), "weights": encoder.source, "dtype": str(next(encoder.model.parameters()).dtype).removeprefix("torch."),
-    }
+    hashes = text_hashes(texts)
+    vectors = np.empty((len(texts), plan.dim), dtype=np.float32)
+    found = np.zeros(len(texts), dtype=bool)
+    if cache is not None and len(cache):
+        found, cached = cache.lookup(hashes, plan.dim)
+        vectors[found] = cached[found]
+        if on_progress is not None and found.any():
+            on_progress(int(found.sum()))
+    miss = np.flatnonzero(~found)
+    report = {"chunk": chunk.number, "rows": chunk.rows, "indexed": len(keep), "embedded": len(miss),
+              "reused": int(found.sum()), "unique": 0, "skipped": skipped, "truncated": 0, "truncated_ids": [],
+              "tokens": 0}
+    if len(miss):
+        model = encoder if hasattr(encoder, "encode") else encoder()
+        encoded = model.encode([texts[i] for i in miss], prefix=plan.document_prefix, on_progress=on_progress)
+        vectors[miss] = encoded.vectors
+        truncated_ids = [data.ids[keep[miss[i]]] for i in np.flatnonzero(encoded.truncated)]
+        report.update(unique=encoded.unique, truncated=len(truncated_ids), truncated_ids=truncated_ids[:100],
+                      tokens=encoded.tokens, device=str(model.device), weights=model.source,
+                      dtype=str(next(model.model.parameters()).dtype).removeprefix("torch."))
+        if on_progress is not None:
+            on_progress(len(miss) - encoded.unique)  # duplicates count as done too
+    if on_progress is not None and skipped:
+        on_progress(len(skipped))
+    report["seconds"] = round(time.perf_counter() - t0, 3)
     id_type = pa.string() if plan.corpus.id_column and data.ids and isinstance(data.ids[0], str) else pa.int64()
-    plan.store.write(chunk.number, data.rows[keep], [data.ids[i] for i in keep], texts, encoded.vectors, report,
-                     id_type=id_type)
+    plan.store.write(chunk.number, data.rows[keep], [data.ids[i] for i in keep], texts, vectors, report,
+                     id_type=id_type, hashes=hashes)
     return report
 
 
-def embed_chunk(plan: WorkPlan, number: int, encoder: Encoder, on_progress: Progress | None = None) -> dict:
+def embed_chunk(plan: WorkPlan, number: int, encoder: Encoder | Callable[[], Encoder],
+                on_progress: Progress | None = None, cache: EmbeddingCache | None = None) -> dict:
     """Embed chunk `number` unless it is complete (what a worker runs); returns a small summary."""
     if plan.store.is_complete(number):
         return {"chunk": number, "skipped_complete": True}
@@ -86,8 +107,8 @@ def embed_chunk(plan: WorkPlan, number: int, encoder: Encoder, on_progress: Prog
     if not 0 <= number < len(chunks):
         raise StorageError(f"chunk {number} is not in the plan (0..{len(chunks) - 1})")
     chunk = chunks[number]
-    report = embed_rows(plan, chunk, read_chunk(plan.corpus, chunk), encoder, on_progress)
-    return {k: report[k] for k in ("chunk", "rows", "embedded", "truncated", "seconds")}
+    report = embed_rows(plan, chunk, read_chunk(plan.corpus, chunk), encoder, on_progress, cache)
+    return {k: report[k] for k in ("chunk", "rows", "indexed", "embedded", "reused", "truncated", "seconds")}
 
 
 def missing_chunks(plan: WorkPlan) -> list[int]:
@@ -102,7 +123,7 @@ def summarise(plan: WorkPlan) -> dict:
     skipped = [s for r in reports for s in r["skipped"]]
     return {
         "rows_total": plan.corpus.rows,
-        "rows_indexed": sum(r["embedded"] for r in reports),
+        "rows_indexed": sum(r["indexed"] for r in reports),
         "rows_skipped": len(skipped),
         "skipped": skipped[:1000],
         "rows_truncated": sum(r["truncated"] for r in reports),

@@ -15,9 +15,14 @@ def create_app(settings: Settings | None = None) -> Celery:
 
 
 def configure(app: Celery, settings: Settings) -> None:
-    """Apply `settings` to `app` (the CLI does this for `--broker`)."""
+    """Apply `settings` to `app` (the CLI does this for `--broker`); EMBEDCTL_JOBS fills the beat schedule."""
     app.conf.update(celery_config(settings))
     app.conf.embedctl_settings = settings
+    if settings.jobs_path:
+        from jobs.schedule import beat_schedule
+        from jobs.specfile import load_jobs
+
+        app.conf.beat_schedule = beat_schedule(load_jobs(settings.jobs_path), settings.build_queue)
 
 
 app = create_app()

@@ -47,6 +47,7 @@ class Settings:
     result_expires: int = DEFAULT_RESULT_EXPIRES
     embed_queue: str = EMBED_QUEUE
     build_queue: str = BUILD_QUEUE
+    jobs_path: str | None = None  # the job spec file whose schedules beat runs (EMBEDCTL_JOBS)
 
     def __post_init__(self) -> None:
         if not self.broker_url.startswith(("redis://", "rediss://", "redis+socket://")):
@@ -77,6 +78,7 @@ class Settings:
             "result_expires": _int(env, "EMBEDCTL_RESULT_EXPIRES", DEFAULT_RESULT_EXPIRES),
             "embed_queue": env.get("EMBEDCTL_EMBED_QUEUE") or EMBED_QUEUE,
             "build_queue": env.get("EMBEDCTL_BUILD_QUEUE") or BUILD_QUEUE,
+            "jobs_path": env.get("EMBEDCTL_JOBS") or None,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
@@ -111,7 +113,8 @@ def celery_config(settings: Settings) -> dict:
         "result_expires": settings.result_expires,
         "task_default_queue": settings.embed_queue,
         "task_routes": {"embedctl.embed_chunk": {"queue": settings.embed_queue},
-                        "embedctl.build_index": {"queue": settings.build_queue}},
+                        "embedctl.build_index": {"queue": settings.build_queue},
+                        "embedctl.run_job": {"queue": settings.build_queue}},
         "task_track_started": True,
         "broker_connection_retry_on_startup": True,
         "worker_hijack_root_logger": False,

@@ -20,6 +20,7 @@ LOG = logging.getLogger(__name__)
 
 _WORKER: dict = {"concurrency": None, "device": None}
 _MODELS: dict[tuple, tuple] = {}  # (folder, dtype, device) -> (model, tokenizer, profile, source)
+_CACHES: dict[str, object] = {}  # plan id -> EmbeddingCache over the vectors it can reuse
 
 
 def child_threads(cpus: int, concurrency: int | None, override: str | None = None) -> int:
@@ -131,3 +132,13 @@ def worker_encoder(plan):
     encoder = Encoder(model, tokenizer, profile, dev, max_length=plan.max_length, batch_tokens=plan.batch_tokens)
     encoder.source = source
     return encoder
+
+
+def worker_cache(plan):
+    """The embedding cache of `plan` in this process (built once per plan: it reads the stored text hashes)."""
+    from pipeline.cache import EmbeddingCache
+
+    if plan.plan_id not in _CACHES:
+        _CACHES.clear()  # one job at a time per child is the common case: keep memory flat
+        _CACHES[plan.plan_id] = EmbeddingCache(plan.cache_sources())
+    return _CACHES[plan.plan_id]

@@ -6,6 +6,7 @@ import click
 
 from jobs.cli.common import setup_logging
 from jobs.cli.index import index
+from jobs.cli.jobs import cache, jobs
 from jobs.cli.query import info, query
 from jobs.cli.shm import shm
 from jobs.cli.status import status, worker
@@ -25,3 +26,5 @@ main.add_command(info)
 main.add_command(shm)
 main.add_command(status)
 main.add_command(worker)
+main.add_command(jobs)
+main.add_command(cache)

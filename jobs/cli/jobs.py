@@ -1,0 +1,192 @@
+"""`embedctl jobs list|run|status` (named jobs of a spec file) and `embedctl cache prune`."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from jobs.cli.common import handle_errors, print_json, tqdm_progress
+from pipeline.errors import EmbedctlError
+
+
+def _jobs_option(func):
+    return click.option("--jobs", "jobs_file", envvar="EMBEDCTL_JOBS", show_envvar=True, default=None,
+                        help="The job spec file (TOML).")(func)
+
+
+def _load(jobs_file: str | None):
+    from jobs.schedule import jobs_path
+    from jobs.specfile import SpecFileError, load_jobs
+
+    path = jobs_path(jobs_file)
+    try:
+        return path, load_jobs(path)
+    except SpecFileError as exc:
+        for line in exc.errors:
+            click.echo(f"Error: {line}", err=True)
+        sys.exit(1)
+
+
+@click.group()
+def jobs() -> None:
+    """Named jobs of a spec file (EMBEDCTL_JOBS): list, run now, show their runs."""
+
+
+@jobs.command("list")
+@_jobs_option
+@click.option("--json", "as_json", is_flag=True, help="Print the jobs as JSON.")
+@handle_errors
+def list_jobs(jobs_file: str | None, as_json: bool) -> None:
+    """List the jobs of the spec file with their schedule, corpus and output folder (validates the file)."""
+    from jobs.schedule import history
+
+    _path, named = _load(jobs_file)
+    rows = []
+    for job in named.values():
+        last = history(job.spec.out, limit=1)
+        rows.append({**job.to_dict(), "last_run": last[0] if last else None})
+    if as_json:
+        print_json(rows)
+        return
+    for row in rows:
+        last = row["last_run"]
+        when = f"last run {last['started']} {last['status']}" if last else "never run"
+        click.echo(f"{row['name']:<20} {row['schedule'] or 'manual':<14} {row['model']:<28} {row['out']}  ({when})")
+
+
+@jobs.command("run")
+@click.argument("name")
+@_jobs_option
+@click.option("--broker", envvar="EMBEDCTL_BROKER_URL", show_envvar=True, default=None,
+              help="Run on the Celery workers (default: in this process).")
+@click.option("--detach", is_flag=True, help="With a broker: return once the run is queued.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run record as JSON.")
+@handle_errors
+def run(name: str, jobs_file: str | None, broker: str | None, detach: bool, quiet: bool, as_json: bool) -> None:
+    """Run job NAME now (embedded, or on the workers with a broker); skipped while another run of it is going."""
+    from jobs.schedule import history, jobs_path, load_named, run_celery_job, run_embedded_job
+
+    job = load_named(name, jobs_path(jobs_file))
+    if broker:
+        from jobs.distributed import Submitted, check_broker, follow
+        from pipeline import work
+        from pipeline.plan import WORK, load_plan
+        from tasks.app import app, configure
+        from tasks.settings import Settings
+
+        settings = Settings.from_env(broker_url=broker)
+        check_broker(settings)
+        configure(app, settings)
+        event = run_celery_job(job, settings)
+        if event["status"] == "running" and not detach:
+            plan = load_plan(Path(job.spec.out) / WORK / event["job_id"])
+            try:
+                follow(Submitted(plan, work.missing_chunks(plan), False), progress=tqdm_progress(quiet))
+            except KeyboardInterrupt:
+                click.echo(f"\ninterrupted: the run keeps going on the workers; see `embedctl jobs status {name}`",
+                           err=True)
+                sys.exit(130)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:  # the build task records the run right after publishing
+                final = next((r for r in history(job.spec.out) if r["run_id"] == event["run_id"]), event)
+                if final["status"] != "running":
+                    break
+                time.sleep(0.2)
+            event = final
+    else:
+        event = run_embedded_job(job, progress=tqdm_progress(quiet))
+    if as_json:
+        print_json(event)
+    else:
+        click.echo(_describe(event))
+    if event["status"] == "failed":
+        sys.exit(1)
+
+
+def _describe(run: dict) -> str:
+    if run["status"] == "skipped":
+        return f"{run['job']}: skipped ({run.get('reason')})"
+    if run["status"] == "running":
+        return f"{run['job']}: running (run {run['run_id']}); see `embedctl jobs status {run['job']}`"
+    if run["status"] == "failed":
+        return f"{run['job']}: failed: {run.get('error')}"
+    return (f"{run['job']}: {run['status']} {run.get('version') or ''} — embedded {run.get('rows_embedded', 0)}, "
+            f"reused {run.get('rows_reused', 0)}, deleted {run.get('rows_deleted', 0)} rows in "
+            f"{run.get('seconds', 0)} s")
+
+
+@jobs.command("status")
+@click.argument("name")
+@_jobs_option
+@click.option("--limit", "-n", type=int, default=10, show_default=True, help="Runs shown, newest first.")
+@click.option("--json", "as_json", is_flag=True, help="Print the runs as JSON.")
+@handle_errors
+def job_status(name: str, jobs_file: str | None, limit: int, as_json: bool) -> None:
+    """The last runs of job NAME, newest first: started, status, rows embedded/reused/deleted, seconds, version."""
+    from jobs.schedule import history, jobs_path, load_named
+
+    job = load_named(name, jobs_path(jobs_file))
+    runs = history(job.spec.out, limit=limit)
+    fields = ("run_id", "started", "status", "rows_embedded", "rows_reused", "rows_deleted", "seconds", "version",
+              "mode", "reason", "error")
+    runs = [{k: r.get(k) for k in fields} for r in runs]
+    if as_json:
+        print_json(runs)
+        return
+    if not runs:
+        click.echo(f"{name}: no runs yet")
+        return
+    click.echo(f"{'started':<26} {'status':<11} {'embedded':>9} {'reused':>9} {'deleted':>8} {'seconds':>8}  version")
+    for r in runs:
+        click.echo(f"{r['started'] or '':<26} {r['status']:<11} {r['rows_embedded'] or 0:>9} {r['rows_reused'] or 0:>9} "
+                   f"{r['rows_deleted'] or 0:>8} {r['seconds'] or 0:>8}  {r['version'] or r['reason'] or ''}")
+
+
+@click.group()
+def cache() -> None:
+    """The embedding cache: stored vectors of an output folder, reused for unchanged texts."""
+
+
+@cache.command()
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--all", "all_", is_flag=True,
+              help="Also drop the vectors of the current version (the next run embeds everything again).")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def prune(out: str, all_: bool, as_json: bool) -> None:
+    """Remove stored vectors of OUT that no published version needs (published versions stay servable)."""
+    from jobs.state import published_info
+    from pipeline import versions
+    from pipeline.fsutil import read_json
+    from pipeline.plan import WORK, load_plan
+
+    root = Path(out) / WORK
+    if not root.is_dir():
+        raise EmbedctlError(f"{out!r} has no stored vectors (no {WORK}/ folder); is it an --out folder?")
+    current = versions.current_version(out)
+    keep_id = read_json(current / versions.INFO)["index_key"]["plan_id"] if current else None
+    removed, freed = [], 0
+    for path in sorted(p for p in root.iterdir() if p.is_dir()):
+        if path.name == keep_id and not all_:
+            continue
+        try:
+            plan = load_plan(path)
+            unfinished = not published_info(plan) and any(
+                time.time() - p.stat().st_mtime < 3600 for p in (path / "chunks").glob("*"))
+        except EmbedctlError:
+            unfinished = False
+        if unfinished and path.name != keep_id:
+            continue  # a job still writing here: leave it
+        freed += sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path.name)
+    result = {"removed": removed, "bytes_freed": freed}
+    if as_json:
+        print_json(result)
+    else:
+        click.echo(f"removed {len(removed)} vector store(s), {freed / 2**20:.1f} MiB freed")

@@ -1,0 +1,166 @@
+"""Job specs in TOML (`EMBEDCTL_JOBS`, e.g. jobs.toml): named jobs whose keys mirror the CLI options.
+
+    root = "indexes"                      # optional: output root, relative to this file (default: its folder)
+    [jobs.wordnet]
+    corpus = "data/wordnet/*.parquet"     # file, directory or glob; relative to this file
+    model = "qwen3-4b"
+    dims = [1024, 512, 256, 128]
+    out = "indexes/wordnet"               # default: <root>/<name>; must stay inside the root
+    schedule = "0 3 * * *"                # crontab (5 fields), or an interval: "30s", "15m", "2h", "1d"
+    keep = 3
+    hnsw = { m = 32, ef_construction = 200 }
+
+Every error is reported, one line each, before anything runs.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, fields
+from datetime import timedelta
+from pathlib import Path
+
+from jobs.spec import JobSpec
+from pipeline.corpus import discover_files
+from pipeline.errors import ConfigError, CorpusError
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_INTERVAL = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd])$")
+_HNSW_KEYS = {"m": "hnsw_m", "ef_construction": "ef_construction", "ef_search": "ef_search"}
+_SPEC_KEYS = {f.name for f in fields(JobSpec)} - {"extra"}
+_JOB_KEYS = (_SPEC_KEYS | {"schedule", "hnsw"}) - {"threads"}
+
+
+class SpecFileError(ConfigError):
+    """A job spec file with errors: `errors` holds one line per error."""
+
+    def __init__(self, path: Path, errors: list[str]):
+        self.errors = [f"{path}: {e}" for e in errors]
+        super().__init__("; ".join(self.errors))
+
+
+@dataclass(frozen=True)
+class NamedJob:
+    """A job of a spec file: its name, the JobSpec it runs, and its schedule."""
+
+    name: str
+    spec: JobSpec
+    schedule: str | None
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "schedule": self.schedule, **self.spec.to_dict()}
+
+
+def parse_schedule(text: str):
+    """A Celery schedule from a crontab line ("0 3 * * *") or an interval ("15m"); raises ConfigError."""
+    from celery.schedules import crontab
+
+    text = str(text).strip()
+    m = _INTERVAL.match(text)
+    if m:
+        seconds = float(m[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m[2]]
+        if seconds <= 0:
+            raise ConfigError(f"schedule {text!r}: an interval must be positive")
+        return timedelta(seconds=seconds)
+    parts = text.split()
+    if len(parts) != 5:
+        raise ConfigError(f"schedule {text!r} is neither a crontab line (5 fields: minute hour day month weekday) "
+                          "nor an interval such as 30s, 15m, 2h, 1d")
+    try:
+        schedule = crontab(minute=parts[0], hour=parts[1], day_of_month=parts[2], month_of_year=parts[3],
+                           day_of_week=parts[4])
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"schedule {text!r} is not a valid crontab line ({exc})") from None
+    return schedule
+
+
+def load_jobs(path: Path) -> dict[str, NamedJob]:
+    """Read and validate a job spec file; raises SpecFileError listing every problem."""
+    path = Path(path).expanduser()
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"job spec file {str(path)!r} does not exist; set EMBEDCTL_JOBS or --jobs") from None
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read job spec file {str(path)!r}: {exc}") from None
+    base = path.resolve().parent
+    errors: list[str] = []
+    unknown_top = sorted(set(data) - {"jobs", "root"})
+    if unknown_top:
+        errors.append(f"unknown top-level key {unknown_top[0]!r} (known: jobs, root)")
+    root = (base / str(data.get("root", "."))).resolve()
+    jobs_table = data.get("jobs")
+    if not isinstance(jobs_table, dict) or not jobs_table:
+        errors.append("no [jobs.NAME] tables")
+        jobs_table = {}
+    jobs: dict[str, NamedJob] = {}
+    for name, table in jobs_table.items():
+        where = f"jobs.{name}" if _NAME.match(name) else f"jobs.{name!r}"
+        if not _NAME.match(name):
+            errors.append(f"{where}: job names are letters, digits, '.', '_' and '-' (no path separators)")
+            continue
+        if not isinstance(table, dict):
+            errors.append(f"{where}: must be a table")
+            continue
+        job_errors = _job_errors(table)
+        schedule = table.get("schedule")
+        if isinstance(schedule, str):
+            try:
+                parse_schedule(schedule)
+            except ConfigError as exc:
+                job_errors.append(str(exc))
+        out = None
+        if isinstance(table.get("out", ""), str):
+            out = ((root / name) if "out" not in table else (base / table["out"])).resolve()
+            if out != root and root not in out.parents:
+                job_errors.append(f"out {str(out)!r} is outside the output root {str(root)!r}")
+        if isinstance(table.get("corpus"), str):
+            corpus = table["corpus"] if Path(table["corpus"]).is_absolute() else str(base / table["corpus"])
+            try:
+                discover_files(corpus)
+            except CorpusError as exc:
+                job_errors.append(str(exc))
+        if job_errors:
+            errors.extend(f"{where}: {e}" for e in job_errors)
+            continue
+        values = {k: v for k, v in table.items() if k not in ("schedule", "hnsw")}
+        for key, target in _HNSW_KEYS.items():
+            if key in table.get("hnsw", {}):
+                values[target] = table["hnsw"][key]
+        values["corpus"] = corpus
+        values["out"] = str(out)
+        if isinstance(values.get("dims"), list):
+            values["dims"] = tuple(values["dims"])
+        try:
+            spec = JobSpec(**values)
+        except ConfigError as exc:
+            errors.append(f"{where}: {exc}")
+            continue
+        jobs[name] = NamedJob(name=name, spec=spec, schedule=str(schedule) if schedule is not None else None)
+    if errors:
+        raise SpecFileError(path, errors)
+    return jobs
+
+
+def _job_errors(table: dict) -> list[str]:
+    errors = []
+    unknown = sorted(set(table) - _JOB_KEYS)
+    if unknown:
+        errors.append(f"unknown key {unknown[0]!r}; known keys: {', '.join(sorted(_JOB_KEYS))}")
+    if "corpus" not in table:
+        errors.append("'corpus' is required")
+    elif not isinstance(table["corpus"], str):
+        errors.append(f"'corpus' must be a string, got {table['corpus']!r}")
+    if "out" in table and not isinstance(table["out"], str):
+        errors.append(f"'out' must be a string, got {table['out']!r}")
+    hnsw = table.get("hnsw", {})
+    if not isinstance(hnsw, dict):
+        errors.append("'hnsw' must be a table such as { m = 32, ef_construction = 200 }")
+    else:
+        bad = sorted(set(hnsw) - set(_HNSW_KEYS))
+        if bad:
+            errors.append(f"unknown hnsw key {bad[0]!r}; known: {', '.join(_HNSW_KEYS)}")
+    if "schedule" in table and not isinstance(table["schedule"], str):
+        errors.append(f"'schedule' must be a string, got {table['schedule']!r}")
+    return errors
