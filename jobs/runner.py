@@ -38,7 +38,8 @@ def plan_job(spec: JobSpec) -> WorkPlan:
         dtype=spec.dtype, device=spec.device, max_length=spec.max_length or profile.max_length,
         batch_tokens=spec.batch_tokens, document_prefix=profile.document_prefix(spec.instruction),
         query_prefix=profile.query_prefix(spec.query_instruction), dims=tuple(index_dims(profile.dim, spec.dims)),
-        hnsw_m=spec.hnsw_m, ef_construction=spec.ef_construction, ef_search=spec.ef_search)
+        hnsw_m=spec.hnsw_m, ef_construction=spec.ef_construction, ef_search=spec.ef_search,
+        index_type=spec.index_type)
 
 
 def _validated_fingerprint(spec: JobSpec) -> str | None:

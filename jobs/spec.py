@@ -22,6 +22,8 @@ from pipeline.defaults import (
 )
 from pipeline.errors import ConfigError
 
+INDEX_TYPES = ("hnsw", "hnsw-sqfp16", "hnsw-sq8")  # pipeline.index.INDEX_TYPES, without importing faiss here
+
 
 @dataclass(frozen=True)
 class JobSpec:
@@ -50,6 +52,7 @@ class JobSpec:
     ef_construction: int = DEFAULT_EF_CONSTRUCTION
     ef_search: int = DEFAULT_EF_SEARCH
     keep: int = DEFAULT_KEEP_VERSIONS
+    index_type: str = "hnsw"
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -68,6 +71,8 @@ class JobSpec:
         bad = [d for d in self.dims if not isinstance(d, int) or isinstance(d, bool) or d <= 0]
         if bad:
             raise ConfigError(f"dims must be positive integers, got {bad!r}")
+        if self.index_type not in INDEX_TYPES:
+            raise ConfigError(f"index_type must be one of {', '.join(INDEX_TYPES)}, got {self.index_type!r}")
         if self.shm not in ("auto", "require", "off"):
             raise ConfigError(f"shm must be auto, require or off, got {self.shm!r}")
         if self.dtype != "auto" and self.dtype.lower() not in DTYPE_NAMES:

@@ -44,6 +44,7 @@ class WorkPlan:
     hnsw_m: int
     ef_construction: int
     ef_search: int
+    index_type: str = "hnsw"
 
     @property
     def plan_id(self) -> str:
@@ -70,7 +71,8 @@ class WorkPlan:
     def index_key(self) -> dict:
         """What a published version must match for the job to be up to date."""
         return {"plan_id": self.plan_id, "dims": list(self.dims), "hnsw_m": self.hnsw_m,
-                "ef_construction": self.ef_construction, "query_prefix": self.query_prefix}
+                "ef_construction": self.ef_construction, "query_prefix": self.query_prefix,
+                "index_type": self.index_type}
 
     def to_dict(self) -> dict:
         return {**asdict(self), "corpus": self.corpus.to_dict(), "dims": list(self.dims),

@@ -159,7 +159,7 @@ def build_and_publish(plan: WorkPlan, progress: ProgressFactory = no_progress) -
             t_dim = time.perf_counter()
             with progress(f"index {dim}d", n, "vec", 0) as update:
                 index = build_hnsw(slice_normalise(vectors, dim), plan.hnsw_m, plan.ef_construction,
-                                   plan.ef_search, update)
+                                   plan.ef_search, update, plan.index_type)
             write_index(index, build / index_file(dim))
             timings[str(dim)] = round(time.perf_counter() - t_dim, 3)
         info = {
@@ -171,6 +171,7 @@ def build_and_publish(plan: WorkPlan, progress: ProgressFactory = no_progress) -
             "query_prefix": plan.query_prefix, "dims": list(plan.dims), "rows": n,
             "files": {str(d): index_file(d) for d in plan.dims}, "rows_file": ROWS_FILE,
             "hnsw": {"m": plan.hnsw_m, "ef_construction": plan.ef_construction, "ef_search": plan.ef_search},
+            "index_type": plan.index_type,
             "corpus": {"source": plan.corpus.source, "fingerprint": plan.corpus.fingerprint,
                        "rows": plan.corpus.rows, "text_column": plan.corpus.text_column,
                        "id_column": plan.corpus.id_column, "files": len(plan.corpus.files)},

@@ -7,7 +7,7 @@ import click
 from jobs.cli.common import setup_logging
 from jobs.cli.index import index
 from jobs.cli.jobs import cache, jobs
-from jobs.cli.query import info, query
+from jobs.cli.query import evaluate_cmd, info, query
 from jobs.cli.shm import shm
 from jobs.cli.status import status, worker
 
@@ -28,3 +28,4 @@ main.add_command(status)
 main.add_command(worker)
 main.add_command(jobs)
 main.add_command(cache)
+main.add_command(evaluate_cmd)

@@ -45,6 +45,8 @@ def _opt(*names, env: str, **kw):
 @_opt("--ef-construction", env="EF_CONSTRUCTION", type=int, default=defaults.DEFAULT_EF_CONSTRUCTION, show_default=True)
 @_opt("--ef-search", env="EF_SEARCH", type=int, default=defaults.DEFAULT_EF_SEARCH, show_default=True,
       help="efSearch stored in the indexes (queries may override with --ef).")
+@_opt("--index-type", env="INDEX_TYPE", type=click.Choice(["hnsw", "hnsw-sqfp16", "hnsw-sq8"]), default="hnsw",
+      show_default=True, help="Vector storage of the HNSW indexes: float32, float16 (1/2 the bytes), 8-bit (1/4).")
 @_opt("--keep", env="KEEP", type=int, default=defaults.DEFAULT_KEEP_VERSIONS, show_default=True,
       help="Index versions kept in --out (older ones are removed; the current one never).")
 @shm_option
@@ -57,7 +59,7 @@ def _opt(*names, env: str, **kw):
 def index(corpus: str, out: str, model: str, text_column: str, id_column: str, instruction: str | None,
           query_instruction: str | None, dims: tuple[int, ...], chunk_rows: int, batch_tokens: int | None,
           max_length: int | None, dtype: str, device: str, threads: int | None, hnsw_m: int, ef_construction: int,
-          ef_search: int, keep: int, shm: str, broker: str | None, detach: bool, quiet: bool, as_json: bool) -> None:
+          ef_search: int, index_type: str, keep: int, shm: str, broker: str | None, detach: bool, quiet: bool, as_json: bool) -> None:
     """Embed CORPUS (Parquet file, directory or glob) and publish FAISS HNSW indexes in --out.
 
     Re-running the same command resumes: complete chunks are not embedded again, and a job whose published
@@ -66,7 +68,7 @@ def index(corpus: str, out: str, model: str, text_column: str, id_column: str, i
     spec = JobSpec(corpus=corpus, out=out, model=model, text_column=text_column, id_column=id_column,
                    instruction=instruction, query_instruction=query_instruction, dims=dims, chunk_rows=chunk_rows,
                    batch_tokens=batch_tokens, max_length=max_length, dtype=dtype, device=device, threads=threads,
-                   hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search, keep=keep, shm=shm)
+                   hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search, index_type=index_type, keep=keep, shm=shm)
     if detach and not broker:
         raise click.UsageError("--detach needs --broker (or EMBEDCTL_BROKER_URL): an embedded run cannot detach")
     if broker:

@@ -120,3 +120,49 @@ def info(index_dir: str, as_json: bool) -> None:
     click.echo(f"files    {data['paths']['rows']}")
     for dim in data["dims"]:
         click.echo(f"         {data['paths'][str(dim)]}")
+
+
+@click.command("eval")
+@click.argument("index_dir", type=click.Path(file_okay=False))
+@click.option("--queries", "queries_path", required=True, envvar="EMBEDCTL_QUERIES", show_envvar=True,
+              type=click.Path(dir_okay=False), help="Parquet file of queries with the id of their relevant row.")
+@click.option("--query-column", default="query", show_default=True)
+@click.option("--relevant-column", default="relevant_id", show_default=True)
+@click.option("-k", "ks", default="1,10", show_default=True, help="Comma-separated cut-offs for recall@k.")
+@click.option("--ef", type=int, default=None, help="HNSW efSearch [default: the index's].")
+@click.option("--limit", type=int, default=None, help="Evaluate only the first N queries.")
+@_opt("--query-instruction", env="QUERY_INSTRUCTION", default=None,
+      help="Instruction for the queries [default: the one recorded in the index; '' for none].")
+@_opt("--device", env="DEVICE", default="auto", show_default=True)
+@shm_option
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@handle_errors
+def evaluate_cmd(index_dir: str, queries_path: str, query_column: str, relevant_column: str, ks: str,
+                 ef: int | None, limit: int | None, query_instruction: str | None, device: str, shm: str,
+                 as_json: bool) -> None:
+    """Recall@k and MRR of INDEX_DIR on labelled queries, per dim, exact search vs HNSW."""
+    from pipeline.encoder import load_encoder
+    from pipeline.evaluate import evaluate, load_queries
+
+    try:
+        cutoffs = tuple(int(x) for x in ks.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"{ks!r} is not a comma-separated list of integers", param_hint="-k") from None
+    reader = IndexReader(Path(index_dir))
+    queries = load_queries(Path(queries_path), query_column, relevant_column, reader, limit=limit)
+    info = reader.info
+    encoder = load_encoder(_index_model(info), device=device, max_length=info["max_length"], shm=shm)
+    prefix = info["query_prefix"] if query_instruction is None else format_instruction(query_instruction)
+    result = evaluate(reader, encoder.encode(queries.texts, prefix=prefix).vectors, queries, cutoffs, ef=ef)
+    if as_json:
+        print_json(result)
+        return
+    k = max(cutoffs)
+    click.echo(f"{result['queries']} queries, {reader.dir.name} of {index_dir}")
+    head = "  ".join(f"{'R@' + str(c):>7}" for c in cutoffs)
+    click.echo(f"{'dim':>5}  {'search':<6} {head} {'MRR@' + str(k):>8}   HNSW vs exact")
+    for dim, m in result["dims"].items():
+        for kind in ("exact", "hnsw"):
+            cells = "  ".join(f"{m[kind][f'recall@{c}']:>7.4f}" for c in cutoffs)
+            extra = f"   {m[f'hnsw_recall@{k}_vs_exact']:.4f} (ef {m['ef_search']})" if kind == "hnsw" else ""
+            click.echo(f"{dim:>5}  {kind:<6} {cells} {m[kind][f'mrr@{k}']:>8.4f}{extra}")

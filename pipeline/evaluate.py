@@ -1,0 +1,84 @@
+"""Retrieval evaluation of a published index: recall@k and MRR per dim, exact search vs HNSW.
+
+Queries come from a Parquet file (a query text column and the id of its relevant row). Exact search is a
+brute-force inner product over the vectors each index stores (its HNSW storage), so "exact" and "HNSW" differ
+only by the graph search; the benchmark and `embedctl eval` use this same code.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow.parquet as pq
+
+from pipeline.errors import ConfigError, CorpusError
+from pipeline.index import ROWS_FILE, IndexReader, slice_normalise
+
+
+@dataclass
+class QuerySet:
+    texts: list[str]
+    relevant: np.ndarray  # index positions of the relevant rows (-1: not in the index)
+
+
+def load_queries(path: Path, query_column: str, relevant_column: str, reader: IndexReader,
+                 limit: int | None = None) -> QuerySet:
+    """Queries and the index positions of their relevant rows (queries whose row is not indexed are dropped)."""
+    try:
+        table = pq.read_table(path)
+    except (OSError, ValueError) as exc:
+        raise CorpusError(f"cannot read queries {str(path)!r} as Parquet: {exc}") from None
+    for column in (query_column, relevant_column):
+        if column not in table.column_names:
+            raise CorpusError(f"column {column!r} is not in {str(path)!r} (columns: {', '.join(table.column_names)}); "
+                              "choose it with --query-column / --relevant-column")
+    if limit:
+        table = table.slice(0, limit)
+    ids = pq.read_table(reader.dir / ROWS_FILE, columns=["id"]).column("id").to_pylist()
+    position = {str(i): n for n, i in enumerate(ids)}
+    texts = table.column(query_column).to_pylist()
+    relevant = np.array([position.get(str(r), -1) for r in table.column(relevant_column).to_pylist()], np.int64)
+    keep = [i for i, (t, r) in enumerate(zip(texts, relevant, strict=True)) if t and r >= 0]
+    if not keep:
+        raise CorpusError(f"none of the relevant ids in {str(path)!r} is in the index; is it the right index?")
+    return QuerySet([texts[i] for i in keep], relevant[keep])
+
+
+def _metrics(found: np.ndarray, relevant: np.ndarray, ks: tuple[int, ...]) -> dict:
+    hit_rank = np.full(len(relevant), np.inf)
+    rows, cols = np.nonzero(found == relevant[:, None])
+    hit_rank[rows] = cols + 1
+    out = {f"recall@{k}": round(float(np.mean(hit_rank <= k)), 4) for k in ks}
+    out[f"mrr@{max(ks)}"] = round(float(np.mean(np.where(hit_rank <= max(ks), 1.0 / hit_rank, 0.0))), 4)
+    return out
+
+
+def evaluate(reader: IndexReader, query_vectors: np.ndarray, queries: QuerySet, ks: tuple[int, ...] = (1, 10),
+             ef: int | None = None, dims: list[int] | None = None) -> dict:
+    """Recall@k and MRR per dim for exact search and HNSW; with HNSW's agreement with exact (recall vs exact)."""
+    if not ks or min(ks) <= 0:
+        raise ConfigError(f"-k values must be positive, got {ks!r}")
+    k = max(ks)
+    results = {}
+    for dim in dims or reader.dims:
+        index = reader.index(dim)
+        q = slice_normalise(query_vectors, dim)
+        hnsw = faiss.downcast_index(index)
+        if ef:
+            hnsw.hnsw.efSearch = max(ef, k)
+        t0 = time.perf_counter()
+        _, approx = index.search(q, k)
+        seconds = time.perf_counter() - t0
+        storage = faiss.downcast_index(hnsw.storage)
+        _, exact = storage.search(q, k)  # brute force over the same stored vectors
+        agreement = float(np.mean([len(set(a) & set(e)) / k for a, e in zip(approx, exact, strict=True)]))
+        results[str(dim)] = {"exact": _metrics(exact, queries.relevant, ks),
+                             "hnsw": _metrics(approx, queries.relevant, ks),
+                             f"hnsw_recall@{k}_vs_exact": round(agreement, 4),
+                             "ef_search": hnsw.hnsw.efSearch,
+                             "hnsw_ms_per_query": round(1000 * seconds / len(q), 4)}
+    return {"index": str(reader.dir), "queries": len(queries.texts), "k": list(ks), "dims": results}
