@@ -10,6 +10,7 @@ the tokenizer does not append one).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,6 +113,8 @@ class Encoder:
         self.eos_id = _eos_to_append(tokenizer) if profile.pooling == "last" else None
         self.pad_id = _pad_id(tokenizer)
         self.source = "memory"  # where the weights came from: disk, shm:<segment>, or a model handed in
+        self.forward_seconds = 0.0  # time inside the model's forward passes (for the benchmarks' overlap figure)
+        self.padded_tokens = 0  # tokens run through the model, padding included
 
     @property
     def dim(self) -> int:
@@ -175,7 +178,9 @@ class Encoder:
                 mask[row, :len(seq)] = 1
         input_ids_t = torch.from_numpy(input_ids).to(self.device)
         mask_t = torch.from_numpy(mask).to(self.device)
+        t0 = time.perf_counter()
         hidden = self.model(input_ids=input_ids_t, attention_mask=mask_t).last_hidden_state.float()
+        self.padded_tokens += input_ids.size
         if self.profile.pooling == "mean":
             weights = mask_t.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
@@ -183,8 +188,9 @@ class Encoder:
             pooled = hidden[:, 0]
         else:  # last token: with left padding it is the last position of every row
             pooled = hidden[:, -1]
-        pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-        return pooled.cpu().numpy()
+        pooled = torch.nn.functional.normalize(pooled, p=2, dim=1).cpu().numpy()
+        self.forward_seconds += time.perf_counter() - t0
+        return pooled
 
 
 def _eos_to_append(tokenizer) -> int | None:

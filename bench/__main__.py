@@ -1,0 +1,144 @@
+"""Run every benchmark on this machine and write a report: `python -m bench [--out bench-results] [--skip ...]`.
+
+Each benchmark runs in its own process (so thread settings and memory do not leak between them) and prints
+JSON; this collects them into OUT/report.md (tables, with the command of each) and PNG plots, and prints the
+summary lines for the README's performance section. Every figure is measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ("throughput", "indexes", "shm_memory", "distributed", "reindex")
+
+
+def run(name: str, extra: list[str]) -> dict:
+    t0 = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", f"bench.{name}", "--json", *extra], cwd=ROOT,
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        return {"error": (result.stderr or result.stdout).strip().splitlines()[-1:] or ["failed"],
+                "seconds": round(time.perf_counter() - t0, 1)}
+    data = json.loads(result.stdout[result.stdout.index("{"):])
+    data["seconds"] = round(time.perf_counter() - t0, 1)
+    return data
+
+
+def table(rows: list[dict], keys: list[str]) -> str:
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(ROOT / "bench-results"))
+    parser.add_argument("--skip", default="", help=f"comma-separated, of: {', '.join(BENCHMARKS)}")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    results = {}
+    for name in BENCHMARKS:
+        if name in skip:
+            continue
+        print(f"running bench.{name} ...", file=sys.stderr, flush=True)
+        results[name] = run(name, ["--plots", str(out)] if name == "indexes" else [])
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    report, summary = render(results, out)
+    (out / "report.md").write_text(report)
+    print(report)
+    print("\n## README summary\n" + "\n".join(summary))
+
+
+def render(results: dict, out: Path) -> tuple[str, list[str]]:
+    lines = [f"# embedctl benchmarks, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
+             f"Machine: {os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}. "
+             "Every figure below was measured in this run; ratios compare runs made side by side.", ""]
+    summary = []
+    t = results.get("throughput")
+    if t and "error" not in t:
+        lines += ["## Throughput vs sentence-transformers", f"`{t['command']}` ({t['threads']} threads)", "",
+                  table(t["rows"], ["corpus", "method", "setting", "texts_per_s"]), ""]
+        for corpus, r in t["ratios"].items():
+            c = t["ceiling"][corpus]
+            lines.append(f"- {corpus}: embedctl default / ST default **{r['vs_st_default']}**, / ST best "
+                         f"**{r['vs_st_best']}** (best budget here: {r['best_budget']}); "
+                         f"{c['achieved_gflops']} GFLOP/s of a {c['gemm_gflops']} GFLOP/s GEMM ceiling "
+                         f"(**{c['fraction_of_ceiling']}**), forward / stage wall **{c['forward_over_stage']}**, "
+                         f"padding overhead {c['padding_overhead']}, {c['mean_tokens']} tokens a text")
+            summary.append(f"- {corpus}: {r['vs_st_default']}x sentence-transformers' default batch, "
+                           f"{r['vs_st_best']}x its best of 32/64/128; {c['fraction_of_ceiling']} of the GEMM "
+                           f"ceiling; forward/stage {c['forward_over_stage']} (`python -m bench.throughput`)")
+        _throughput_plot(t, out)
+        lines += ["", "![throughput](throughput.png)", ""]
+    i = results.get("indexes")
+    if i and "error" not in i:
+        keys = ["dim", "type", "build_s_per_10k", "bytes", "recall@10_ef16", "recall@10_ef64", "recall@10_ef256",
+                "p50_ms_ef64", "p99_ms_ef64", "p50_ms_ef256", "p99_ms_ef256"]
+        lines += ["## Indexes", f"`{i['command']}`: {i['rows']} vectors, {i['queries']} queries", "",
+                  table(i["indexes"], keys), "", "Retrieval quality (usage example -> its gloss), efSearch 64:", ""]
+        qrows = [{"dim": d, **{f"{kind} R@{k}": v[kind][f"recall@{k}"] for kind in ("exact", "hnsw", "hnsw-sqfp16",
+                                                                             "hnsw-sq8") for k in (1, 10)}}
+                 for d, v in i["quality"].items()]
+        lines += [table(qrows, list(qrows[0])), "", "![quality vs dim](quality_vs_dim.png)",
+                  "![recall vs ef](recall_vs_ef.png)", ""]
+        full = i["indexes"][0]
+        summary.append(f"- HNSW at {full['dim']}d: recall@10 vs exact {full['recall@10_ef64']} at efSearch 64, "
+                       f"p50 {full['p50_ms_ef64']} ms; sq8 files {round(i['indexes'][2]['bytes'] / full['bytes'], 2)}"
+                       f" of flat (`python -m bench.indexes`)")
+    for name, title in (("shm_memory", "Shared-memory weights"), ("distributed", "Distributed vs embedded"),
+                        ("reindex", "Re-indexing")):
+        r = results.get(name)
+        if not r:
+            continue
+        if "error" in r:
+            lines += [f"## {title}", f"not measured: {r['error']}", ""]
+            continue
+        lines += [f"## {title}", f"`{r['command']}`", "", "```json", json.dumps(
+            {k: v for k, v in r.items() if k not in ("command",)}, indent=1), "```", ""]
+        if name == "shm_memory":
+            k4 = r["rows"][-1]
+            summary.append(f"- shared weights, K={k4['k']}: PSS ratio {k4['pss_ratio']}, time to first embedding "
+                           f"ratio {k4['time_ratio']} (`python -m bench.shm_memory`)")
+        elif name == "distributed":
+            summary.append(f"- distributed / embedded texts/s: {r['ratio']} (`python -m bench.distributed`)")
+        else:
+            summary.append(f"- re-index unchanged / full {r['unchanged_over_full']}, 1% changed / full "
+                           f"{r['changed_over_full']} (`python -m bench.reindex`)")
+    for name, r in results.items():
+        if "error" in r:
+            summary.append(f"- {name}: not measured ({r['error']})")
+    return "\n".join(lines), summary
+
+
+def _throughput_plot(t: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(t["ratios"]), figsize=(10, 3.8))
+    for ax, corpus in zip(axes, t["ratios"], strict=True):
+        rows = [r for r in t["rows"] if r["corpus"] == corpus]
+        labels = [("ST " if r["method"] != "embedctl" else "") + r["setting"].replace("batch_", "") for r in rows]
+        ax.barh(labels, [r["texts_per_s"] for r in rows],
+                color=["#999999" if r["method"] != "embedctl" else "#2a6fdb" for r in rows])
+        ax.set_title(f"{corpus}: texts/s")
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "throughput.png", dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

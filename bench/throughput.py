@@ -1,0 +1,145 @@
+"""Embedding throughput vs sentence-transformers, and the share of the machine's ceiling the encoder reaches.
+
+    python -m bench.throughput [--rows 20000] [--long 3000] [--threads 2] [--json]
+
+Same model (MiniLM), same texts, same threads. sentence-transformers: `SentenceTransformer.encode` at its
+default batch size (32) and at 64 and 128. embedctl: `Encoder.encode` (length-sorted batches packed by a token
+budget) at its default budget and a sweep. Corpora: WordNet glosses, and long texts made by concatenating
+consecutive glosses up to 50-400 tokens. The ceiling: the machine's fp32 GEMM rate (torch matmul at the model's
+shapes) over the model's FLOPs per token; the encoder's fraction of it counts the real (unpadded) tokens. Needs
+../shared/corpora/wordnet_glosses.parquet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parent.parent
+GLOSSES = ROOT.parent / "shared" / "corpora" / "wordnet_glosses.parquet"
+BUDGETS = (512, 1024, 2048)
+ST_BATCHES = (32, 64, 128)
+
+
+def long_texts(glosses: list[str], tokenizer, n: int, seed: int = 0) -> list[str]:
+    """Concatenations of consecutive glosses, each grown to a random length of 50-400 tokens."""
+    rng = np.random.default_rng(seed)
+    out, i = [], 0
+    while len(out) < n:
+        target, parts, length = int(rng.integers(50, 401)), [], 0
+        while length < target:
+            parts.append(glosses[i % len(glosses)])
+            length += len(tokenizer(parts[-1], add_special_tokens=False)["input_ids"]) + 1
+            i += 1
+        out.append("; ".join(parts))
+    return out
+
+
+def gemm_rate(hidden: int, inner: int, tokens: int = 1024, repeats: int = 20) -> float:
+    """Best fp32 FLOP/s of torch matmul at the model's shapes (tokens x hidden @ hidden x inner)."""
+    import torch
+
+    a, b = torch.randn(tokens, hidden), torch.randn(hidden, inner)
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        (a @ b).sum()
+        best = max(best, 2 * tokens * hidden * inner / (time.perf_counter() - t0))
+    return best
+
+
+def model_flops_per_token(model, mean_tokens: float) -> float:
+    """2 x the weights of the Linear layers (the matmuls), plus attention scores and mixing at the mean length."""
+    import torch
+
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    cfg = model.config
+    attention = 4 * cfg.num_hidden_layers * mean_tokens * cfg.hidden_size
+    return 2 * linear + attention
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=20_000)
+    parser.add_argument("--long", type=int, default=1000)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    if not GLOSSES.exists():
+        sys.exit(f"{GLOSSES} is absent: this benchmark needs the WordNet corpus in ../shared/corpora")
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from pipeline.encoder import load_encoder
+    from pipeline.models import resolve_model
+
+    torch.set_num_threads(args.threads)
+    ref = resolve_model("minilm")
+    encoder = load_encoder(ref, device="cpu", shm="off")
+    st = SentenceTransformer(str(ref.path), device="cpu")
+    glosses = pq.read_table(GLOSSES, columns=["text"]).column("text").to_pylist()
+    corpora = {"glosses": glosses[:args.rows], "long": long_texts(glosses, encoder.tokenizer, args.long)}
+    encoder.encode(glosses[-300:])  # warm both up on texts outside the measured ones
+    st.encode(glosses[-300:])
+    rows, ratios, ceiling = [], {}, {}
+    for name, texts in corpora.items():
+        lengths = [len(x) for x in encoder.tokenize(texts)[0]]
+        st_rates = {}
+        for bs in ST_BATCHES:
+            t0 = time.perf_counter()
+            reference = st.encode(texts, batch_size=bs, normalize_embeddings=True, convert_to_numpy=True)
+            st_rates[bs] = len(texts) / (time.perf_counter() - t0)
+            rows.append({"corpus": name, "method": "sentence-transformers", "setting": f"batch_size={bs}",
+                         "texts_per_s": round(st_rates[bs], 1)})
+        ours = {}
+        from pipeline.defaults import DEFAULT_BATCH_TOKENS_CPU
+
+        for budget in BUDGETS:
+            encoder.batch_tokens = budget
+            encoder.forward_seconds, encoder.padded_tokens = 0.0, 0
+            t0 = time.perf_counter()
+            vectors = encoder.encode(texts).vectors
+            wall = time.perf_counter() - t0
+            label = f"batch_tokens={budget}" + (" (default)" if budget == DEFAULT_BATCH_TOKENS_CPU else "")
+            ours[label] = {"rate": len(texts) / wall, "forward_share": encoder.forward_seconds / wall,
+                           "padded": encoder.padded_tokens, "wall": wall}
+            rows.append({"corpus": name, "method": "embedctl", "setting": label,
+                         "texts_per_s": round(ours[label]["rate"], 1)})
+            cos = float((vectors * reference).sum(1).min())
+            assert cos >= 0.9999, f"embedctl diverged from sentence-transformers on {name}: cos {cos}"
+        default = ours[f"batch_tokens={DEFAULT_BATCH_TOKENS_CPU} (default)"]
+        ratios[name] = {"vs_st_default": round(default["rate"] / st_rates[32], 3),
+                        "vs_st_best": round(default["rate"] / max(st_rates.values()), 3),
+                        "best_budget": max(ours, key=lambda k: ours[k]["rate"])}
+        flops = model_flops_per_token(encoder.model, float(np.mean(lengths)))
+        gemm = gemm_rate(encoder.model.config.hidden_size, encoder.model.config.intermediate_size)
+        achieved = sum(lengths) * flops / default["wall"]
+        ceiling[name] = {"gemm_gflops": round(gemm / 1e9, 2), "model_mflops_per_token": round(flops / 1e6, 2),
+                         "achieved_gflops": round(achieved / 1e9, 2), "fraction_of_ceiling": round(achieved / gemm, 3),
+                         "padding_overhead": round(default["padded"] / sum(lengths) - 1, 3),
+                         "forward_over_stage": round(default["forward_share"], 3),
+                         "mean_tokens": round(float(np.mean(lengths)), 1)}
+    result = {"command": "python -m bench.throughput " + " ".join(sys.argv[1:]), "threads": args.threads,
+              "cpus": os.cpu_count(), "rows": rows, "ratios": ratios, "ceiling": ceiling}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"# throughput vs sentence-transformers ({result['command']}), {args.threads} threads")
+    print("| corpus | method | setting | texts/s |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['corpus']} | {r['method']} | {r['setting']} | {r['texts_per_s']} |")
+    for name in corpora:
+        print(f"{name}: embedctl default / ST default {ratios[name]['vs_st_default']}, / ST best "
+              f"{ratios[name]['vs_st_best']}; ceiling {json.dumps(ceiling[name])}")
+
+
+if __name__ == "__main__":
+    main()
