@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -131,14 +130,3 @@ def status(target: Path) -> dict:
     if (work_dir / REPORT_FILE).exists():
         result["report"] = read_json(work_dir / REPORT_FILE)
     return result
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.2) -> bool:
-    """Poll `predicate` until it is true or `timeout` seconds pass."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
-

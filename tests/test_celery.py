@@ -17,6 +17,7 @@ import pytest
 
 from tasks.settings import Settings, celery_config, mask_url
 from tasks.worker import child_device, child_threads
+from tests.services import wait_until as _wait
 
 ROOT = Path(__file__).resolve().parent.parent
 EMBEDCTL = str(Path(sys.executable).parent / "embedctl")
@@ -28,15 +29,6 @@ def embedctl(env: dict, *args, timeout: float = 300, check: bool = True) -> subp
     if check:
         assert result.returncode == 0, result.stderr
     return result
-
-
-def _wait(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _done(out: Path) -> int:

@@ -17,6 +17,7 @@ import pytest
 from jobs.schedule import beat_schedule, file_lock, history, run_embedded_job
 from jobs.specfile import SpecFileError, load_jobs
 from pipeline.errors import ConfigError
+from tests.services import wait_until as _wait
 
 ROOT = Path(__file__).resolve().parent.parent
 EMBEDCTL = str(Path(sys.executable).parent / "embedctl")
@@ -246,15 +247,6 @@ print(json.dumps({{"ok": ok, "bad": bad, "errors": errors[:3], "versions": sorte
     result = json.loads(out)
     assert result["bad"] == 0, result["errors"]
     assert result["ok"] > 20 and len(result["versions"]) >= 2, result
-
-
-def _wait(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.mark.slow
