@@ -8,7 +8,6 @@ the same plan and the same `pipeline.work` steps.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,14 +53,6 @@ def _validated_fingerprint(spec: JobSpec) -> str | None:
     return corpus.get("fingerprint") if corpus.get("id_column") == spec.id_column else None
 
 
-def remove_stale_work(plan: WorkPlan) -> None:
-    """Remove the work folders of other plans (their vectors no longer match the corpus or settings)."""
-    root = plan.work_dir.parent
-    for path in root.iterdir() if root.is_dir() else []:
-        if path.is_dir() and path.name != plan.plan_id:
-            shutil.rmtree(path, ignore_errors=True)
-
-
 def run_embedded(spec: JobSpec, progress: ProgressFactory = no_progress, encoder=None) -> dict:
     """Run the job in this process: embed missing chunks, build and publish; returns the run report.
 
@@ -105,7 +96,6 @@ def run_embedded(spec: JobSpec, progress: ProgressFactory = no_progress, encoder
     report["rows_embedded"] = rows_embedded
     report["rows_reused"] = rows_reused
     info = work.build_and_publish(plan, progress)
-    remove_stale_work(plan)
     report["seconds"] = round(time.perf_counter() - t0, 3)
     if rows_embedded and report.get("embed_seconds"):
         report["rows_per_second"] = round(rows_embedded / report["embed_seconds"], 1)

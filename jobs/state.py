@@ -81,8 +81,20 @@ def finish(plan: WorkPlan, info: dict, report: dict, keep: int | None = None) ->
               "path": info["path"], "finished": now(), "rows_deleted": _rows_deleted(plan, info["version"])}
     if keep:
         report["versions_removed"] = versions.prune(plan.out, keep)
+    remove_stale_work(plan)
     write_json(plan.work_dir / REPORT_FILE, report)
     return report
+
+
+def remove_stale_work(plan: WorkPlan) -> None:
+    """Remove the work folders of other plans once this one is published: their vectors no longer match the
+    corpus or settings, and the published plan's own vectors are the embedding cache of the next run."""
+    import shutil
+
+    root = plan.work_dir.parent
+    for path in root.iterdir() if root.is_dir() else []:
+        if path.is_dir() and path.name != plan.plan_id:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _rows_deleted(plan: WorkPlan, version: str) -> int:
