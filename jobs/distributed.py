@@ -124,8 +124,9 @@ def follow(submitted: Submitted, progress: ProgressFactory = no_progress, poll: 
             if failed:
                 raise JobFailed(f"job {plan.plan_id} failed: {failed[0]['error']}; fix the cause and run the same "
                                 "command again (complete chunks are kept)")
-            if state.published_info(plan):
-                break
+            published = state.published_info(plan)
+            if published and _report_of(plan, published["version"]):
+                break  # the build task writes the run report right after the swap: wait for it too
             now_chunks, now_rows = state.progress(plan)
             if now_rows != rows:
                 update(now_rows - rows)
@@ -144,7 +145,7 @@ def follow(submitted: Submitted, progress: ProgressFactory = no_progress, poll: 
                 raise JobFailed(f"job {plan.plan_id} did not finish within {timeout:.0f} s; it keeps running on the "
                                 f"workers: follow it with `embedctl status {plan.out}`")
             time.sleep(poll)
-    report = state.status(plan.work_dir).get("report", {})
+    report = _report_of(plan, state.published_info(plan)["version"])
     seconds = time.monotonic() - t0
     chunk_reports = [plan.store.read_report(k) for k in submitted.missing]
     embedded = sum(r["embedded"] for r in chunk_reports)
@@ -155,3 +156,15 @@ def follow(submitted: Submitted, progress: ProgressFactory = no_progress, poll: 
             "follow_seconds": round(seconds, 3),
             "embed_seconds": round((embedded_at or time.monotonic()) - t0, 3),
             "rows_per_second": round(embedded / ((embedded_at or time.monotonic()) - t0), 1) if embedded else None}
+
+
+def _report_of(plan: WorkPlan, version: str) -> dict | None:
+    """The run report of `plan` when it describes `version` (an older one may be left from an earlier build)."""
+    from pipeline.fsutil import read_json
+
+    path = plan.work_dir / state.REPORT_FILE
+    try:
+        report = read_json(path)
+    except (FileNotFoundError, ValueError):
+        return None
+    return report if report.get("version") == version else None
