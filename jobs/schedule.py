@@ -14,7 +14,6 @@ import os
 import time
 import uuid
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 
 from jobs import state
@@ -200,6 +199,3 @@ def load_named(name: str, path: Path) -> NamedJob:
         raise ConfigError(f"no job {name!r} in {path} (jobs: {', '.join(sorted(jobs)) or 'none'})")
     return jobs[name]
 
-
-def utc_from_ts(ts: float | None) -> str | None:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds") if ts else None

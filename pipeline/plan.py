@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pipeline.corpus import CorpusPlan
@@ -97,9 +97,6 @@ class WorkPlan:
             if key == self.vector_key:
                 sources.append(ChunkStore(path / "chunks"))
         return sources
-
-    def with_out(self, out: str) -> WorkPlan:
-        return replace(self, out=out)
 
     def save(self) -> Path:
         """Write plan.json into the work folder (idempotent)."""

@@ -71,7 +71,10 @@ def _align(n: int, to: int) -> int:
     return (n + to - 1) // to * to
 
 
-def _human(n: float) -> str:
+def human_bytes(n: float | None) -> str:
+    """1536 -> '1.5 KiB' (for messages and status tables)."""
+    if n is None:
+        return "?"
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
@@ -132,8 +135,8 @@ def _check_space(shm_dir: Path, need: int, folder: Path, dtype: torch.dtype) -> 
         total = stat.f_blocks * stat.f_frsize
         suggest = math.ceil((total - free + need) * 1.05 / 2**30)
         raise SegmentError(
-            f"{shm_dir} has {_human(free)} free but the weights of {folder} in {dtype_str(dtype)} need "
-            f"{_human(need)}; enlarge it with `mount -o remount,size={suggest}G {shm_dir}` "
+            f"{shm_dir} has {human_bytes(free)} free but the weights of {folder} in {dtype_str(dtype)} need "
+            f"{human_bytes(need)}; enlarge it with `mount -o remount,size={suggest}G {shm_dir}` "
             f"(Docker: --shm-size={suggest}g)")
 
 
@@ -181,7 +184,7 @@ def publish(folder: Path, dtype: torch.dtype, shm_dir: Path | None = None, repla
         try:
             os.posix_fallocate(fd, 0, total)  # reserve now: a full tmpfs would otherwise SIGBUS a write below
         except OSError as exc:
-            raise SegmentError(f"cannot reserve {_human(total)} in {shm_dir} ({exc.strerror}); free shared memory "
+            raise SegmentError(f"cannot reserve {human_bytes(total)} in {shm_dir} ({exc.strerror}); free shared memory "
                                f"or enlarge {shm_dir}") from None
         with mmap.mmap(fd, total) as mm:
             mm[:_HEAD.size] = _HEAD.pack(MAGIC, len(blob), data_offset)
@@ -207,7 +210,7 @@ def publish(folder: Path, dtype: torch.dtype, shm_dir: Path | None = None, repla
         raise
     finally:
         os.close(fd)
-    LOG.info("published %s (%s) in %.1fs", final, _human(total), time.perf_counter() - t0)
+    LOG.info("published %s (%s) in %.1fs", final, human_bytes(total), time.perf_counter() - t0)
     return {**manifest, "published": True, "bytes": total, "seconds": round(time.perf_counter() - t0, 3)}
 
 

@@ -38,6 +38,11 @@ def handle_errors(func: Callable) -> Callable:
     return wrapper
 
 
+def env_option(*names, env: str, **kw):
+    """A click option that also reads EMBEDCTL_<env> (shown in --help)."""
+    return click.option(*names, envvar=f"EMBEDCTL_{env}", show_envvar=True, **kw)
+
+
 def tqdm_progress(quiet: bool):
     """A ProgressFactory showing tqdm bars on stderr (or nothing when quiet)."""
 

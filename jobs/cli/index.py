@@ -6,55 +6,59 @@ import sys
 
 import click
 
-from jobs.cli.common import handle_errors, one_line, parse_dims, print_json, shm_option, tqdm_progress
+from jobs.cli.common import (
+    env_option,
+    handle_errors,
+    one_line,
+    parse_dims,
+    print_json,
+    shm_option,
+    tqdm_progress,
+)
 from jobs.runner import run_embedded
 from jobs.spec import JobSpec
 from pipeline import defaults
 from pipeline.errors import EmbedctlError
 
 
-def _opt(*names, env: str, **kw):
-    return click.option(*names, envvar=f"EMBEDCTL_{env}", show_envvar=True, **kw)
-
-
 @click.command()
 @click.argument("corpus", envvar="EMBEDCTL_CORPUS")
-@_opt("--out", "-o", env="OUT", required=True, help="Output folder: vectors, index versions, `current` pointer.")
-@_opt("--model", "-m", env="MODEL", default=defaults.DEFAULT_MODEL, show_default=True,
+@env_option("--out", "-o", env="OUT", required=True, help="Output folder: vectors, index versions, `current` pointer.")
+@env_option("--model", "-m", env="MODEL", default=defaults.DEFAULT_MODEL, show_default=True,
       help="Alias (minilm, qwen3-0.6b, qwen3-4b, qwen3-8b), model folder or Hugging Face hub id.")
-@_opt("--text-column", env="TEXT_COLUMN", default=defaults.DEFAULT_TEXT_COLUMN, show_default=True)
-@_opt("--id-column", env="ID_COLUMN", default=defaults.DEFAULT_ID_COLUMN, show_default=True,
+@env_option("--text-column", env="TEXT_COLUMN", default=defaults.DEFAULT_TEXT_COLUMN, show_default=True)
+@env_option("--id-column", env="ID_COLUMN", default=defaults.DEFAULT_ID_COLUMN, show_default=True,
       help="Unique ids; when the default column is absent, row numbers are the ids.")
-@_opt("--instruction", env="INSTRUCTION", default=None,
+@env_option("--instruction", env="INSTRUCTION", default=None,
       help="Instruction for the documents (Qwen3 format); default: none.")
-@_opt("--query-instruction", env="QUERY_INSTRUCTION", default=None,
+@env_option("--query-instruction", env="QUERY_INSTRUCTION", default=None,
       help="Instruction recorded for queries; default: the model's own ('' for none).")
-@_opt("--dims", env="DIMS", default=",".join(map(str, defaults.DEFAULT_DIMS)), show_default=True,
+@env_option("--dims", env="DIMS", default=",".join(map(str, defaults.DEFAULT_DIMS)), show_default=True,
       callback=parse_dims, help="Matryoshka dims indexed besides the full dim (those below it).")
-@_opt("--chunk-rows", env="CHUNK_ROWS", type=int, default=defaults.DEFAULT_CHUNK_ROWS, show_default=True,
+@env_option("--chunk-rows", env="CHUNK_ROWS", type=int, default=defaults.DEFAULT_CHUNK_ROWS, show_default=True,
       help="Rows per chunk (unit of resume and of distribution).")
-@_opt("--batch-tokens", env="BATCH_TOKENS", type=int, default=None,
+@env_option("--batch-tokens", env="BATCH_TOKENS", type=int, default=None,
       help=f"Padded tokens per forward batch [default: {defaults.DEFAULT_BATCH_TOKENS_CPU} on CPU, "
            f"{defaults.DEFAULT_BATCH_TOKENS_CUDA} on CUDA].")
-@_opt("--max-length", env="MAX_LENGTH", type=int, default=None,
+@env_option("--max-length", env="MAX_LENGTH", type=int, default=None,
       help=f"Truncate texts at this many tokens [default: the model's limit, at most {defaults.MAX_LENGTH_CAP}].")
-@_opt("--dtype", env="DTYPE", default="auto", show_default=True, help="auto (fp32 on CPU, bf16 on CUDA), fp32, fp16, bf16.")
-@_opt("--device", env="DEVICE", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
-@_opt("--threads", env="THREADS", type=int, default=None, help="Intra-op CPU threads [default: torch's].")
-@_opt("--hnsw-m", env="HNSW_M", type=int, default=defaults.DEFAULT_HNSW_M, show_default=True)
-@_opt("--ef-construction", env="EF_CONSTRUCTION", type=int, default=defaults.DEFAULT_EF_CONSTRUCTION, show_default=True)
-@_opt("--ef-search", env="EF_SEARCH", type=int, default=defaults.DEFAULT_EF_SEARCH, show_default=True,
+@env_option("--dtype", env="DTYPE", default="auto", show_default=True, help="auto (fp32 on CPU, bf16 on CUDA), fp32, fp16, bf16.")
+@env_option("--device", env="DEVICE", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@env_option("--threads", env="THREADS", type=int, default=None, help="Intra-op CPU threads [default: torch's].")
+@env_option("--hnsw-m", env="HNSW_M", type=int, default=defaults.DEFAULT_HNSW_M, show_default=True)
+@env_option("--ef-construction", env="EF_CONSTRUCTION", type=int, default=defaults.DEFAULT_EF_CONSTRUCTION, show_default=True)
+@env_option("--ef-search", env="EF_SEARCH", type=int, default=defaults.DEFAULT_EF_SEARCH, show_default=True,
       help="efSearch stored in the indexes (queries may override with --ef).")
-@_opt("--index-type", env="INDEX_TYPE", type=click.Choice(["hnsw", "hnsw-sqfp16", "hnsw-sq8"]), default="hnsw",
+@env_option("--index-type", env="INDEX_TYPE", type=click.Choice(["hnsw", "hnsw-sqfp16", "hnsw-sq8"]), default="hnsw",
       show_default=True, help="Vector storage of the HNSW indexes: float32, float16 (1/2 the bytes), 8-bit (1/4).")
-@_opt("--keep", env="KEEP", type=int, default=defaults.DEFAULT_KEEP_VERSIONS, show_default=True,
+@env_option("--keep", env="KEEP", type=int, default=defaults.DEFAULT_KEEP_VERSIONS, show_default=True,
       help="Index versions kept in --out (older ones are removed; the current one never).")
 @shm_option
-@_opt("--broker", env="BROKER_URL", default=None,
+@env_option("--broker", env="BROKER_URL", default=None,
       help="Redis URL: fan the chunks out to Celery workers (default: run in this process).")
-@_opt("--detach", env="DETACH", is_flag=True, help="With --broker: print the job id and return at once.")
-@_opt("--quiet", "-q", env="QUIET", is_flag=True, help="No progress bars.")
-@_opt("--json", "as_json", env="JSON", is_flag=True, help="Print the run report as JSON.")
+@env_option("--detach", env="DETACH", is_flag=True, help="With --broker: print the job id and return at once.")
+@env_option("--quiet", "-q", env="QUIET", is_flag=True, help="No progress bars.")
+@env_option("--json", "as_json", env="JSON", is_flag=True, help="Print the run report as JSON.")
 @handle_errors
 def index(corpus: str, out: str, model: str, text_column: str, id_column: str, instruction: str | None,
           query_instruction: str | None, dims: tuple[int, ...], chunk_rows: int, batch_tokens: int | None,

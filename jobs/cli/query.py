@@ -7,17 +7,13 @@ from pathlib import Path
 
 import click
 
-from jobs.cli.common import handle_errors, print_json, shm_option
+from jobs.cli.common import env_option, handle_errors, print_json, shm_option
 from pipeline import defaults
 from pipeline.errors import ConfigError, ModelError
 from pipeline.fsutil import read_json
 from pipeline.index import IndexReader
 from pipeline.models import ModelRef, format_instruction, resolve_model
 from pipeline.versions import INFO, resolve_index_dir
-
-
-def _opt(*names, env: str, **kw):
-    return click.option(*names, envvar=f"EMBEDCTL_{env}", show_envvar=True, **kw)
 
 
 def _index_model(info: dict) -> ModelRef:
@@ -53,14 +49,14 @@ def _read_queries(texts: tuple[str, ...], file: str | None) -> list[str]:
 @click.argument("texts", nargs=-1)
 @click.option("-k", "k", type=int, default=defaults.DEFAULT_TOP_K, show_default=True, envvar="EMBEDCTL_K",
               show_envvar=True, help="Results per query.")
-@_opt("--dim", env="DIM", type=int, default=None, help="Index dim to search [default: the full dim].")
-@_opt("--ef", env="EF", type=int, default=None, help="HNSW efSearch [default: the index's, 64].")
-@_opt("--query-instruction", env="QUERY_INSTRUCTION", default=None,
+@env_option("--dim", env="DIM", type=int, default=None, help="Index dim to search [default: the full dim].")
+@env_option("--ef", env="EF", type=int, default=None, help="HNSW efSearch [default: the index's, 64].")
+@env_option("--query-instruction", env="QUERY_INSTRUCTION", default=None,
       help="Instruction for the queries [default: the one recorded in the index; '' for none].")
-@_opt("--file", "file", env="QUERY_FILE", default=None, help="Read queries from a file, one a line.")
-@_opt("--device", env="DEVICE", default="auto", show_default=True)
+@env_option("--file", "file", env="QUERY_FILE", default=None, help="Read queries from a file, one a line.")
+@env_option("--device", env="DEVICE", default="auto", show_default=True)
 @shm_option
-@_opt("--json", "as_json", env="JSON", is_flag=True, help="Print a list of {id, score, text} per query.")
+@env_option("--json", "as_json", env="JSON", is_flag=True, help="Print a list of {id, score, text} per query.")
 @handle_errors
 def query(index_dir: str, texts: tuple[str, ...], k: int, dim: int | None, ef: int | None,
           query_instruction: str | None, file: str | None, device: str, shm: str, as_json: bool) -> None:
@@ -131,9 +127,9 @@ def info(index_dir: str, as_json: bool) -> None:
 @click.option("-k", "ks", default="1,10", show_default=True, help="Comma-separated cut-offs for recall@k.")
 @click.option("--ef", type=int, default=None, help="HNSW efSearch [default: the index's].")
 @click.option("--limit", type=int, default=None, help="Evaluate only the first N queries.")
-@_opt("--query-instruction", env="QUERY_INSTRUCTION", default=None,
+@env_option("--query-instruction", env="QUERY_INSTRUCTION", default=None,
       help="Instruction for the queries [default: the one recorded in the index; '' for none].")
-@_opt("--device", env="DEVICE", default="auto", show_default=True)
+@env_option("--device", env="DEVICE", default="auto", show_default=True)
 @shm_option
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @handle_errors

@@ -6,16 +6,7 @@ import click
 
 from jobs.cli.common import handle_errors, print_json
 from pipeline import defaults
-
-
-def _human(n: int | None) -> str:
-    if n is None:
-        return "?"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+from shm_loader.segment import human_bytes
 
 
 @click.group()
@@ -52,10 +43,10 @@ def publish(model: str, dtype: str, device: str, replace: bool, as_json: bool) -
     if as_json:
         print_json(summary)
     elif result["published"]:
-        click.echo(f"published {summary['name']}: {_human(summary['bytes'])} of {model} in {dtype_name(torch_dtype)} "
+        click.echo(f"published {summary['name']}: {human_bytes(summary['bytes'])} of {model} in {dtype_name(torch_dtype)} "
                    f"({summary['tensors']} tensors) in {summary['seconds']:.1f}s")
     else:
-        click.echo(f"already published: {summary['name']} ({_human(summary['bytes'])}, {summary['dtype']}, "
+        click.echo(f"already published: {summary['name']} ({human_bytes(summary['bytes'])}, {summary['dtype']}, "
                    f"created {summary['created']}) matches {model}")
 
 
@@ -75,7 +66,7 @@ def status(as_json: bool) -> None:
         return
     click.echo(f"{'name':<36} {'state':<10} {'dtype':<9} {'size':>10} {'procs':>5}  {'created':<25} folder")
     for s in segments:
-        click.echo(f"{s['name']:<36} {s['state']:<10} {s['dtype'] or '-':<9} {_human(s['bytes']):>10} "
+        click.echo(f"{s['name']:<36} {s['state']:<10} {s['dtype'] or '-':<9} {human_bytes(s['bytes']):>10} "
                    f"{s['processes']:>5}  {s['created'] or '-':<25} {s['folder'] or '-'}")
 
 
