@@ -18,7 +18,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS = ("throughput", "indexes", "shm_memory", "distributed", "reindex")
+BENCHMARKS = ("throughput", "attention", "indexes", "shm_memory", "distributed", "reindex")
+GPU_FILES = ("gpu.json", "gpu-stage.json", "gpu-compile.json")
+"""Results of `python -m bench.gpu` (run on a CUDA host, copied here), shown in their own section."""
 
 
 def run(name: str, extra: list[str]) -> dict:
@@ -54,13 +56,14 @@ def main() -> None:
         print(f"running bench.{name} ...", file=sys.stderr, flush=True)
         results[name] = run(name, ["--plots", str(out)] if name == "indexes" else [])
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    report, summary = render(results, out)
+    gpu = {name: json.loads((out / name).read_text()) for name in GPU_FILES if (out / name).exists()}
+    report, summary = render(results, out, gpu)
     (out / "report.md").write_text(report)
     print(report)
     print("\n## README summary\n" + "\n".join(summary))
 
 
-def render(results: dict, out: Path) -> tuple[str, list[str]]:
+def render(results: dict, out: Path, gpu: dict | None = None) -> tuple[str, list[str]]:
     lines = [f"# embedctl benchmarks, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
              f"Machine: {os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}. "
              "Every figure below was measured in this run; ratios compare runs made side by side.", ""]
@@ -81,6 +84,11 @@ def render(results: dict, out: Path) -> tuple[str, list[str]]:
                            f"ceiling; forward/stage {c['forward_over_stage']} (`python -m bench.throughput`)")
         _throughput_plot(t, out)
         lines += ["", "![throughput](throughput.png)", ""]
+    a = results.get("attention")
+    if a and "error" not in a:
+        lines += ["## CPU attention by sequence length", f"`{a['command']}` ({a['threads']} threads): the encoder "
+                  f"runs plain attention up to {a['short_attention_max_kv']} key positions, SDPA above", "",
+                  table(a["rows"], list(a["rows"][0])), ""]
     i = results.get("indexes")
     if i and "error" not in i:
         keys = ["dim", "type", "build_s_per_10k", "bytes", "recall@10_ef16", "recall@10_ef64", "recall@10_ef256",
@@ -115,10 +123,64 @@ def render(results: dict, out: Path) -> tuple[str, list[str]]:
         else:
             summary.append(f"- re-index unchanged / full {r['unchanged_over_full']}, 1% changed / full "
                            f"{r['changed_over_full']} (`python -m bench.reindex`)")
+    if gpu:
+        gpu_lines, gpu_summary = render_gpu(gpu)
+        lines += gpu_lines
+        summary += gpu_summary
     for name, r in results.items():
         if "error" in r:
             summary.append(f"- {name}: not measured ({r['error']})")
     return "\n".join(lines), summary
+
+
+def render_gpu(gpu: dict) -> tuple[list[str], list[str]]:
+    """The section of the `python -m bench.gpu` results stored beside the report (they come from a GPU host)."""
+    lines, summary = ["## GPU (stored results of `python -m bench.gpu`)"], []
+    sweep, stage, comp = gpu.get("gpu.json"), gpu.get("gpu-stage.json"), gpu.get("gpu-compile.json")
+    first = sweep or stage or comp
+    lines += [f"Measured on {first['device']} (torch {first['torch']}), not on this machine: the files "
+              f"{', '.join(gpu)} beside this report. Model: Qwen3-Embedding-4B's shape with random bf16 weights "
+              f"({first['layers']} layers).", ""]
+    if sweep:
+        lines += [f"`{sweep['command']}`", "", table(sweep["rows"], ["corpus", "method", "setting", "texts_per_s",
+                                                                    "activation_peak_mib", "cos_vs_st_min"]), ""]
+        from pipeline.defaults import DEFAULT_BATCH_TOKENS_CUDA as default
+
+        lines.append(f"The budget that runs fastest here set the CUDA default ({default} tokens); ratios at it, and "
+                     "the fraction of the bf16 GEMM ceiling by budget (ST's vectors are normalised in bf16, so "
+                     "cosines can pass 1 by rounding):")
+        for corpus in sweep["ratios"]:
+            c = sweep["ceiling"][corpus]
+            rate = {x["setting"]: x["texts_per_s"] for x in sweep["rows"] if x["corpus"] == corpus}
+            ours = next(v for k, v in rate.items() if k.startswith(f"batch_tokens={default}"))
+            st_default = rate["batch_size=32"]
+            st_best = max(v for k, v in rate.items() if k.startswith("batch_size="))
+            fractions = {k.removeprefix("fraction_at_"): v for k, v in c.items() if k.startswith("fraction_at_")}
+            lines.append(f"- {corpus}: / ST default **{ours / st_default:.3f}**, / ST best **{ours / st_best:.3f}**; "
+                         f"fraction of the {c['gemm_tflops']} TFLOP/s ceiling by budget {fractions}; "
+                         f"{c['model_gflops_per_token']} GFLOP a token, {c['mean_tokens']} tokens a text")
+            summary.append(f"- GPU {corpus}: {ours / st_default:.2f}x sentence-transformers' default batch, "
+                           f"{ours / st_best:.2f}x its best of 32-256; {fractions[str(default)]} of the bf16 GEMM "
+                           f"ceiling (`python -m bench.gpu`, {sweep['device']})")
+        lines.append("")
+    if stage:
+        s = stage["stage"]
+        lines += [f"`{stage['command']}`: embedding stage of `run_embedded` on {s['rows']} glosses "
+                  f"({s['chunks']} chunks)", "", table(s["runs"], list(s["runs"][0])), "",
+                  f"- reading and tokenising ahead, writing behind (overlap) vs one step at a time: "
+                  f"**{s['overlap_speedup']}x**; forward / stage wall {s['overlap']['forward_over_stage']} vs "
+                  f"{s['serial']['forward_over_stage']}", ""]
+        summary.append(f"- GPU embedding stage: overlap {s['overlap_speedup']}x serial, forward/stage "
+                       f"{s['overlap']['forward_over_stage']} (`python -m bench.gpu --parts stage`)")
+    if comp:
+        c = comp["compile"]
+        lines += [f"`{comp['command']}`: `--compile` (torch.compile) vs eager at batch_tokens={c['batch_tokens']}; "
+                  f"the first call took {c['first_call_s']} s (compilation)", "",
+                  table([{"corpus": k, **v} for k, v in c.items() if isinstance(v, dict)],
+                        ["corpus", "eager_texts_per_s", "compiled_texts_per_s", "speedup", "cos_min_vs_eager"]), ""]
+        summary.append(f"- GPU `--compile`: {c['glosses']['speedup']}x on glosses, {c['long']['speedup']}x on long "
+                       f"texts after {c['first_call_s']} s of compiling (`python -m bench.gpu --parts compile`)")
+    return lines, summary
 
 
 def _throughput_plot(t: dict, out: Path) -> None:

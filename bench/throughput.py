@@ -42,15 +42,44 @@ def long_texts(glosses: list[str], tokenizer, n: int, seed: int = 0) -> list[str
     return out
 
 
-def gemm_rate(hidden: int, inner: int, tokens: int = 1024, repeats: int = 20) -> float:
-    """Best fp32 FLOP/s of torch matmul at the model's shapes (tokens x hidden @ hidden x inner)."""
+def wall_timed(fn) -> tuple[object, float]:
+    """(fn(), seconds it took)."""
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def sweep_sentence_transformers(st, corpus: str, texts: list[str], batch_sizes, rows: list[dict],
+                                timed=wall_timed) -> tuple[dict[int, float], np.ndarray]:
+    """texts/s of `SentenceTransformer.encode` at each batch size (appended to `rows`), and the vectors at the
+    first (its default) as the reference."""
+    rates, reference = {}, None
+    for bs in batch_sizes:
+        vectors, wall = timed(lambda bs=bs: st.encode(texts, batch_size=bs, normalize_embeddings=True,
+                                                      convert_to_numpy=True))
+        reference = vectors if reference is None else reference
+        rates[bs] = len(texts) / wall
+        rows.append({"corpus": corpus, "method": "sentence-transformers", "setting": f"batch_size={bs}",
+                     "texts_per_s": round(rates[bs], 1)})
+    return rates, reference
+
+
+def gemm_rate(hidden: int, inner: int, tokens: int = 1024, repeats: int = 20, device: str = "cpu",
+              dtype=None) -> float:
+    """Best FLOP/s of torch matmul at the model's shapes (tokens x hidden @ hidden x inner), fp32 by default."""
     import torch
 
-    a, b = torch.randn(tokens, hidden), torch.randn(hidden, inner)
+    dtype = dtype or torch.float32
+    a = torch.randn(tokens, hidden, device=device, dtype=dtype)
+    b = torch.randn(hidden, inner, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    (a @ b).sum()
+    sync()
     best = 0.0
     for _ in range(repeats):
         t0 = time.perf_counter()
         (a @ b).sum()
+        sync()
         best = max(best, 2 * tokens * hidden * inner / (time.perf_counter() - t0))
     return best
 
@@ -61,7 +90,8 @@ def model_flops_per_token(model, mean_tokens: float) -> float:
 
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     cfg = model.config
-    attention = 4 * cfg.num_hidden_layers * mean_tokens * cfg.hidden_size
+    width = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    attention = 4 * cfg.num_hidden_layers * mean_tokens * width
     return 2 * linear + attention
 
 
@@ -91,13 +121,7 @@ def main() -> None:
     rows, ratios, ceiling = [], {}, {}
     for name, texts in corpora.items():
         lengths = [len(x) for x in encoder.tokenize(texts)[0]]
-        st_rates = {}
-        for bs in ST_BATCHES:
-            t0 = time.perf_counter()
-            reference = st.encode(texts, batch_size=bs, normalize_embeddings=True, convert_to_numpy=True)
-            st_rates[bs] = len(texts) / (time.perf_counter() - t0)
-            rows.append({"corpus": name, "method": "sentence-transformers", "setting": f"batch_size={bs}",
-                         "texts_per_s": round(st_rates[bs], 1)})
+        st_rates, reference = sweep_sentence_transformers(st, name, texts, ST_BATCHES, rows)
         ours = {}
         from pipeline.defaults import DEFAULT_BATCH_TOKENS_CPU
 

@@ -38,7 +38,7 @@ def plan_job(spec: JobSpec) -> WorkPlan:
         batch_tokens=spec.batch_tokens, document_prefix=profile.document_prefix(spec.instruction),
         query_prefix=profile.query_prefix(spec.query_instruction), dims=tuple(index_dims(profile.dim, spec.dims)),
         hnsw_m=spec.hnsw_m, ef_construction=spec.ef_construction, ef_search=spec.ef_search,
-        index_type=spec.index_type)
+        index_type=spec.index_type, compile=spec.compile)
 
 
 def _validated_fingerprint(spec: JobSpec) -> str | None:
@@ -53,11 +53,11 @@ def _validated_fingerprint(spec: JobSpec) -> str | None:
     return corpus.get("fingerprint") if corpus.get("id_column") == spec.id_column else None
 
 
-def run_embedded(spec: JobSpec, progress: ProgressFactory = no_progress, encoder=None) -> dict:
+def run_embedded(spec: JobSpec, progress: ProgressFactory = no_progress, encoder=None, overlap: bool = True) -> dict:
     """Run the job in this process: embed missing chunks, build and publish; returns the run report.
 
     A re-run skips complete chunks (resume after an interrupt); a job whose current version matches embeds and
-    builds nothing.
+    builds nothing. `overlap`: read and write chunks in threads beside the model (`pipeline.work.embed_stream`).
     """
     t0 = time.perf_counter()
     started = datetime.now(UTC).isoformat(timespec="seconds")
@@ -87,8 +87,8 @@ def run_embedded(spec: JobSpec, progress: ProgressFactory = no_progress, encoder
         todo = sum(chunks[k].rows for k in missing)
         t_embed = time.perf_counter()
         with progress("embed", plan.corpus.rows, "rows", plan.corpus.rows - todo) as update:
-            for chunk, data in iter_chunks(plan.corpus, set(missing)):
-                chunk_report = work.embed_rows(plan, chunk, data, lazy_encoder, update, cache)
+            for chunk_report in work.embed_stream(plan, iter_chunks(plan.corpus, set(missing)), lazy_encoder,
+                                                  update, cache, overlap=overlap):
                 rows_embedded += chunk_report["embedded"]
                 rows_reused += chunk_report["reused"]
         report["embed_seconds"] = round(time.perf_counter() - t_embed, 3)
@@ -111,5 +111,6 @@ def load_job_encoder(spec: JobSpec, plan: WorkPlan):
     if spec.threads:
         torch.set_num_threads(spec.threads)
     return load_encoder(ModelRef(plan.model, Path(plan.model_path)), device=plan.device, dtype=plan.dtype,
-                        max_length=plan.max_length, batch_tokens=plan.batch_tokens, shm=spec.shm)
+                        max_length=plan.max_length, batch_tokens=plan.batch_tokens, shm=spec.shm,
+                        compile=plan.compile)
 

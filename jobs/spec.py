@@ -53,6 +53,7 @@ class JobSpec:
     ef_search: int = DEFAULT_EF_SEARCH
     keep: int = DEFAULT_KEEP_VERSIONS
     index_type: str = "hnsw"
+    compile: bool = False
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -71,6 +72,8 @@ class JobSpec:
         bad = [d for d in self.dims if not isinstance(d, int) or isinstance(d, bool) or d <= 0]
         if bad:
             raise ConfigError(f"dims must be positive integers, got {bad!r}")
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"compile must be true or false, got {self.compile!r}")
         if self.index_type not in INDEX_TYPES:
             raise ConfigError(f"index_type must be one of {', '.join(INDEX_TYPES)}, got {self.index_type!r}")
         if self.shm not in ("auto", "require", "off"):

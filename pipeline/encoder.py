@@ -10,6 +10,7 @@ the tokenizer does not append one).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.attention import use_embedctl_attention
 from pipeline.defaults import DEFAULT_BATCH_TOKENS_CPU, DEFAULT_BATCH_TOKENS_CUDA
 from pipeline.errors import ConfigError, ModelError
 from pipeline.models import ModelProfile, ModelRef, read_profile
@@ -67,21 +69,49 @@ def default_batch_tokens(device: torch.device) -> int:
     return DEFAULT_BATCH_TOKENS_CUDA if device.type == "cuda" else DEFAULT_BATCH_TOKENS_CPU
 
 
-def pack_batches(lengths: Sequence[int], budget: int) -> list[tuple[int, int]]:
+MAX_PADDING = 0.1
+"""Share of padding a batch may reach once it holds a quarter of the budget; past it the batch is closed."""
+
+
+def pack_batches(lengths: Sequence[int], budget: int, max_padding: float = MAX_PADDING) -> list[tuple[int, int]]:
     """Split texts sorted by descending length into [start, stop) batches whose padded size fits `budget`.
 
-    A batch's padded size is its longest text times its count; a text longer than the budget runs alone.
+    A batch's padded size is its longest text times its count; a text longer than the budget runs alone. A batch
+    is also closed early when the next text would raise its padding above `max_padding`, once it holds a quarter
+    of the budget: a GPU budget spans a wide range of lengths (16k tokens are a thousand short texts), and without
+    this cap a third of such a batch was padding (measured by `python -m bench.gpu`).
     """
     batches: list[tuple[int, int]] = []
     start = 0
     n = len(lengths)
     while start < n:
         longest = max(int(lengths[start]), 1)
-        count = max(1, budget // longest)
-        stop = min(n, start + count)
+        limit = min(n, start + max(1, budget // longest))
+        stop, real = start + 1, int(lengths[start])
+        while stop < limit:
+            padded = (stop - start + 1) * longest
+            real_next = real + int(lengths[stop])
+            if padded - real_next > max_padding * padded and (stop - start) * longest * 4 >= budget:
+                break
+            real, stop = real_next, stop + 1
         batches.append((start, stop))
         start = stop
     return batches
+
+
+@dataclass
+class Prepared:
+    """Texts ready for the model (`Encoder.prepare`): de-duplicated, tokenised, sorted by length."""
+
+    inverse: np.ndarray  # (n,) index of each input text among the unique ones
+    ids: list[list[int]]  # token ids of each unique text
+    truncated: np.ndarray  # (unique,) bool
+    lengths: np.ndarray  # (unique,) token counts
+    order: np.ndarray  # unique texts by descending length
+
+    @property
+    def unique(self) -> int:
+        return len(self.ids)
 
 
 @dataclass
@@ -98,8 +128,10 @@ class Encoder:
     """A loaded model with its tokenizer, ready to embed texts."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, profile: ModelProfile, device: torch.device,
-                 max_length: int | None = None, batch_tokens: int | None = None):
+                 max_length: int | None = None, batch_tokens: int | None = None, compile: bool = False):
         self.model = model
+        use_embedctl_attention(model)  # plain attention for short CPU sequences (pipeline/attention.py)
+        self._module = compiled(model) if compile else model
         self.tokenizer = tokenizer
         self.profile = profile
         self.device = device
@@ -113,8 +145,11 @@ class Encoder:
         self.eos_id = _eos_to_append(tokenizer) if profile.pooling == "last" else None
         self.pad_id = _pad_id(tokenizer)
         self.source = "memory"  # where the weights came from: disk, shm:<segment>, or a model handed in
-        self.forward_seconds = 0.0  # time inside the model's forward passes (for the benchmarks' overlap figure)
+        self.forward_seconds = 0.0  # time in the model's forward passes (device time on CUDA; for the benchmarks)
         self.padded_tokens = 0  # tokens run through the model, padding included
+        # A fast tokenizer called with truncation changes its own settings: two threads at once would clash
+        # ("Already borrowed"), and `prepare` may run in a reader thread beside the model's thread.
+        self._tokenizer_lock = threading.Lock()
 
     @property
     def dim(self) -> int:
@@ -122,6 +157,10 @@ class Encoder:
 
     def tokenize(self, texts: Sequence[str]) -> tuple[list[list[int]], np.ndarray]:
         """Token ids of each text (special tokens included), cut at max_length; and which texts were cut."""
+        with self._tokenizer_lock:
+            return self._tokenize(texts)
+
+    def _tokenize(self, texts: Sequence[str]) -> tuple[list[list[int]], np.ndarray]:
         limit = self.max_length - (1 if self.eos_id is not None else 0)
         ids = self.tokenizer(list(texts), add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
         truncated = np.fromiter((len(x) > limit for x in ids), dtype=bool, count=len(ids))
@@ -146,26 +185,40 @@ class Encoder:
             prefix: instruction prefix (see `ModelProfile.query_prefix` / `document_prefix`).
             on_progress: called with the number of distinct texts finished after each batch.
         """
-        n = len(texts)
-        if n == 0:
-            return Encoded(np.zeros((0, self.dim), np.float32), np.zeros(0, bool), 0, 0)
+        return self.run(self.prepare(texts, prefix), on_progress)
+
+    def prepare(self, texts: Sequence[str], prefix: str = "") -> Prepared:
+        """The host side of `encode` (de-duplicate, tokenise, sort): safe to run in another thread meanwhile."""
         first_seen: dict[str, int] = {}
-        inverse = np.fromiter((first_seen.setdefault(t, len(first_seen)) for t in texts), dtype=np.int64, count=n)
+        inverse = np.fromiter((first_seen.setdefault(t, len(first_seen)) for t in texts), dtype=np.int64,
+                              count=len(texts))
         unique = list(first_seen)
-        ids, truncated = self.tokenize([prefix + t for t in unique] if prefix else unique)
+        ids, truncated = self.tokenize([prefix + t for t in unique] if prefix else unique) if unique else ([], None)
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-        order = np.argsort(-lengths, kind="stable")
-        out = np.empty((len(unique), self.dim), dtype=np.float32)
+        return Prepared(inverse=inverse, ids=ids, truncated=np.zeros(0, bool) if truncated is None else truncated,
+                        lengths=lengths, order=np.argsort(-lengths, kind="stable"))
+
+    def run(self, prepared: Prepared, on_progress: Callable[[int], None] | None = None) -> Encoded:
+        """The model side of `encode`: run the prepared texts in token-budget batches; vectors in input order."""
+        p = prepared
+        if not p.unique:
+            return Encoded(np.zeros((len(p.inverse), self.dim), np.float32), np.zeros(len(p.inverse), bool), 0, 0)
+        # Pooled vectors stay on the device until every batch is queued: on CUDA the host prepares batch k+1
+        # while the GPU runs batch k, and the one copy back at the end is the only wait.
+        pooled, timer = [], _ForwardTimer(self.device)
         with torch.inference_mode():
-            for start, stop in pack_batches(lengths[order], self.batch_tokens):
-                batch = order[start:stop]
-                out[batch] = self._forward([ids[i] for i in batch])
+            for start, stop in pack_batches(p.lengths[p.order], self.batch_tokens):
+                pooled.append(self._forward([p.ids[i] for i in p.order[start:stop]], timer))
                 if on_progress is not None:
                     on_progress(stop - start)
-        return Encoded(vectors=out[inverse], truncated=truncated[inverse], tokens=int(lengths.sum()),
-                       unique=len(unique))
+            out = np.empty((p.unique, self.dim), dtype=np.float32)
+            out[p.order] = torch.cat(pooled).cpu().numpy()
+        self.forward_seconds += timer.seconds()
+        return Encoded(vectors=out[p.inverse], truncated=p.truncated[p.inverse], tokens=int(p.lengths.sum()),
+                       unique=p.unique)
 
-    def _forward(self, seqs: list[list[int]]) -> np.ndarray:
+    def _forward(self, seqs: list[list[int]], timer: _ForwardTimer) -> torch.Tensor:
+        """Pooled, L2-normalised float32 vectors of one padded batch (left on the device)."""
         width = max(len(s) for s in seqs)
         input_ids = np.full((len(seqs), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(seqs), width), dtype=np.int64)
@@ -176,21 +229,63 @@ class Encoder:
             else:
                 input_ids[row, :len(seq)] = seq
                 mask[row, :len(seq)] = 1
-        input_ids_t = torch.from_numpy(input_ids).to(self.device)
-        mask_t = torch.from_numpy(mask).to(self.device)
-        t0 = time.perf_counter()
-        hidden = self.model(input_ids=input_ids_t, attention_mask=mask_t).last_hidden_state.float()
+        non_blocking = self.device.type == "cuda"
+        input_ids_t = torch.from_numpy(input_ids).to(self.device, non_blocking=non_blocking)
+        mask_t = torch.from_numpy(mask).to(self.device, non_blocking=non_blocking)
         self.padded_tokens += input_ids.size
-        if self.profile.pooling == "mean":
-            weights = mask_t.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
-        elif self.profile.pooling == "cls":
-            pooled = hidden[:, 0]
-        else:  # last token: with left padding it is the last position of every row
-            pooled = hidden[:, -1]
-        pooled = torch.nn.functional.normalize(pooled, p=2, dim=1).cpu().numpy()
-        self.forward_seconds += time.perf_counter() - t0
-        return pooled
+        with timer:
+            hidden = self._module(input_ids=input_ids_t, attention_mask=mask_t).last_hidden_state
+            if self.profile.pooling == "mean":
+                weights = mask_t.unsqueeze(-1).to(torch.float32)
+                pooled = (hidden.float() * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+            elif self.profile.pooling == "cls":
+                pooled = hidden[:, 0].float()
+            else:  # last token: with left padding it is the last position of every row
+                pooled = hidden[:, -1].float()
+            return torch.nn.functional.normalize(pooled, p=2, dim=1)
+
+
+class _ForwardTimer:
+    """Time spent in forward passes: wall time on CPU, CUDA events (device time, no sync per batch) on CUDA."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.total = 0.0
+        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    def __enter__(self) -> None:
+        if self.cuda:
+            self.events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+            self.events[-1][0].record()
+        else:
+            self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            self.events[-1][1].record()
+        else:
+            self.total += time.perf_counter() - self.t0
+
+    def seconds(self) -> float:
+        """Total seconds (waits for the device's queued work on CUDA)."""
+        if self.cuda and self.events:
+            self.events[-1][1].synchronize()
+            return self.total + sum(a.elapsed_time(b) for a, b in self.events) / 1000
+        return self.total
+
+
+def compiled(model: torch.nn.Module) -> torch.nn.Module:
+    """`torch.compile(model)`, made once per model and kept on it (a worker builds an Encoder per task).
+
+    Compiling fuses the elementwise work between the matmuls (norms, rotary embeddings, activations); shapes vary
+    with every batch, hence `dynamic`. The first batches pay the compilation (minutes for a 4B model): worth it on
+    GPUs for long runs (`python -m bench.gpu`), not on CPU, where it was measured no faster.
+    """
+    module = model.__dict__.get("_embedctl_compiled")
+    if module is None:
+        module = torch.compile(model, dynamic=True)
+        object.__setattr__(model, "_embedctl_compiled", module)  # not a registered submodule
+    return module
 
 
 def _eos_to_append(tokenizer) -> int | None:
@@ -279,7 +374,8 @@ def load_model(folder: Path, dtype: torch.dtype, device: torch.device, shm: str 
 
 
 def load_encoder(ref: ModelRef, device: str = "auto", dtype: str = "auto", max_length: int | None = None,
-                 batch_tokens: int | None = None, shm: str = "auto", shm_dir: Path | None = None) -> Encoder:
+                 batch_tokens: int | None = None, shm: str = "auto", shm_dir: Path | None = None,
+                 compile: bool = False) -> Encoder:
     """Load the model `ref` for embedding on `device` in `dtype` (attached from shared memory when published)."""
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
@@ -288,6 +384,7 @@ def load_encoder(ref: ModelRef, device: str = "auto", dtype: str = "auto", max_l
     model, source = load_model(profile.transformer_path, torch_dtype, dev, shm=shm, shm_dir=shm_dir)
     LOG.info("loaded %s (%s, %s pooling, dim %d) on %s in %s from %s", ref.name, profile.model_type,
              profile.pooling, profile.dim, dev, dtype_name(torch_dtype), source)
-    encoder = Encoder(model, tokenizer, profile, dev, max_length=max_length, batch_tokens=batch_tokens)
+    encoder = Encoder(model, tokenizer, profile, dev, max_length=max_length, batch_tokens=batch_tokens,
+                      compile=compile)
     encoder.source = source
     return encoder

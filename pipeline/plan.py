@@ -45,6 +45,7 @@ class WorkPlan:
     ef_construction: int
     ef_search: int
     index_type: str = "hnsw"
+    compile: bool = False  # run the model through torch.compile (speed only: not part of the plan id)
 
     @property
     def plan_id(self) -> str:

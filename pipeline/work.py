@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -24,7 +26,7 @@ from pipeline.index import ROWS_FILE, build_hnsw, index_file, slice_normalise, w
 from pipeline.plan import WorkPlan
 
 if TYPE_CHECKING:  # the encoder (and torch) is imported only by processes that embed
-    from pipeline.encoder import Encoder
+    from pipeline.encoder import Encoded, Encoder, Prepared
 
 LOG = logging.getLogger(__name__)
 
@@ -55,14 +57,31 @@ def skip_reason(text: object) -> str | None:
     return None
 
 
-def embed_rows(plan: WorkPlan, chunk: Chunk, data: ChunkRows, encoder: Encoder | Callable[[], Encoder],
-               on_progress: Progress | None = None, cache: EmbeddingCache | None = None) -> dict:
-    """Embed the rows of one chunk and write them to the chunk store; returns the chunk report.
+@dataclass
+class _ChunkWork:
+    """One chunk between its three steps: read and prepared, embedded, written."""
 
-    Texts found in `cache` reuse their stored vectors; only the others run through the model (`encoder` may be
-    a function that loads it, called only when some text is not cached).
-    """
-    t0 = time.perf_counter()
+    chunk: Chunk
+    data: ChunkRows
+    keep: list[int]  # positions of the rows that are embedded (not null or empty)
+    skipped: list[dict]
+    texts: list[str]
+    hashes: np.ndarray
+    vectors: np.ndarray  # (len(keep), dim) float32; cached rows filled in
+    found: np.ndarray  # (len(keep),) bool: taken from the cache
+    encoder: Encoder | None = None  # set when some text is not cached
+    prepared: Prepared | None = None
+    encoded: Encoded | None = None
+
+    @property
+    def miss(self) -> np.ndarray:
+        return np.flatnonzero(~self.found)
+
+
+def _prepare(plan: WorkPlan, chunk: Chunk, data: ChunkRows, cache: EmbeddingCache | None,
+             encoder: Encoder | None) -> _ChunkWork:
+    """Host work before the model: skip reasons, text hashes, cache lookup, and tokenising the texts not cached
+    when the model is loaded already (it is loaded by the thread that runs it, on the first text not cached)."""
     reasons = [skip_reason(t) for t in data.texts]
     keep = [i for i, r in enumerate(reasons) if r is None]
     skipped = [{"row": int(data.rows[i]), "id": data.ids[i], "reason": r} for i, r in enumerate(reasons) if r]
@@ -73,29 +92,107 @@ def embed_rows(plan: WorkPlan, chunk: Chunk, data: ChunkRows, encoder: Encoder |
     if cache is not None and len(cache):
         found, cached = cache.lookup(hashes, plan.dim)
         vectors[found] = cached[found]
-        if on_progress is not None and found.any():
-            on_progress(int(found.sum()))
-    miss = np.flatnonzero(~found)
-    report = {"chunk": chunk.number, "rows": chunk.rows, "indexed": len(keep), "embedded": len(miss),
-              "reused": int(found.sum()), "unique": 0, "skipped": skipped, "truncated": 0, "truncated_ids": [],
-              "tokens": 0}
+    work = _ChunkWork(chunk, data, keep, skipped, texts, hashes, vectors, found)
+    if len(work.miss) and encoder is not None:
+        work.prepared = encoder.prepare([texts[i] for i in work.miss], prefix=plan.document_prefix)
+    return work
+
+
+def _embed(plan: WorkPlan, work: _ChunkWork, encoder: Encoder | Callable[[], Encoder],
+           on_progress: Progress | None) -> _ChunkWork:
+    """Run the model on the texts not cached (progress counts cached rows, duplicates and skipped rows too)."""
+    if on_progress is not None and work.found.any():
+        on_progress(int(work.found.sum()))
+    miss = work.miss
     if len(miss):
-        model = encoder if hasattr(encoder, "encode") else encoder()
-        encoded = model.encode([texts[i] for i in miss], prefix=plan.document_prefix, on_progress=on_progress)
-        vectors[miss] = encoded.vectors
+        work.encoder = encoder if hasattr(encoder, "encode") else encoder()
+        if work.prepared is None:
+            work.prepared = work.encoder.prepare([work.texts[i] for i in miss], prefix=plan.document_prefix)
+        work.encoded = work.encoder.run(work.prepared, on_progress=on_progress)
+        work.vectors[miss] = work.encoded.vectors
+        if on_progress is not None:
+            on_progress(len(miss) - work.encoded.unique)  # duplicates count as done too
+    if on_progress is not None and work.skipped:
+        on_progress(len(work.skipped))
+    return work
+
+
+def _write(plan: WorkPlan, work: _ChunkWork, seconds: float) -> dict:
+    """Write the chunk's vectors, rows and report to the chunk store (atomically); returns the report."""
+    data, keep, miss = work.data, work.keep, work.miss
+    report = {"chunk": work.chunk.number, "rows": work.chunk.rows, "indexed": len(keep), "embedded": len(miss),
+              "reused": int(work.found.sum()), "unique": 0, "skipped": work.skipped, "truncated": 0,
+              "truncated_ids": [], "tokens": 0}
+    if work.encoded is not None:
+        encoded, model = work.encoded, work.encoder
         truncated_ids = [data.ids[keep[miss[i]]] for i in np.flatnonzero(encoded.truncated)]
         report.update(unique=encoded.unique, truncated=len(truncated_ids), truncated_ids=truncated_ids[:100],
                       tokens=encoded.tokens, device=str(model.device), weights=model.source,
                       dtype=str(next(model.model.parameters()).dtype).removeprefix("torch."))
-        if on_progress is not None:
-            on_progress(len(miss) - encoded.unique)  # duplicates count as done too
-    if on_progress is not None and skipped:
-        on_progress(len(skipped))
-    report["seconds"] = round(time.perf_counter() - t0, 3)
+    report["seconds"] = round(seconds, 3)
     id_type = pa.string() if plan.corpus.id_column and data.ids and isinstance(data.ids[0], str) else pa.int64()
-    plan.store.write(chunk.number, data.rows[keep], [data.ids[i] for i in keep], texts, vectors, report,
-                     id_type=id_type, hashes=hashes)
+    plan.store.write(work.chunk.number, data.rows[keep], [data.ids[i] for i in keep], work.texts, work.vectors,
+                     report, id_type=id_type, hashes=work.hashes)
     return report
+
+
+def embed_rows(plan: WorkPlan, chunk: Chunk, data: ChunkRows, encoder: Encoder | Callable[[], Encoder],
+               on_progress: Progress | None = None, cache: EmbeddingCache | None = None) -> dict:
+    """Embed the rows of one chunk and write them to the chunk store; returns the chunk report.
+
+    Texts found in `cache` reuse their stored vectors; only the others run through the model (`encoder` may be
+    a function that loads it, called only when some text is not cached).
+    """
+    t0 = time.perf_counter()
+    work = _embed(plan, _prepare(plan, chunk, data, cache, None), encoder, on_progress)
+    return _write(plan, work, time.perf_counter() - t0)
+
+
+def embed_stream(plan: WorkPlan, chunks: Iterable[tuple[Chunk, ChunkRows]], encoder: Encoder | Callable[[], Encoder],
+                 on_progress: Progress | None = None, cache: EmbeddingCache | None = None,
+                 overlap: bool = True) -> Iterator[dict]:
+    """Embed and write a stream of chunks in order, yielding each chunk's report once it is written.
+
+    With `overlap`, the model never waits for I/O: a reader thread reads chunk k+1 from Parquet and tokenises it
+    while the model runs chunk k, and a writer thread writes chunk k-1. Chunks are still written one at a time and
+    in order, each atomically, so an interrupt leaves complete chunks only (the thread pools finish the read and
+    the write in flight before the interrupt propagates).
+    """
+    it = iter(chunks)
+    loaded = [encoder if hasattr(encoder, "encode") else None]  # set once the model is loaded (main thread)
+
+    def read_next() -> tuple[_ChunkWork, float] | None:
+        item = next(it, None)
+        if item is None:
+            return None
+        t0 = time.perf_counter()
+        return _prepare(plan, item[0], item[1], cache, loaded[0]), time.perf_counter() - t0
+
+    def embed(work: _ChunkWork) -> _ChunkWork:
+        _embed(plan, work, encoder, on_progress)
+        loaded[0] = loaded[0] or work.encoder
+        return work
+
+    if not overlap:
+        while (item := read_next()) is not None:
+            work, t_read = item
+            t0 = time.perf_counter()
+            yield _write(plan, embed(work), t_read + time.perf_counter() - t0)
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="embedctl-read") as reader, \
+            ThreadPoolExecutor(1, thread_name_prefix="embedctl-write") as writer:
+        ahead = reader.submit(read_next)
+        behind: Future | None = None
+        while (item := ahead.result()) is not None:
+            ahead = reader.submit(read_next)
+            work, t_read = item
+            t0 = time.perf_counter()
+            embed(work)
+            if behind is not None:
+                yield behind.result()
+            behind = writer.submit(_write, plan, work, t_read + time.perf_counter() - t0)
+        if behind is not None:
+            yield behind.result()
 
 
 def embed_chunk(plan: WorkPlan, number: int, encoder: Encoder | Callable[[], Encoder],

@@ -129,7 +129,8 @@ def worker_encoder(plan):
         model, source = load_model(profile.transformer_path, dtype, dev, shm=shm_mode())
         entry = _cache_model(profile, dtype, device, model, source)
     model, tokenizer, profile, source = entry
-    encoder = Encoder(model, tokenizer, profile, dev, max_length=plan.max_length, batch_tokens=plan.batch_tokens)
+    encoder = Encoder(model, tokenizer, profile, dev, max_length=plan.max_length, batch_tokens=plan.batch_tokens,
+                      compile=plan.compile)
     encoder.source = source
     return encoder
 

@@ -97,7 +97,7 @@ def test_duplicates_embedded_once_and_order_restored(tiny_qwen3):
     encoder = load_encoder(ModelRef("tiny", tiny_qwen3), device="cpu")
     calls = []
     original = encoder._forward
-    encoder._forward = lambda seqs: calls.append(len(seqs)) or original(seqs)
+    encoder._forward = lambda seqs, timer: calls.append(len(seqs)) or original(seqs, timer)
     texts = ["dog", "cat house", "dog", "river", "cat house", "dog"]
     out = encoder.encode(texts)
     assert sum(calls) == 3 and out.unique == 3
@@ -144,3 +144,36 @@ class _FakeTok:
 
     def get_vocab(self):
         return {}
+
+
+def _has_compiler() -> bool:
+    import shutil
+
+    return any(shutil.which(c) for c in ("cc", "gcc", "g++", "c++"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_compiler(), reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_encoder_matches_eager_and_compiles_once_per_model(tiny_qwen3):
+    from pipeline.encoder import compiled
+
+    eager = load_encoder(ModelRef("tiny", tiny_qwen3), device="cpu", shm="off")
+    fast = Encoder(eager.model, eager.tokenizer, eager.profile, eager.device, compile=True)
+    assert fast._module is compiled(eager.model) and fast._module is not eager.model
+    assert _cos(fast.encode(TEXTS).vectors, eager.encode(TEXTS).vectors).min() >= 0.9999
+    again = Encoder(eager.model, eager.tokenizer, eager.profile, eager.device, compile=True)
+    assert again._module is fast._module  # a worker's next task reuses the compiled model
+    assert "_embedctl_compiled" not in dict(eager.model.named_children())
+
+
+def test_pack_batches_caps_padding_once_a_batch_is_a_quarter_full():
+    lengths = [40] * 30 + [10] * 300  # a long head, then a tail of short texts
+    batches = pack_batches(lengths, 4000)
+    assert 30 <= batches[0][1] <= 34  # the 40s and a few 10s: more would pass 10% padding
+    assert batches[0][1] < 100  # without the cap the first batch would take 4000 // 40 = 100 texts
+    for a, b in batches:
+        padded = lengths[a] * (b - a)
+        assert padded <= 4000
+        assert padded - sum(lengths[a:b]) <= 0.1 * padded
+    small = pack_batches([40, 10, 10], 4000)
+    assert small == [(0, 3)]  # under a quarter of the budget: padding is not worth a second batch

@@ -45,6 +45,8 @@ from pipeline.errors import EmbedctlError
 @env_option("--dtype", env="DTYPE", default="auto", show_default=True, help="auto (fp32 on CPU, bf16 on CUDA), fp32, fp16, bf16.")
 @env_option("--device", env="DEVICE", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @env_option("--threads", env="THREADS", type=int, default=None, help="Intra-op CPU threads [default: torch's].")
+@env_option("--compile", "compile_model", env="COMPILE", is_flag=True,
+            help="Run the model through torch.compile: faster on GPUs after minutes of compiling (not on CPU).")
 @env_option("--hnsw-m", env="HNSW_M", type=int, default=defaults.DEFAULT_HNSW_M, show_default=True)
 @env_option("--ef-construction", env="EF_CONSTRUCTION", type=int, default=defaults.DEFAULT_EF_CONSTRUCTION, show_default=True)
 @env_option("--ef-search", env="EF_SEARCH", type=int, default=defaults.DEFAULT_EF_SEARCH, show_default=True,
@@ -62,8 +64,9 @@ from pipeline.errors import EmbedctlError
 @handle_errors
 def index(corpus: str, out: str, model: str, text_column: str, id_column: str, instruction: str | None,
           query_instruction: str | None, dims: tuple[int, ...], chunk_rows: int, batch_tokens: int | None,
-          max_length: int | None, dtype: str, device: str, threads: int | None, hnsw_m: int, ef_construction: int,
-          ef_search: int, index_type: str, keep: int, shm: str, broker: str | None, detach: bool, quiet: bool, as_json: bool) -> None:
+          max_length: int | None, dtype: str, device: str, threads: int | None, compile_model: bool, hnsw_m: int,
+          ef_construction: int, ef_search: int, index_type: str, keep: int, shm: str, broker: str | None, detach: bool,
+          quiet: bool, as_json: bool) -> None:
     """Embed CORPUS (Parquet file, directory or glob) and publish FAISS HNSW indexes in --out.
 
     Re-running the same command resumes: complete chunks are not embedded again, and a job whose published
@@ -72,7 +75,8 @@ def index(corpus: str, out: str, model: str, text_column: str, id_column: str, i
     spec = JobSpec(corpus=corpus, out=out, model=model, text_column=text_column, id_column=id_column,
                    instruction=instruction, query_instruction=query_instruction, dims=dims, chunk_rows=chunk_rows,
                    batch_tokens=batch_tokens, max_length=max_length, dtype=dtype, device=device, threads=threads,
-                   hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search, index_type=index_type, keep=keep, shm=shm)
+                   hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search, index_type=index_type, keep=keep,
+                   shm=shm, compile=compile_model)
     if detach and not broker:
         raise click.UsageError("--detach needs --broker (or EMBEDCTL_BROKER_URL): an embedded run cannot detach")
     if broker:

@@ -1,0 +1,67 @@
+"""CPU attention: PyTorch's SDPA kernel vs plain matmul attention, by sequence length (where the encoder switches).
+
+    python -m bench.attention [--threads 2] [--heads 12] [--head-dim 32] [--tokens 1024] [--json]
+
+At each key length T, a batch of tokens // T sequences (the encoder's CPU budget) with a padding mask, MiniLM's
+heads by default; the median of 15 timed calls of each. `pipeline.attention.SHORT_ATTENTION_MAX_KV` is the
+longest T run as plain attention.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+LENGTHS = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+
+def median_ms(fn, repeats: int = 15) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2] * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--head-dim", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    import torch
+    import torch.nn.functional as F
+
+    from pipeline.attention import SHORT_ATTENTION_MAX_KV, plain_attention
+
+    torch.set_num_threads(args.threads)
+    rows = []
+    for length in LENGTHS:
+        batch = max(1, args.tokens // length)
+        q, k, v = (torch.randn(batch, args.heads, length, args.head_dim) for _ in range(3))
+        mask = torch.ones(batch, 1, 1, length, dtype=torch.bool)
+        mask[0, ..., : length // 3] = False
+        scale = args.head_dim ** -0.5
+        sdpa = median_ms(lambda q=q, k=k, v=v, mask=mask: F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+        plain = median_ms(lambda q=q, k=k, v=v, mask=mask, s=scale: plain_attention(q, k, v, mask, s, False))
+        rows.append({"kv_length": length, "batch": batch, "sdpa_ms": round(sdpa, 3), "plain_ms": round(plain, 3),
+                     "plain_over_sdpa": round(plain / sdpa, 3),
+                     "encoder_uses": "plain" if length <= SHORT_ATTENTION_MAX_KV else "sdpa"})
+    result = {"command": "python -m bench.attention " + " ".join(sys.argv[1:]), "threads": args.threads,
+              "short_attention_max_kv": SHORT_ATTENTION_MAX_KV, "rows": rows}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"# {result['command']}")
+    for r in rows:
+        print(r)
+
+
+if __name__ == "__main__":
+    main()
