@@ -32,6 +32,7 @@ def run(name: str, extra: list[str]) -> dict:
                 "seconds": round(time.perf_counter() - t0, 1)}
     data = json.loads(result.stdout[result.stdout.index("{"):])
     data["seconds"] = round(time.perf_counter() - t0, 1)
+    data["measured_utc"] = f"{datetime.now(UTC):%Y-%m-%d %H:%M}"
     return data
 
 
@@ -45,13 +46,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "bench-results"))
     parser.add_argument("--skip", default="", help=f"comma-separated, of: {', '.join(BENCHMARKS)}")
+    parser.add_argument("--reuse", action="store_true",
+                        help="report skipped benchmarks from OUT/results.json of an earlier run (marked as such)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     results = {}
+    earlier = json.loads((out / "results.json").read_text()) if args.reuse and (out / "results.json").exists() else {}
     for name in BENCHMARKS:
         if name in skip:
+            if name in earlier:
+                results[name] = {**earlier[name], "reused_from_earlier_run": True}
             continue
         print(f"running bench.{name} ...", file=sys.stderr, flush=True)
         results[name] = run(name, ["--plots", str(out)] if name == "indexes" else [])
@@ -67,21 +73,32 @@ def render(results: dict, out: Path, gpu: dict | None = None) -> tuple[str, list
     lines = [f"# embedctl benchmarks, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
              f"Machine: {os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}. "
              "Every figure below was measured in this run; ratios compare runs made side by side.", ""]
+    reused = [f"{n} ({r.get('measured_utc', 'date not recorded')})" for n, r in results.items()
+              if r.get("reused_from_earlier_run")]
+    if reused:
+        lines[-2] = lines[-2].replace("Every figure below was measured in this run", (
+            "Every figure below was measured on this machine: these in an earlier run of the same code "
+            f"(`python -m bench --reuse`), finished at {', '.join(reused)} UTC, the rest in this run"))
     summary = []
     t = results.get("throughput")
     if t and "error" not in t:
         lines += ["## Throughput vs sentence-transformers", f"`{t['command']}` ({t['threads']} threads)", "",
                   table(t["rows"], ["corpus", "method", "setting", "texts_per_s"]), ""]
+        lines.append(f"Sweep above: one pass each. Ratios below: medians of {next(iter(t['ratios'].values()))['rounds']}"
+                     " paired rounds (ST and embedctl back to back, the GEMM rate beside them), range in brackets.")
         for corpus, r in t["ratios"].items():
             c = t["ceiling"][corpus]
-            lines.append(f"- {corpus}: embedctl default / ST default **{r['vs_st_default']}**, / ST best "
-                         f"**{r['vs_st_best']}** (best budget here: {r['best_budget']}); "
-                         f"{c['achieved_gflops']} GFLOP/s of a {c['gemm_gflops']} GFLOP/s GEMM ceiling "
-                         f"(**{c['fraction_of_ceiling']}**), forward / stage wall **{c['forward_over_stage']}**, "
-                         f"padding overhead {c['padding_overhead']}, {c['mean_tokens']} tokens a text")
+            lines.append(f"- {corpus}: embedctl default / ST default **{r['vs_st_default']}** {r['vs_st_default_range']}, "
+                         f"/ ST best (batch {r['st_best_batch_size']}) **{r['vs_st_best']}** {r['vs_st_best_range']}; "
+                         f"fastest budget in the sweep: {r['best_budget']}; **{c['fraction_of_ceiling']}** "
+                         f"{c['fraction_range']} of the {c['gemm_gflops']} GFLOP/s fp32 GEMM ceiling "
+                         f"({c['model_mflops_per_token']} MFLOP a token), forward / stage wall "
+                         f"**{c['forward_over_stage']}**, padding overhead {c['padding_overhead']}, "
+                         f"{c['mean_tokens']} tokens a text")
             summary.append(f"- {corpus}: {r['vs_st_default']}x sentence-transformers' default batch, "
-                           f"{r['vs_st_best']}x its best of 32/64/128; {c['fraction_of_ceiling']} of the GEMM "
-                           f"ceiling; forward/stage {c['forward_over_stage']} (`python -m bench.throughput`)")
+                           f"{r['vs_st_best']}x its best of 32/64/128 (medians of {r['rounds']} paired rounds, "
+                           f"{r['vs_st_best_range'][0]}-{r['vs_st_best_range'][1]}); {c['fraction_of_ceiling']} of the "
+                           f"GEMM ceiling; forward/stage {c['forward_over_stage']} (`python -m bench.throughput`)")
         _throughput_plot(t, out)
         lines += ["", "![throughput](throughput.png)", ""]
     a = results.get("attention")
