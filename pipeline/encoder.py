@@ -206,16 +206,36 @@ class Encoder:
         # Pooled vectors stay on the device until every batch is queued: on CUDA the host prepares batch k+1
         # while the GPU runs batch k, and the one copy back at the end is the only wait.
         pooled, timer = [], _ForwardTimer(self.device)
+        lengths = p.lengths[p.order]
+        batches, i = pack_batches(lengths, self.batch_tokens), 0
         with torch.inference_mode():
-            for start, stop in pack_batches(p.lengths[p.order], self.batch_tokens):
-                pooled.append(self._forward([p.ids[i] for i in p.order[start:stop]], timer))
+            while i < len(batches):
+                start, stop = batches[i]
+                try:
+                    pooled.append(self._forward([p.ids[k] for k in p.order[start:stop]], timer))
+                except torch.OutOfMemoryError:
+                    self._halve_budget(int(lengths[start]), stop - start)
+                    batches[i:] = [(start + a, start + b) for a, b in pack_batches(lengths[start:], self.batch_tokens)]
+                    continue
                 if on_progress is not None:
                     on_progress(stop - start)
+                i += 1
             out = np.empty((p.unique, self.dim), dtype=np.float32)
             out[p.order] = torch.cat(pooled).cpu().numpy()
         self.forward_seconds += timer.seconds()
         return Encoded(vectors=out[p.inverse], truncated=p.truncated[p.inverse], tokens=int(p.lengths.sum()),
                        unique=p.unique)
+
+    def _halve_budget(self, longest: int, count: int) -> None:
+        """After an out-of-memory error: halve the token budget for this and later batches (the work done is kept)."""
+        if count == 1:
+            raise ModelError(f"one text of {longest} tokens does not fit in the memory of {self.device}; lower "
+                             f"--max-length (now {self.max_length}) or free memory on the device") from None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        old, self.batch_tokens = self.batch_tokens, max(1, min(self.batch_tokens, longest * count) // 2)
+        LOG.warning("out of memory on %s with a batch of %d x %d tokens: --batch-tokens %d -> %d for the rest of "
+                    "this run", self.device, count, longest, old, self.batch_tokens)
 
     def _forward(self, seqs: list[list[int]], timer: _ForwardTimer) -> torch.Tensor:
         """Pooled, L2-normalised float32 vectors of one padded batch (left on the device)."""

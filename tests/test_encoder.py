@@ -177,3 +177,25 @@ def test_pack_batches_caps_padding_once_a_batch_is_a_quarter_full():
         assert padded - sum(lengths[a:b]) <= 0.1 * padded
     small = pack_batches([40, 10, 10], 4000)
     assert small == [(0, 3)]  # under a quarter of the budget: padding is not worth a second batch
+
+
+def test_out_of_memory_halves_the_budget_and_keeps_the_vectors(tiny_qwen3, caplog):
+    from pipeline.errors import ModelError
+
+    encoder = load_encoder(ModelRef("tiny", tiny_qwen3), device="cpu", shm="off", batch_tokens=4096)
+    expected = encoder.encode(TEXTS).vectors
+    original = encoder._forward
+
+    def small_memory(seqs, timer):
+        if len(seqs) > 2:  # a device that holds two texts at once
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(seqs, timer)
+
+    encoder._forward = small_memory
+    with caplog.at_level("WARNING"):
+        got = encoder.encode(TEXTS).vectors
+    assert _cos(got, expected).min() >= 0.9999
+    assert encoder.batch_tokens < 4096 and "out of memory" in caplog.text
+    encoder._forward = lambda seqs, timer: (_ for _ in ()).throw(torch.OutOfMemoryError("simulated"))
+    with pytest.raises(ModelError, match="does not fit in the memory .* lower --max-length"):
+        encoder.encode(["one text alone"])
