@@ -193,10 +193,12 @@ class Encoder:
         inverse = np.fromiter((first_seen.setdefault(t, len(first_seen)) for t in texts), dtype=np.int64,
                               count=len(texts))
         unique = list(first_seen)
-        ids, truncated = self.tokenize([prefix + t for t in unique] if prefix else unique) if unique else ([], None)
+        ids, truncated = [], np.zeros(0, bool)
+        if unique:
+            ids, truncated = self.tokenize([prefix + t for t in unique] if prefix else unique)
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-        return Prepared(inverse=inverse, ids=ids, truncated=np.zeros(0, bool) if truncated is None else truncated,
-                        lengths=lengths, order=np.argsort(-lengths, kind="stable"))
+        return Prepared(inverse=inverse, ids=ids, truncated=truncated, lengths=lengths,
+                        order=np.argsort(-lengths, kind="stable"))
 
     def run(self, prepared: Prepared, on_progress: Callable[[int], None] | None = None) -> Encoded:
         """The model side of `encode`: run the prepared texts in token-budget batches; vectors in input order."""
@@ -234,8 +236,8 @@ class Encoder:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         old, self.batch_tokens = self.batch_tokens, max(1, min(self.batch_tokens, longest * count) // 2)
-        LOG.warning("out of memory on %s with a batch of %d x %d tokens: --batch-tokens %d -> %d for the rest of "
-                    "this run", self.device, count, longest, old, self.batch_tokens)
+        LOG.warning("out of memory on %s with a batch of %d x %d tokens: --batch-tokens %d -> %d for the batches "
+                    "this encoder runs next", self.device, count, longest, old, self.batch_tokens)
 
     def _forward(self, seqs: list[list[int]], timer: _ForwardTimer) -> torch.Tensor:
         """Pooled, L2-normalised float32 vectors of one padded batch (left on the device)."""

@@ -158,6 +158,10 @@ def embed_stream(plan: WorkPlan, chunks: Iterable[tuple[Chunk, ChunkRows]], enco
     in order, each atomically, so an interrupt leaves complete chunks only (the thread pools finish the read and
     the write in flight before the interrupt propagates).
     """
+    if not overlap:
+        for chunk, data in chunks:
+            yield embed_rows(plan, chunk, data, encoder, on_progress, cache)
+        return
     it = iter(chunks)
     loaded = [encoder if hasattr(encoder, "encode") else None]  # set once the model is loaded (main thread)
 
@@ -173,12 +177,6 @@ def embed_stream(plan: WorkPlan, chunks: Iterable[tuple[Chunk, ChunkRows]], enco
         loaded[0] = loaded[0] or work.encoder
         return work
 
-    if not overlap:
-        while (item := read_next()) is not None:
-            work, t_read = item
-            t0 = time.perf_counter()
-            yield _write(plan, embed(work), t_read + time.perf_counter() - t0)
-        return
     with ThreadPoolExecutor(1, thread_name_prefix="embedctl-read") as reader, \
             ThreadPoolExecutor(1, thread_name_prefix="embedctl-write") as writer:
         ahead = reader.submit(read_next)
