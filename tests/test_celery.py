@@ -42,6 +42,23 @@ def _vectors(out: Path) -> tuple[list, np.ndarray]:
     return ids, np.concatenate([np.load(c) for c in chunks]).astype(np.float32)
 
 
+def _busiest_child(worker) -> int:
+    """The pool child that used the most CPU over the last 0.3 s: the one embedding a chunk right now."""
+    import psutil
+
+    def cpu(pid: int) -> float:
+        try:
+            times = psutil.Process(pid).cpu_times()
+            return times.user + times.system
+        except psutil.NoSuchProcess:
+            return -1.0
+
+    pids = worker.children()
+    before = {pid: cpu(pid) for pid in pids}
+    time.sleep(0.3)
+    return max(pids, key=lambda pid: cpu(pid) - before[pid])
+
+
 def _assert_every_id_once(out: Path, corpus: Path) -> None:
     version = out / "current"
     ids = pq.read_table(version / "rows.parquet").column("id").to_pylist()
@@ -150,8 +167,15 @@ def test_kill9_of_a_pool_child_holding_a_chunk(celery_env, start_worker, sample_
                                  celery_env["EMBEDCTL_BROKER_URL"]], env=celery_env, cwd=ROOT,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait(lambda: _done(out) >= 2, 120, "two chunks")
-    victim = worker.children()[0]
-    os.kill(victim, signal.SIGKILL)
+    for _ in range(5):  # kill the child that is computing; an idle one (between chunks) would prove nothing
+        if follower.poll() is not None:
+            break
+        os.kill(_busiest_child(worker), signal.SIGKILL)
+        try:
+            _wait(lambda: "WorkerLostError" in worker.text(), 5, "the pool to report the lost chunk")
+            break
+        except AssertionError:
+            continue
     stdout, stderr = follower.communicate(timeout=300)
     assert follower.returncode == 0, stderr
     assert "WorkerLostError" in worker.text() and "Job:" in worker.text()  # it held a chunk when killed
