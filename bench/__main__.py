@@ -91,8 +91,10 @@ def render(results: dict, out: Path, gpu: dict | None = None) -> tuple[str, list
             lines.append(f"- {corpus}: embedctl default / ST default **{r['vs_st_default']}** {r['vs_st_default_range']}, "
                          f"/ ST best (batch {r['st_best_batch_size']}) **{r['vs_st_best']}** {r['vs_st_best_range']}; "
                          f"fastest budget in the sweep: {r['best_budget']}; **{c['fraction_of_ceiling']}** "
-                         f"{c['fraction_range']} of the {c['gemm_gflops']} GFLOP/s fp32 GEMM ceiling "
-                         f"({c['model_mflops_per_token']} MFLOP a token), forward / stage wall "
+                         f"{c['fraction_range']} of the {c['gemm_gflops']} GFLOP/s fp32 GEMM ceiling (torch matmul; "
+                         f"{c.get('fraction_of_best_gemm', '-')} of the faster of it and oneDNN's "
+                         f"{c.get('onednn_gemm_gflops', '-')} GFLOP/s) ({c['model_mflops_per_token']} MFLOP a token), "
+                         f"forward / stage wall "
                          f"**{c['forward_over_stage']}**, padding overhead {c['padding_overhead']}, "
                          f"{c['mean_tokens']} tokens a text")
             summary.append(f"- {corpus}: {r['vs_st_default']}x sentence-transformers' default batch, "
@@ -106,6 +108,10 @@ def render(results: dict, out: Path, gpu: dict | None = None) -> tuple[str, list
         lines += ["## CPU attention by sequence length", f"`{a['command']}` ({a['threads']} threads): the encoder "
                   f"runs plain attention up to {a['short_attention_max_kv']} key positions, SDPA above", "",
                   table(a["rows"], list(a["rows"][0])), ""]
+        if a.get("softmax_rows"):
+            lines += [f"The softmax alone, (tokens / T) x heads x T x T scores: the encoder writes it out (max, exp, sum, "
+                      f"divide) up to {a['narrow_softmax_max']} positions, where PyTorch's kernel runs scalar code", "",
+                      table(a["softmax_rows"], list(a["softmax_rows"][0])), ""]
     i = results.get("indexes")
     if i and "error" not in i:
         keys = ["dim", "type", "build_s_per_10k", "bytes", "recall@10_ef16", "recall@10_ef64", "recall@10_ef256",

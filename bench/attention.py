@@ -4,7 +4,8 @@
 
 At each key length T, a batch of tokens // T sequences (the encoder's CPU budget) with a padding mask, MiniLM's
 heads by default; the median of 15 timed calls of each. `pipeline.attention.SHORT_ATTENTION_MAX_KV` is the
-longest T run as plain attention.
+longest T run as plain attention. Then the softmax alone over (batch, heads, T, T) scores: PyTorch's kernel vs the
+written-out form `pipeline.attention.softmax_last` uses up to `NARROW_SOFTMAX_MAX` positions.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 import time
 
 LENGTHS = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+SOFTMAX_WIDTHS = (4, 8, 12, 15, 16, 20, 24, 32, 64)
 
 
 def median_ms(fn, repeats: int = 15) -> float:
@@ -38,7 +40,7 @@ def main() -> None:
     import torch
     import torch.nn.functional as F
 
-    from pipeline.attention import SHORT_ATTENTION_MAX_KV, plain_attention
+    from pipeline.attention import NARROW_SOFTMAX_MAX, SHORT_ATTENTION_MAX_KV, plain_attention
 
     torch.set_num_threads(args.threads)
     rows = []
@@ -53,13 +55,22 @@ def main() -> None:
         rows.append({"kv_length": length, "batch": batch, "sdpa_ms": round(sdpa, 3), "plain_ms": round(plain, 3),
                      "plain_over_sdpa": round(plain / sdpa, 3),
                      "encoder_uses": "plain" if length <= SHORT_ATTENTION_MAX_KV else "sdpa"})
+    softmax_rows = []
+    for width in SOFTMAX_WIDTHS:
+        scores = torch.randn(max(1, args.tokens // width), args.heads, width, width)
+        kernel = median_ms(lambda s=scores: torch.softmax(s, dim=-1))
+        written = median_ms(lambda s=scores: (e := (s - s.amax(-1, keepdim=True)).exp_()).div_(e.sum(-1, keepdim=True)))
+        softmax_rows.append({"width": width, "torch_softmax_ms": round(kernel, 3), "written_out_ms": round(written, 3),
+                             "written_over_torch": round(written / kernel, 3),
+                             "encoder_uses": "written-out" if width <= NARROW_SOFTMAX_MAX else "torch"})
     result = {"command": "python -m bench.attention " + " ".join(sys.argv[1:]), "threads": args.threads,
-              "short_attention_max_kv": SHORT_ATTENTION_MAX_KV, "rows": rows}
+              "short_attention_max_kv": SHORT_ATTENTION_MAX_KV, "rows": rows,
+              "narrow_softmax_max": NARROW_SOFTMAX_MAX, "softmax_rows": softmax_rows}
     if args.json:
         print(json.dumps(result, indent=2))
         return
     print(f"# {result['command']}")
-    for r in rows:
+    for r in rows + softmax_rows:
         print(r)
 
 

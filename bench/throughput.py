@@ -4,9 +4,11 @@
 
 Same model (MiniLM), same texts, same threads. sentence-transformers: `SentenceTransformer.encode` at its
 default batch size (32) and at 64 and 128. embedctl: `Encoder.encode` (length-sorted batches packed by a token
-budget) at its default budget and a sweep. Corpora: WordNet glosses, and long texts made by concatenating
-consecutive glosses up to 50-400 tokens. The ceiling: the machine's fp32 GEMM rate (torch matmul at the model's
-shapes) over the model's FLOPs per token; the encoder's fraction of it counts the real (unpadded) tokens.
+budget) at its default budget and a sweep, and once more at its default on PyTorch's linear layers instead of
+oneDNN's (`pipeline/kernels.py`). Corpora: WordNet glosses, and long texts made by concatenating consecutive
+glosses up to 50-400 tokens. The ceiling: the machine's fp32 GEMM rate (torch matmul at the model's shapes) over
+the model's FLOPs per token; the encoder's fraction of it counts the real (unpadded) tokens. The oneDNN GEMM
+rate at the same shapes is measured beside it, and the fraction of the faster of the two is reported too.
 
 The speed of this 2-core machine drifts by 20-30% within minutes, so the headline ratios are paired: after the
 sweep, `--rounds` rounds each time sentence-transformers at its default and at its best batch size, embedctl at
@@ -77,20 +79,32 @@ def spread(rounds: list[dict], key: str) -> list[float]:
 
 
 def gemm_rate(hidden: int, inner: int, tokens: int = 1024, repeats: int = 20, device: str = "cpu",
-              dtype=None) -> float:
-    """Best FLOP/s of torch matmul at the model's shapes (tokens x hidden @ hidden x inner), fp32 by default."""
+              dtype=None, kernel: str = "matmul") -> float:
+    """Best FLOP/s of a GEMM at the model's shapes (tokens x hidden @ hidden x inner), fp32 by default.
+
+    `kernel`: `matmul` is torch matmul (MKL on CPU, cuBLAS on CUDA), the ceiling the issue defines; `onednn` is
+    the oneDNN linear primitive the encoder runs on CPU (`pipeline/kernels.py`), reported beside it.
+    """
     import torch
 
     dtype = dtype or torch.float32
     a = torch.randn(tokens, hidden, device=device, dtype=dtype)
     b = torch.randn(hidden, inner, device=device, dtype=dtype)
+    if kernel == "onednn":
+        weight = b.t().contiguous()
+
+        def gemm():
+            return torch.ops.mkldnn._linear_pointwise(a, weight, None, "none", [], "")
+    else:
+        def gemm():
+            return a @ b
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    (a @ b).sum()
+    gemm().sum()
     sync()
     best = 0.0
     for _ in range(repeats):
         t0 = time.perf_counter()
-        (a @ b).sum()
+        gemm().sum()
         sync()
         best = max(best, 2 * tokens * hidden * inner / (time.perf_counter() - t0))
     return best
@@ -121,11 +135,13 @@ def main() -> None:
     from sentence_transformers import SentenceTransformer
 
     from pipeline.encoder import load_encoder
+    from pipeline.kernels import use_onednn_linear, use_pytorch_linear
     from pipeline.models import resolve_model
 
     torch.set_num_threads(args.threads)
     ref = resolve_model("minilm")
     encoder = load_encoder(ref, device="cpu", shm="off")
+    fused = use_onednn_linear(encoder.model) > 0  # what the encoder runs here (pipeline/kernels.py)
     st = SentenceTransformer(str(ref.path), device="cpu")
     glosses = pq.read_table(GLOSSES, columns=["text"]).column("text").to_pylist()
     corpora = {"glosses": glosses[:args.rows], "long": long_texts(glosses, encoder.tokenizer, args.long)}
@@ -151,6 +167,13 @@ def main() -> None:
                          "texts_per_s": round(ours[label]["rate"], 1)})
             cos = float((vectors * reference).sum(1).min())
             assert cos >= 0.9999, f"embedctl diverged from sentence-transformers on {name}: cos {cos}"
+        if fused:  # the same default run on PyTorch's linear layers: what the oneDNN kernels bring
+            encoder.batch_tokens = DEFAULT_BATCH_TOKENS_CPU
+            use_pytorch_linear(encoder.model)
+            _, wall = wall_timed(lambda texts=texts: encoder.encode(texts))
+            use_onednn_linear(encoder.model)
+            rows.append({"corpus": name, "method": "embedctl", "texts_per_s": round(len(texts) / wall, 1),
+                         "setting": f"batch_tokens={DEFAULT_BATCH_TOKENS_CPU}, PyTorch linear layers"})
         default = ours[f"batch_tokens={DEFAULT_BATCH_TOKENS_CPU} (default)"]
         best_bs = max(st_rates, key=st_rates.get)
         flops = model_flops_per_token(encoder.model, float(np.mean(lengths)))
@@ -162,10 +185,14 @@ def main() -> None:
             encoder.forward_seconds = 0.0
             _, wall = wall_timed(lambda texts=texts: encoder.encode(texts))
             gemm = gemm_rate(cfg.hidden_size, cfg.intermediate_size)
+            onednn = gemm_rate(cfg.hidden_size, cfg.intermediate_size, kernel="onednn") if fused else 0.0
+            achieved = sum(lengths) * flops / wall
             paired.append({"vs_st_default": len(texts) / wall / rates[32],
                            "vs_st_best": len(texts) / wall / rates[best_bs],
-                           "fraction_of_ceiling": sum(lengths) * flops / wall / gemm,
-                           "forward_over_stage": encoder.forward_seconds / wall, "gemm_gflops": gemm / 1e9})
+                           "fraction_of_ceiling": achieved / gemm,
+                           "fraction_of_best_gemm": achieved / max(gemm, onednn),
+                           "forward_over_stage": encoder.forward_seconds / wall, "gemm_gflops": gemm / 1e9,
+                           "onednn_gflops": onednn / 1e9})
 
         ratios[name] = {"vs_st_default": median(paired, "vs_st_default"), "vs_st_best": median(paired, "vs_st_best"),
                         "vs_st_default_range": spread(paired, "vs_st_default"), "vs_st_best_range": spread(paired, "vs_st_best"),
@@ -174,6 +201,8 @@ def main() -> None:
         ceiling[name] = {"gemm_gflops": median(paired, "gemm_gflops"), "model_mflops_per_token": round(flops / 1e6, 2),
                          "fraction_of_ceiling": median(paired, "fraction_of_ceiling"),
                          "fraction_range": spread(paired, "fraction_of_ceiling"),
+                         "onednn_gemm_gflops": median(paired, "onednn_gflops"),
+                         "fraction_of_best_gemm": median(paired, "fraction_of_best_gemm"),
                          "padding_overhead": round(default["padded"] / sum(lengths) - 1, 3),
                          "forward_over_stage": median(paired, "forward_over_stage"),
                          "mean_tokens": round(float(np.mean(lengths)), 1)}

@@ -25,6 +25,19 @@ ATTENTION_NAME = "embedctl"
 SHORT_ATTENTION_MAX_KV = 64
 """Longest key length (positions) run as plain matmul attention on CPU; measured by `python -m bench.attention`."""
 
+NARROW_SOFTMAX_MAX = 15
+"""Up to this many key positions the softmax is written out (max, exp, sum, divide over the whole tensor): PyTorch's
+CPU softmax kernel vectorises along the last dimension and falls back to scalar code below 16 lanes, 4-5x slower
+(`python -m bench.attention` prints both)."""
+
+
+def softmax_last(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension, in place on `scores`; the written-out form for narrow rows."""
+    if scores.shape[-1] > NARROW_SOFTMAX_MAX:
+        return torch.softmax(scores, dim=-1)
+    scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
+    return scores.div_(scores.sum(dim=-1, keepdim=True))
+
 
 def plain_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
                     scaling: float, is_causal: bool) -> torch.Tensor:
@@ -46,7 +59,7 @@ def plain_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
         else:
             scores.add_(mask)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+    probs = softmax_last(scores.float()).to(value.dtype)
     return torch.matmul(probs, value).transpose(1, 2).contiguous()
 
 

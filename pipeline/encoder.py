@@ -22,6 +22,7 @@ import torch
 from pipeline.attention import use_embedctl_attention
 from pipeline.defaults import DEFAULT_BATCH_TOKENS_CPU, DEFAULT_BATCH_TOKENS_CUDA
 from pipeline.errors import ConfigError, ModelError
+from pipeline.kernels import use_onednn_linear, use_pytorch_linear
 from pipeline.models import ModelProfile, ModelRef, read_profile
 
 LOG = logging.getLogger(__name__)
@@ -131,6 +132,10 @@ class Encoder:
                  max_length: int | None = None, batch_tokens: int | None = None, compile: bool = False):
         self.model = model
         use_embedctl_attention(model)  # plain attention for short CPU sequences (pipeline/attention.py)
+        if compile:
+            use_pytorch_linear(model)  # inductor does its own fusion, from the model's own layers
+        else:
+            use_onednn_linear(model)  # fused bias and GELU for fp32 on CPU (pipeline/kernels.py)
         self._module = compiled(model) if compile else model
         self.tokenizer = tokenizer
         self.profile = profile

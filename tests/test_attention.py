@@ -11,6 +11,7 @@ from pipeline.attention import (
     SHORT_ATTENTION_MAX_KV,
     embedctl_attention_forward,
     plain_attention,
+    softmax_last,
 )
 from pipeline.encoder import load_encoder
 from pipeline.models import ModelRef
@@ -38,6 +39,15 @@ def test_plain_attention_equals_sdpa_with_a_padding_mask(kv_heads):
     assert torch.allclose(ours, _sdpa(q, k, v, mask), atol=1e-5)
     additive = torch.zeros(3, 1, 1, 9).masked_fill(~mask, torch.finfo(torch.float32).min)
     assert torch.allclose(plain_attention(q, k, v, additive, 16 ** -0.5, is_causal=False), ours, atol=1e-5)
+
+
+@pytest.mark.parametrize("width", [1, 2, 7, 15, 16, 40])
+def test_written_out_softmax_equals_torch_softmax(width):
+    scores = torch.randn(5, 3, 4, width, generator=torch.Generator().manual_seed(width)) * 8
+    scores[0, 0, 0, : max(1, width - 1)] = torch.finfo(torch.float32).min  # a row masked but for its last key
+    expected = torch.softmax(scores, dim=-1)
+    ours = softmax_last(scores.clone())
+    assert torch.allclose(ours, expected, atol=1e-6) and torch.allclose(ours.sum(-1), torch.ones(5, 3, 4))
 
 
 def test_plain_attention_is_causal_without_a_mask():
