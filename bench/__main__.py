@@ -90,7 +90,9 @@ def render(results: dict, out: Path, gpu: dict | None = None) -> tuple[str, list
             c = t["ceiling"][corpus]
             lines.append(f"- {corpus}: embedctl default / ST default **{r['vs_st_default']}** {r['vs_st_default_range']}, "
                          f"/ ST best (batch {r['st_best_batch_size']}) **{r['vs_st_best']}** {r['vs_st_best_range']}; "
-                         f"fastest budget in the sweep: {r['best_budget']}; **{c['fraction_of_ceiling']}** "
+                         f"fastest budget in the sweep: {r['best_budget']}; oneDNN linear layers / PyTorch's "
+                         f"{r.get('onednn_over_pytorch_linear', '-')} {r.get('onednn_range', '')}; "
+                         f"**{c['fraction_of_ceiling']}** "
                          f"{c['fraction_range']} of the {c['gemm_gflops']} GFLOP/s fp32 GEMM ceiling (torch matmul; "
                          f"{c.get('fraction_of_best_gemm', '-')} of the faster of it and oneDNN's "
                          f"{c.get('onednn_gemm_gflops', '-')} GFLOP/s) ({c['model_mflops_per_token']} MFLOP a token), "

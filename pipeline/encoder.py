@@ -70,6 +70,9 @@ def default_batch_tokens(device: torch.device) -> int:
     return DEFAULT_BATCH_TOKENS_CUDA if device.type == "cuda" else DEFAULT_BATCH_TOKENS_CPU
 
 
+_BUDGET_THAT_FITS = "_embedctl_budget_that_fits"
+"""Attribute of a model: the token budget an out-of-memory error lowered it to (later encoders start there)."""
+
 MAX_PADDING = 0.1
 """Share of padding a batch may reach once it holds a quarter of the budget; past it the batch is closed."""
 
@@ -146,6 +149,11 @@ class Encoder:
         self.batch_tokens = int(batch_tokens or default_batch_tokens(device))
         if self.batch_tokens <= 0:
             raise ConfigError(f"batch_tokens must be > 0, got {self.batch_tokens!r}")
+        fits = getattr(model, _BUDGET_THAT_FITS, None)
+        if fits is not None and fits < self.batch_tokens:  # an earlier encoder of this model ran out of memory
+            LOG.info("--batch-tokens %d -> %d: the budget an earlier out-of-memory error left for this model",
+                     self.batch_tokens, fits)
+            self.batch_tokens = fits
         self.left_padding = profile.pooling == "last"
         self.eos_id = _eos_to_append(tokenizer) if profile.pooling == "last" else None
         self.pad_id = _pad_id(tokenizer)
@@ -241,8 +249,10 @@ class Encoder:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         old, self.batch_tokens = self.batch_tokens, max(1, min(self.batch_tokens, longest * count) // 2)
-        LOG.warning("out of memory on %s with a batch of %d x %d tokens: --batch-tokens %d -> %d for the batches "
-                    "this encoder runs next", self.device, count, longest, old, self.batch_tokens)
+        # Kept on the model, which a worker process caches across tasks: its later encoders start from it.
+        object.__setattr__(self.model, _BUDGET_THAT_FITS, self.batch_tokens)
+        LOG.warning("out of memory on %s with a batch of %d x %d tokens: --batch-tokens %d -> %d for the rest of "
+                    "this process's work with this model", self.device, count, longest, old, self.batch_tokens)
 
     def _forward(self, seqs: list[list[int]], timer: _ForwardTimer) -> torch.Tensor:
         """Pooled, L2-normalised float32 vectors of one padded batch (left on the device)."""

@@ -196,6 +196,10 @@ def test_out_of_memory_halves_the_budget_and_keeps_the_vectors(tiny_qwen3, caplo
         got = encoder.encode(TEXTS).vectors
     assert _cos(got, expected).min() >= 0.9999
     assert encoder.batch_tokens < 4096 and "out of memory" in caplog.text
+    # A worker builds an encoder per task over its cached model: the next one starts from the lower budget.
+    again = Encoder(encoder.model, encoder.tokenizer, encoder.profile, encoder.device, batch_tokens=4096)
+    assert again.batch_tokens == encoder.batch_tokens
+    assert Encoder(encoder.model, encoder.tokenizer, encoder.profile, encoder.device, batch_tokens=8).batch_tokens == 8
     encoder._forward = lambda seqs, timer: (_ for _ in ()).throw(torch.OutOfMemoryError("simulated"))
     with pytest.raises(ModelError, match="does not fit in the memory .* lower --max-length"):
         encoder.encode(["one text alone"])
