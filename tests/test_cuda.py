@@ -64,3 +64,25 @@ def test_compiled_model_on_cuda_matches_eager(tiny_qwen3):
     eager = load_encoder(ModelRef("tiny", tiny_qwen3), device="cuda", dtype="fp32", shm="off")
     fast = Encoder(eager.model, eager.tokenizer, eager.profile, eager.device, compile=True)
     assert _cos(fast.encode(TEXTS).vectors, eager.encode(TEXTS).vectors).min() >= 0.9999
+
+
+def test_a_real_out_of_memory_halves_the_budget_and_keeps_the_vectors(tiny_qwen3):
+    """The device's own OutOfMemoryError (memory capped for this process), not a simulated one."""
+    from pipeline.encoder import Encoder
+
+    texts = [f"{TEXTS[i % len(TEXTS)]} " * 40 + str(i) for i in range(2000)]
+    ref = ModelRef("tiny", tiny_qwen3)
+    expected = load_encoder(ref, device="cuda", dtype="fp32", shm="off", batch_tokens=4096).encode(texts).vectors
+    encoder = load_encoder(ref, device="cuda", dtype="fp32", shm="off", batch_tokens=1 << 22)  # all in one batch
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(0).total_memory
+    cap = torch.cuda.memory_allocated() + (64 << 20)  # 64 MiB above what is held now
+    torch.cuda.set_per_process_memory_fraction(cap / total)
+    try:
+        got = encoder.encode(texts).vectors
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    assert encoder.batch_tokens < 1 << 22  # it ran out of memory for real, and went on with a smaller budget
+    assert _cos(got, expected).min() >= 0.9999
+    assert Encoder(encoder.model, encoder.tokenizer, encoder.profile, encoder.device,
+                   batch_tokens=1 << 22).batch_tokens == encoder.batch_tokens
