@@ -151,7 +151,7 @@ class Encoder:
             raise ConfigError(f"batch_tokens must be > 0, got {self.batch_tokens!r}")
         fits = getattr(model, _BUDGET_THAT_FITS, None)
         if fits is not None and fits < self.batch_tokens:  # an earlier encoder of this model ran out of memory
-            LOG.info("--batch-tokens %d -> %d: the budget an earlier out-of-memory error left for this model",
+            LOG.warning("--batch-tokens %d -> %d: the budget an earlier out-of-memory error left for this model",
                      self.batch_tokens, fits)
             self.batch_tokens = fits
         self.left_padding = profile.pooling == "last"

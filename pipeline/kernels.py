@@ -46,11 +46,15 @@ def onednn_linear_works() -> bool:
 
 
 def _linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if self.weight.requires_grad and torch.is_grad_enabled():  # the oneDNN op has no backward
+        return torch.nn.Linear.forward(self, x)
     return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 
 def _linear_gelu_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     dense = self.dense
+    if dense.weight.requires_grad and torch.is_grad_enabled():
+        return type(self).forward(self, x)
     return torch.ops.mkldnn._linear_pointwise(x, dense.weight, dense.bias, "gelu", [], "none")
 
 
@@ -61,20 +65,46 @@ def _is_exact_gelu(act: object) -> bool:
     return type(act).__name__ == "GELUActivation" and getattr(act, "act", None) is F.gelu
 
 
+def _is_plain_linear(module: torch.nn.Module) -> bool:
+    """An `nn.Linear` whose forward is nn.Linear's own (subclasses may return other things)."""
+    return isinstance(module, torch.nn.Linear) and type(module).forward is torch.nn.Linear.forward
+
+
+_GELU_BLOCK_CHECKED: dict[type, bool] = {}
+
+
 def _is_gelu_block(module: torch.nn.Module) -> bool:
-    """A BERT-family intermediate block: forward is `intermediate_act_fn(dense(x))` with an exact GELU."""
-    return (type(module).__name__.endswith("Intermediate")
-            and isinstance(getattr(module, "dense", None), torch.nn.Linear)
-            and _is_exact_gelu(getattr(module, "intermediate_act_fn", None)))
+    """A BERT-family intermediate block whose forward is `intermediate_act_fn(dense(x))` with an exact GELU.
+
+    The children must be exactly those two (a pre-norm or dropout variant has more), and the first block of each
+    class is run both ways on a probe: a class whose forward does anything else keeps it.
+    """
+    children = dict(module.named_children())
+    if not (type(module).__name__.endswith("Intermediate") and set(children) == {"dense", "intermediate_act_fn"}
+            and _is_plain_linear(children["dense"]) and _is_exact_gelu(children["intermediate_act_fn"])):
+        return False
+    cls = type(module)
+    if cls not in _GELU_BLOCK_CHECKED:
+        dense = children["dense"]
+        x = torch.randn(2, 3, dense.in_features, generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            try:
+                same = torch.allclose(_linear_gelu_forward(module, x), cls.forward(module, x), atol=1e-4)
+            except Exception:  # noqa: BLE001 - any failure means: not the block we fuse
+                same = False
+        _GELU_BLOCK_CHECKED[cls] = bool(same)
+    return _GELU_BLOCK_CHECKED[cls]
 
 
 def use_onednn_linear(model: torch.nn.Module) -> int:
     """Run the linear layers of a CPU fp32 `model` on oneDNN; returns how many forwards were rebound (0: none).
 
-    Idempotent (a worker builds an Encoder per task over the same model); `use_pytorch_linear` undoes it.
+    Idempotent (a worker builds an Encoder per task over the same model); `use_pytorch_linear` undoes it, and so
+    does a call on a model that is no longer fp32 on CPU (moved to a GPU or cast after an earlier call).
     """
     params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
     if not params or any(p.device.type != "cpu" or p.dtype != torch.float32 for p in params):
+        use_pytorch_linear(model)
         return 0
     if getattr(model, _MARK, 0):
         return getattr(model, _MARK)
@@ -85,7 +115,7 @@ def use_onednn_linear(model: torch.nn.Module) -> int:
         if _is_gelu_block(module):
             module.forward = types.MethodType(_linear_gelu_forward, module)
             count += 1
-        elif isinstance(module, torch.nn.Linear):
+        elif _is_plain_linear(module):
             module.forward = types.MethodType(_linear_forward, module)
             count += 1
     object.__setattr__(model, _MARK, count)

@@ -76,7 +76,7 @@ def test_a_real_out_of_memory_halves_the_budget_and_keeps_the_vectors(tiny_qwen3
     encoder = load_encoder(ref, device="cuda", dtype="fp32", shm="off", batch_tokens=1 << 22)  # all in one batch
     torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(0).total_memory
-    cap = torch.cuda.memory_allocated() + (64 << 20)  # 64 MiB above what is held now
+    cap = torch.cuda.memory_reserved() + (64 << 20)  # the cap applies to what the caching allocator reserves
     torch.cuda.set_per_process_memory_fraction(cap / total)
     try:
         got = encoder.encode(texts).vectors

@@ -60,6 +60,61 @@ def test_gelu_is_fused_only_when_it_is_the_exact_one():
         assert torch.allclose(got, expected, atol=1e-5), act
 
 
+class PreNormIntermediate(ToyIntermediate):
+    """Same children as a BERT block plus a norm in front: fusing would drop the norm."""
+
+    def __init__(self):
+        super().__init__(torch.nn.GELU())
+        self.LayerNorm = torch.nn.LayerNorm(16)
+
+    def forward(self, x):
+        return self.intermediate_act_fn(self.dense(self.LayerNorm(x)))
+
+
+class ScaledIntermediate(ToyIntermediate):
+    """The same two children, but a forward that does something else: caught by the probe."""
+
+    def __init__(self):
+        super().__init__(torch.nn.GELU())
+
+    def forward(self, x):
+        return 2 * self.intermediate_act_fn(self.dense(x))
+
+
+class TupleLinear(torch.nn.Linear):
+    """A Linear subclass with a forward of its own (as routers in mixture-of-experts models have)."""
+
+    def forward(self, x):
+        return super().forward(x), x
+
+
+@pytest.mark.parametrize("make", [PreNormIntermediate, ScaledIntermediate])
+def test_blocks_that_are_not_dense_then_gelu_keep_their_forward(make):
+    torch.manual_seed(0)
+    block, x = make(), torch.randn(2, 5, 16)
+    with torch.inference_mode():
+        expected = block(x)
+        use_onednn_linear(block)
+        got = block(x)
+    assert "" not in _forwards(block) and torch.allclose(got, expected, atol=1e-5)
+
+
+def test_linear_subclasses_and_training_keep_pytorch(monkeypatch):
+    model = torch.nn.Sequential(TupleLinear(8, 8), torch.nn.Linear(8, 4))
+    assert use_onednn_linear(model) == 1 and set(_forwards(model)) == {"1"}
+    x = torch.randn(3, 8)
+    model[1](x).sum().backward()  # outside inference mode, with weights that want gradients: autograd works
+    assert model[1].weight.grad is not None and model[1].weight.grad.abs().sum() > 0
+
+
+def test_a_model_cast_after_the_switch_goes_back_to_pytorch():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    assert use_onednn_linear(model) == 1
+    model.double()
+    assert use_onednn_linear(model) == 0 and _forwards(model) == {}
+    assert model(torch.randn(2, 8, dtype=torch.float64)).dtype == torch.float64
+
+
 def test_left_alone_off_fp32_cpu_or_when_the_probe_fails(monkeypatch):
     bf16 = torch.nn.Sequential(torch.nn.Linear(8, 8)).to(torch.bfloat16)
     assert use_onednn_linear(bf16) == 0 and _forwards(bf16) == {}
