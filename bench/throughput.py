@@ -5,7 +5,7 @@
 Same model (MiniLM), same texts, same threads. sentence-transformers: `SentenceTransformer.encode` at its
 default batch size (32) and at 64 and 128. embedctl: `Encoder.encode` (length-sorted batches packed by a token
 budget) at its default budget and a sweep, and in each paired round once more on PyTorch's linear layers
-instead of oneDNN's (`pipeline/kernels.py`). Corpora: WordNet glosses, and long texts made by concatenating consecutive
+instead of oneDNN's (`pipeline/kernels.py`; before the pair in odd rounds, after it in even ones). Corpora: WordNet glosses, and long texts made by concatenating consecutive
 glosses up to 50-400 tokens. The ceiling: the machine's fp32 GEMM rate (torch matmul at the model's shapes) over
 the model's FLOPs per token; the encoder's fraction of it counts the real (unpadded) tokens. The oneDNN GEMM
 rate at the same shapes is measured beside it, and the fraction of the faster of the two is reported too.
@@ -173,18 +173,25 @@ def main() -> None:
         cfg = encoder.model.config
         encoder.batch_tokens = DEFAULT_BATCH_TOKENS_CPU
         paired = []
-        for _ in range(args.rounds):
+        def on_pytorch_linear(texts=texts) -> float:
+            """Wall time of the same run on PyTorch's linear layers: what the oneDNN kernels bring."""
+            use_pytorch_linear(encoder.model)
+            try:
+                return wall_timed(lambda: encoder.encode(texts))[1]
+            finally:
+                use_onednn_linear(encoder.model)
+
+        for round_no in range(args.rounds):
+            # The PyTorch-linear run alternates between just before and just after the pair (ST, embedctl).
+            pytorch_wall = on_pytorch_linear() if fused and round_no % 2 else None
             rates, _ = sweep_sentence_transformers(st, name, texts, sorted({32, best_bs}), [])
             encoder.forward_seconds = 0.0
             _, wall = wall_timed(lambda texts=texts: encoder.encode(texts))
             forward_over_stage = encoder.forward_seconds / wall
+            if fused and pytorch_wall is None:
+                pytorch_wall = on_pytorch_linear()
             gemm = gemm_rate(cfg.hidden_size, cfg.intermediate_size)
-            onednn, pytorch_wall = 0.0, wall
-            if fused:  # the same run on PyTorch's linear layers: what the oneDNN kernels bring
-                onednn = gemm_rate(cfg.hidden_size, cfg.intermediate_size, kernel="onednn")
-                use_pytorch_linear(encoder.model)
-                _, pytorch_wall = wall_timed(lambda texts=texts: encoder.encode(texts))
-                use_onednn_linear(encoder.model)
+            onednn = gemm_rate(cfg.hidden_size, cfg.intermediate_size, kernel="onednn") if fused else 0.0
             achieved = sum(lengths) * flops / wall
             paired.append({"onednn_over_pytorch_linear": pytorch_wall / wall if fused else float("nan"),
                            "vs_st_default": len(texts) / wall / rates[32],
