@@ -44,11 +44,12 @@ def main() -> None:
     import torch
     import torch.nn.functional as F
 
-    from pipeline.attention import NARROW_SOFTMAX_MAX, SHORT_ATTENTION_MAX_KV, plain_attention
-
-    def _written_out(scores):  # what softmax_last runs up to NARROW_SOFTMAX_MAX, at every width
-        scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
-        return scores.div_(scores.sum(dim=-1, keepdim=True))
+    from pipeline.attention import (
+        NARROW_SOFTMAX_MAX,
+        SHORT_ATTENTION_MAX_KV,
+        plain_attention,
+        written_out_softmax,
+    )
 
     torch.set_num_threads(args.threads)
     rows = []
@@ -69,7 +70,7 @@ def main() -> None:
         scores = torch.randn(max(1, args.tokens // width), args.heads, width, width)
         kernel, written, ratio = paired_ms(  # both on a copy: softmax_last works in place
             lambda s=scores: torch.softmax(s.clone(), dim=-1),
-            lambda s=scores: _written_out(s.clone()))
+            lambda s=scores: written_out_softmax(s.clone()))
         softmax_rows.append({"width": width, "torch_softmax_ms": round(kernel, 3), "written_out_ms": round(written, 3),
                              "written_over_torch": round(ratio, 3),
                              "encoder_uses": "written-out" if width <= NARROW_SOFTMAX_MAX else "torch"})

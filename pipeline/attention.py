@@ -31,12 +31,18 @@ CPU softmax kernel vectorises along the last dimension and falls back to scalar 
 (`python -m bench.attention` prints both)."""
 
 
-def softmax_last(scores: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dimension, in place on `scores`; the written-out form for narrow rows."""
-    if scores.shape[-1] > NARROW_SOFTMAX_MAX:
-        return torch.softmax(scores, dim=-1)
+def written_out_softmax(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension as max, exp, sum and divide over the whole tensor, in place on `scores`."""
     scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
     return scores.div_(scores.sum(dim=-1, keepdim=True))
+
+
+def softmax_last(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension (in place on `scores` for narrow rows): the written-out form up to
+    `NARROW_SOFTMAX_MAX` positions, PyTorch's kernel above."""
+    if scores.shape[-1] > NARROW_SOFTMAX_MAX:
+        return torch.softmax(scores, dim=-1)
+    return written_out_softmax(scores)
 
 
 def plain_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,

@@ -152,7 +152,7 @@ class Encoder:
         fits = getattr(model, _BUDGET_THAT_FITS, None)
         if fits is not None and fits < self.batch_tokens:  # an earlier encoder of this model ran out of memory
             LOG.warning("--batch-tokens %d -> %d: the budget an earlier out-of-memory error left for this model",
-                     self.batch_tokens, fits)
+                        self.batch_tokens, fits)
             self.batch_tokens = fits
         self.left_padding = profile.pooling == "last"
         self.eos_id = _eos_to_append(tokenizer) if profile.pooling == "last" else None
