@@ -99,6 +99,12 @@ def render(results: dict, out: Path, gpu: dict | None = None) -> tuple[str, list
                          f"forward / stage wall "
                          f"**{c['forward_over_stage']}**, padding overhead {c['padding_overhead']}, "
                          f"{c['mean_tokens']} tokens a text")
+            if "fraction_of_sustained" in c:
+                shares = ", ".join(f"{group} {share:.1%}" for group, share in c["time_by_operator"].items())
+                lines.append(f"  - {c['fraction_of_sustained']} {c['fraction_of_sustained_range']} of the "
+                             f"{c['sustained_gemm_gflops']} GFLOP/s torch matmul sustains replaying this run's own "
+                             f"linear-layer GEMMs back to back; CPU time by operator (one profiled pass): {shares}; "
+                             f"the linear layers are {c['linear_share_of_flops']:.1%} of the FLOPs")
             summary.append(f"- {corpus}: {r['vs_st_default']}x sentence-transformers' default batch, "
                            f"{r['vs_st_best']}x its best of 32/64/128 (medians of {r['rounds']} paired rounds, "
                            f"{r['vs_st_best_range'][0]}-{r['vs_st_best_range'][1]}); {c['fraction_of_ceiling']} of the "

@@ -5,10 +5,15 @@
 Same model (MiniLM), same texts, same threads. sentence-transformers: `SentenceTransformer.encode` at its
 default batch size (32) and at 64 and 128. embedctl: `Encoder.encode` (length-sorted batches packed by a token
 budget) at its default budget and a sweep, and in each paired round once more on PyTorch's linear layers
-instead of oneDNN's (`pipeline/kernels.py`; before the pair in odd rounds, after it in even ones). Corpora: WordNet glosses, and long texts made by concatenating consecutive
-glosses up to 50-400 tokens. The ceiling: the machine's fp32 GEMM rate (torch matmul at the model's shapes) over
-the model's FLOPs per token; the encoder's fraction of it counts the real (unpadded) tokens. The oneDNN GEMM
-rate at the same shapes is measured beside it, and the fraction of the faster of the two is reported too.
+instead of oneDNN's (`pipeline/kernels.py`; before the pair in odd rounds, after it in even ones). Corpora:
+WordNet glosses, and long texts made by concatenating consecutive glosses up to 50-400 tokens.
+
+The ceiling: the machine's fp32 GEMM rate (torch matmul, the best of 20 calls at the model's largest shape) over
+the model's FLOPs per token (the linear layers that run on every token, plus attention); the encoder's fraction of
+it counts the real (unpadded) tokens. Beside it: the oneDNN rate at the same shape, and the sustained rate of
+torch matmul replaying the run's own linear-layer GEMMs (every other batch, shapes recorded by hooks) timed as a
+whole, the ceiling of an encoder that did nothing but its GEMMs. One profiled pass splits the encoder's CPU time
+by operator group: where the rest of the time goes.
 
 The speed of this 2-core machine drifts by 20-30% within minutes, so the headline ratios are paired: after the
 sweep, `--rounds` rounds each time sentence-transformers at its default and at its best batch size, embedctl at
@@ -110,11 +115,100 @@ def gemm_rate(hidden: int, inner: int, tokens: int = 1024, repeats: int = 20, de
     return best
 
 
-def model_flops_per_token(model, mean_tokens: float) -> float:
-    """2 x the weights of the Linear layers (the matmuls), plus attention scores and mixing at the mean length."""
+def recorded_gemms(encoder, texts: list[str]) -> list[tuple[int, list[tuple[int, int, int]]]]:
+    """The GEMMs the encoder runs on `texts`: per batch, (padded tokens, [(rows, in, out) of each nn.Linear call]).
+
+    Recorded by forward hooks in one pass on PyTorch's linear layers (oneDNN's fused dense+GELU block does not call
+    its `dense`, so its hook would not fire); the shapes are the same on either.
+    """
     import torch
 
-    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    from pipeline.kernels import use_onednn_linear, use_pytorch_linear
+
+    batches: list[tuple[int, list[tuple[int, int, int]]]] = []
+
+    def on_batch(module, args, kwargs):
+        batches.append((int(kwargs["input_ids"].numel()), []))
+
+    def on_linear(module, args, output):
+        x = args[0]
+        batches[-1][1].append((x.numel() // x.shape[-1], module.in_features, module.out_features))
+
+    model = encoder.model
+    fused = bool(getattr(model, "_embedctl_onednn", 0))
+    use_pytorch_linear(model)
+    hooks = [model.register_forward_pre_hook(on_batch, with_kwargs=True)]
+    hooks += [m.register_forward_hook(on_linear) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    try:
+        encoder.encode(texts)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        if fused:
+            use_onednn_linear(model)
+    return batches
+
+
+def replay_gemm_rate(batches: list[tuple[int, list[tuple[int, int, int]]]], every: int = 2) -> float:
+    """Sustained FLOP/s of torch matmul replaying a run's own linear-layer GEMMs back to back (every `every`-th batch).
+
+    The ceiling the encoder is held to: the same shapes in the same order, timed as a whole like the encoder's
+    pass, with nothing but the GEMMs. A best single call (`gemm_rate`) runs 10-30% above what this 2-core machine
+    sustains over seconds; both are reported.
+    """
+    import torch
+
+    # A weight of its own for each call of a batch, as in the model: the weights of all layers together do not
+    # stay in cache between batches, and one shared weight per shape would.
+    layers = max(batches, key=lambda b: len(b[1]))[1]
+    weights = [torch.randn(i, o) for _, i, o in layers]
+    rows = max(r for _, calls in batches for r, _, _ in calls)
+    inputs = {i: torch.randn(rows, i) for _, i, _ in layers}
+    flops = 0
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        for _, calls in batches[::every]:
+            for (r, i, o), weight in zip(calls, weights, strict=True):
+                torch.matmul(inputs[i][:r], weight)
+                flops += 2 * r * i * o
+        return flops / (time.perf_counter() - t0)
+
+
+OPERATOR_GROUPS = {
+    "linear layers": ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "aten::gelu"),
+    "attention matmuls and softmax": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::bmm",
+                                      "aten::_softmax", "aten::exp_", "aten::amax", "aten::masked_fill_"),
+    "layout copies": ("aten::copy_",),
+    "layer norms": ("aten::native_layer_norm",),
+    "residual adds": ("aten::add",),
+}
+
+
+def time_by_operator(encoder, texts: list[str]) -> dict[str, float]:
+    """Shares of the CPU time of one profiled `encode` by operator group (`OPERATOR_GROUPS`, the rest "other")."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        encoder.encode(texts)
+    groups = dict.fromkeys([*OPERATOR_GROUPS, "other"], 0.0)
+    for event in prof.key_averages():
+        group = next((g for g, names in OPERATOR_GROUPS.items() if event.key in names), "other")
+        groups[group] += event.self_cpu_time_total
+    total = sum(groups.values()) or 1.0
+    return {g: round(v / total, 3) for g, v in groups.items()}
+
+
+def model_flops_per_token(model, mean_tokens: float, batches=None) -> float:
+    """2 x the weights of the Linear layers that run on every token, plus attention scores and mixing at the mean
+    length. With `batches` (`recorded_gemms`) a layer counts only if it ran on every position (a pooler on the
+    first token does not); without, every nn.Linear counts."""
+    import torch
+
+    if batches:
+        tokens, calls = batches[0]
+        linear = sum(i * o for r, i, o in calls if r == tokens)
+    else:
+        linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     cfg = model.config
     width = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
     attention = 4 * cfg.num_hidden_layers * mean_tokens * width
@@ -169,9 +263,12 @@ def main() -> None:
             assert cos >= 0.9999, f"embedctl diverged from sentence-transformers on {name}: cos {cos}"
         default = ours[f"batch_tokens={DEFAULT_BATCH_TOKENS_CPU} (default)"]
         best_bs = max(st_rates, key=st_rates.get)
-        flops = model_flops_per_token(encoder.model, float(np.mean(lengths)))
         cfg = encoder.model.config
         encoder.batch_tokens = DEFAULT_BATCH_TOKENS_CPU
+        gemms = recorded_gemms(encoder, texts)
+        flops = model_flops_per_token(encoder.model, float(np.mean(lengths)), gemms)
+        linear_flops = 2 * sum(i * o for r, i, o in gemms[0][1] if r == gemms[0][0])
+        by_operator = time_by_operator(encoder, texts)
         paired = []
         def on_pytorch_linear(texts=texts) -> float:
             """Wall time of the same run on PyTorch's linear layers: what the oneDNN kernels bring."""
@@ -192,12 +289,14 @@ def main() -> None:
                 pytorch_wall = on_pytorch_linear()
             gemm = gemm_rate(cfg.hidden_size, cfg.intermediate_size)
             onednn = gemm_rate(cfg.hidden_size, cfg.intermediate_size, kernel="onednn") if fused else 0.0
+            sustained = replay_gemm_rate(gemms)
             achieved = sum(lengths) * flops / wall
             paired.append({"onednn_over_pytorch_linear": pytorch_wall / wall if fused else float("nan"),
                            "vs_st_default": len(texts) / wall / rates[32],
                            "vs_st_best": len(texts) / wall / rates[best_bs],
                            "fraction_of_ceiling": achieved / gemm,
                            "fraction_of_best_gemm": achieved / max(gemm, onednn),
+                           "fraction_of_sustained": achieved / sustained, "sustained_gflops": sustained / 1e9,
                            "forward_over_stage": forward_over_stage, "gemm_gflops": gemm / 1e9,
                            "onednn_gflops": onednn / 1e9})
 
@@ -211,6 +310,11 @@ def main() -> None:
                          "fraction_of_ceiling": median(paired, "fraction_of_ceiling"),
                          "fraction_range": spread(paired, "fraction_of_ceiling"),
                          "onednn_gemm_gflops": median(paired, "onednn_gflops"),
+                         "sustained_gemm_gflops": median(paired, "sustained_gflops"),
+                         "fraction_of_sustained": median(paired, "fraction_of_sustained"),
+                         "fraction_of_sustained_range": spread(paired, "fraction_of_sustained"),
+                         "linear_share_of_flops": round(linear_flops / flops, 3),
+                         "time_by_operator": by_operator,
                          "fraction_of_best_gemm": median(paired, "fraction_of_best_gemm"),
                          "padding_overhead": round(default["padded"] / sum(lengths) - 1, 3),
                          "forward_over_stage": median(paired, "forward_over_stage"),
