@@ -33,7 +33,21 @@ def run(name: str, extra: list[str]) -> dict:
     data = json.loads(result.stdout[result.stdout.index("{"):])
     data["seconds"] = round(time.perf_counter() - t0, 1)
     data["measured_utc"] = f"{datetime.now(UTC):%Y-%m-%d %H:%M}"
+    data["cpu"] = cpu_model()
     return data
+
+
+def cpu_model() -> str:
+    """The CPU's model name and widest vector extension (/proc/cpuinfo): hosts of the same size differ in speed."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown CPU"
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = fields.get("flags", "").split()
+    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{fields.get('model name', 'unknown CPU')}, {vector}"
 
 
 def table(rows: list[dict], keys: list[str]) -> str:
@@ -71,10 +85,13 @@ def main() -> None:
 
 def render(results: dict, out: Path, gpu: dict | None = None) -> tuple[str, list[str]]:
     lines = [f"# embedctl benchmarks, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
-             f"Machine: {os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}. "
+             f"Machine: {os.cpu_count()} CPUs ({cpu_model()}), {platform.machine()}, Python "
+             f"{platform.python_version()}. "
              "Every figure below was measured in this run; ratios compare runs made side by side.", ""]
-    reused = [f"{n} ({r.get('measured_utc', 'date not recorded')})" for n, r in results.items()
-              if r.get("reused_from_earlier_run")]
+    reused = [f"{n} ({r.get('measured_utc', 'date not recorded')}"
+              + (f", on {r['cpu']}" if r.get("cpu", cpu_model()) != cpu_model() else "")
+              + (", CPU not recorded" if "cpu" not in r else "") + ")"
+              for n, r in results.items() if r.get("reused_from_earlier_run")]
     if reused:
         lines[-2] = lines[-2].replace("Every figure below was measured in this run", (
             "Every figure below was measured on this machine: these in an earlier run of the same code "
