@@ -94,7 +94,7 @@ def render(results: dict, out: Path, gpu: dict | None = None) -> tuple[str, list
               for n, r in results.items() if r.get("reused_from_earlier_run")]
     if reused:
         lines[-2] = lines[-2].replace("Every figure below was measured in this run", (
-            "Every figure below was measured on this machine: these in an earlier run of the same code "
+            "Every figure below was measured by this code (`python -m bench`): these in an earlier run "
             f"(`python -m bench --reuse`), finished at {', '.join(reused)} UTC, the rest in this run"))
     summary = []
     t = results.get("throughput")
