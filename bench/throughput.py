@@ -153,7 +153,7 @@ def replay_gemm_rate(batches: list[tuple[int, list[tuple[int, int, int]]]], ever
     """Sustained FLOP/s of torch matmul replaying a run's own linear-layer GEMMs back to back (every `every`-th batch).
 
     The ceiling the encoder is held to: the same shapes in the same order, timed as a whole like the encoder's
-    pass, with nothing but the GEMMs. A best single call (`gemm_rate`) runs 10-30% above what this 2-core machine
+    pass, with nothing but the GEMMs. A best single call (`gemm_rate`) ran 3-13% above what this 2-core machine
     sustains over seconds; both are reported.
     """
     import torch
