@@ -84,13 +84,17 @@ def main() -> None:
 
 
 def render(results: dict, out: Path, gpu: dict | None = None) -> tuple[str, list[str]]:
+    here = cpu_model()
     lines = [f"# embedctl benchmarks, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
-             f"Machine: {os.cpu_count()} CPUs ({cpu_model()}), {platform.machine()}, Python "
+             f"Machine: {os.cpu_count()} CPUs ({here}), {platform.machine()}, Python "
              f"{platform.python_version()}. "
              "Every figure below was measured in this run; ratios compare runs made side by side.", ""]
-    reused = [f"{n} ({r.get('measured_utc', 'date not recorded')}"
-              + (f", on {r['cpu']}" if r.get("cpu", cpu_model()) != cpu_model() else "")
-              + (", CPU not recorded" if "cpu" not in r else "") + ")"
+    def where(r: dict) -> str:
+        if "cpu" not in r:
+            return ", CPU not recorded"
+        return f", on {r['cpu']}" if r["cpu"] != here else ""
+
+    reused = [f"{n} ({r.get('measured_utc', 'date not recorded')}{where(r)})"
               for n, r in results.items() if r.get("reused_from_earlier_run")]
     if reused:
         lines[-2] = lines[-2].replace("Every figure below was measured in this run", (

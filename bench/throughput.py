@@ -123,7 +123,7 @@ def recorded_gemms(encoder, texts: list[str]) -> list[tuple[int, list[tuple[int,
     """
     import torch
 
-    from pipeline.kernels import use_onednn_linear, use_pytorch_linear
+    from pipeline.kernels import use_onednn_linear, use_pytorch_linear, uses_onednn_linear
 
     batches: list[tuple[int, list[tuple[int, int, int]]]] = []
 
@@ -135,7 +135,7 @@ def recorded_gemms(encoder, texts: list[str]) -> list[tuple[int, list[tuple[int,
         batches[-1][1].append((x.numel() // x.shape[-1], module.in_features, module.out_features))
 
     model = encoder.model
-    fused = bool(getattr(model, "_embedctl_onednn", 0))
+    fused = uses_onednn_linear(model)
     use_pytorch_linear(model)
     hooks = [model.register_forward_pre_hook(on_batch, with_kwargs=True)]
     hooks += [m.register_forward_hook(on_linear) for m in model.modules() if isinstance(m, torch.nn.Linear)]
@@ -198,6 +198,12 @@ def time_by_operator(encoder, texts: list[str]) -> dict[str, float]:
     return {g: round(v / total, 3) for g, v in groups.items()}
 
 
+def per_token_linear_weights(batches: list[tuple[int, list[tuple[int, int, int]]]]) -> int:
+    """Weights of the linear layers that ran on every position of the first recorded batch (`recorded_gemms`)."""
+    tokens, calls = batches[0]
+    return sum(i * o for rows, i, o in calls if rows == tokens)
+
+
 def model_flops_per_token(model, mean_tokens: float, batches=None) -> float:
     """2 x the weights of the Linear layers that run on every token, plus attention scores and mixing at the mean
     length. With `batches` (`recorded_gemms`) a layer counts only if it ran on every position (a pooler on the
@@ -205,8 +211,7 @@ def model_flops_per_token(model, mean_tokens: float, batches=None) -> float:
     import torch
 
     if batches:
-        tokens, calls = batches[0]
-        linear = sum(i * o for r, i, o in calls if r == tokens)
+        linear = per_token_linear_weights(batches)
     else:
         linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     cfg = model.config
@@ -267,7 +272,7 @@ def main() -> None:
         encoder.batch_tokens = DEFAULT_BATCH_TOKENS_CPU
         gemms = recorded_gemms(encoder, texts)
         flops = model_flops_per_token(encoder.model, float(np.mean(lengths)), gemms)
-        linear_flops = 2 * sum(i * o for r, i, o in gemms[0][1] if r == gemms[0][0])
+        linear_flops = 2 * per_token_linear_weights(gemms)
         by_operator = time_by_operator(encoder, texts)
         paired = []
         def on_pytorch_linear(texts=texts) -> float:

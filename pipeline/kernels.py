@@ -122,6 +122,11 @@ def use_onednn_linear(model: torch.nn.Module) -> int:
     return count
 
 
+def uses_onednn_linear(model: torch.nn.Module) -> bool:
+    """Whether `use_onednn_linear` has rebound this model's linear layers."""
+    return bool(getattr(model, _MARK, 0))
+
+
 def use_pytorch_linear(model: torch.nn.Module) -> None:
     """Undo `use_onednn_linear` (the benchmarks compare both)."""
     if not isinstance(model, torch.nn.Module):

@@ -99,7 +99,7 @@ def test_blocks_that_are_not_dense_then_gelu_keep_their_forward(make):
     assert "" not in _forwards(block) and torch.allclose(got, expected, atol=1e-5)
 
 
-def test_linear_subclasses_and_training_keep_pytorch(monkeypatch):
+def test_linear_subclasses_and_training_keep_pytorch():
     model = torch.nn.Sequential(TupleLinear(8, 8), torch.nn.Linear(8, 4))
     assert use_onednn_linear(model) == 1 and set(_forwards(model)) == {"1"}
     x = torch.randn(3, 8)
