@@ -196,7 +196,7 @@ def render_gpu(gpu: dict) -> tuple[list[str], list[str]]:
     if sweep:
         lines += [f"`{sweep['command']}`", "", table(sweep["rows"], ["corpus", "method", "setting", "texts_per_s",
                                                                     "activation_peak_mib", "cos_vs_st_min"]), ""]
-        from pipeline.defaults import DEFAULT_BATCH_TOKENS_CUDA as default
+        from embedctl.pipeline.defaults import DEFAULT_BATCH_TOKENS_CUDA as default
 
         lines.append(f"The budget that runs fastest here set the CUDA default ({default} tokens); ratios at it, and "
                      "the fraction of the bf16 GEMM ceiling by budget (ST's vectors are normalised in bf16, so "

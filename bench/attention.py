@@ -44,7 +44,7 @@ def main() -> None:
     import torch
     import torch.nn.functional as F
 
-    from pipeline.attention import (
+    from embedctl.pipeline.attention import (
         NARROW_SOFTMAX_MAX,
         SHORT_ATTENTION_MAX_KV,
         plain_attention,

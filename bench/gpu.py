@@ -83,8 +83,8 @@ def stage(encoder, folder: Path, glosses_path: Path, rows: int, tmp: Path) -> di
     """The embedding stage of real embedded runs on the first `rows` glosses, with and without the I/O overlap:
     forward (GPU) time over the stage's wall time. A first run warms up (its figures are kept apart), then the
     two modes alternate twice, since the first run on a fresh process was measured slower whatever its mode."""
-    from jobs.runner import run_embedded
-    from jobs.spec import JobSpec
+    from embedctl.jobs.runner import run_embedded
+    from embedctl.jobs.spec import JobSpec
 
     corpus = tmp / "stage.parquet"
     pq.write_table(pq.read_table(glosses_path).slice(0, rows), corpus)
@@ -93,7 +93,7 @@ def stage(encoder, folder: Path, glosses_path: Path, rows: int, tmp: Path) -> di
         spec = JobSpec(corpus=str(corpus), out=str(tmp / f"stage-{i}"), model=str(folder), id_column="id",
                        dims=(), shm="off", hnsw_m=8, ef_construction=16)  # a small graph: the build is not measured
         forward0 = encoder.forward_seconds
-        report = run_embedded(spec, encoder=encoder, overlap=overlap)
+        report = run_embedded(spec, encoder=encoder, overlap=overlap).to_dict()
         forward = encoder.forward_seconds - forward0
         out["runs"].append({"mode": "warm-up" if i == 0 else "overlap" if overlap else "serial",
                             "embed_seconds": report["embed_seconds"], "rows_per_second": report["rows_per_second"],
@@ -110,7 +110,7 @@ def stage(encoder, folder: Path, glosses_path: Path, rows: int, tmp: Path) -> di
 
 def compare_compiled(encoder, corpora: dict[str, list[str]]) -> dict:
     """The same weights through `torch.compile` (Encoder(compile=True)) vs eager: texts/s, compile time, cosine."""
-    from pipeline.encoder import Encoder
+    from embedctl.pipeline.encoder import Encoder
 
     compiled = Encoder(encoder.model, encoder.tokenizer, encoder.profile, encoder.device,
                        max_length=encoder.max_length, batch_tokens=encoder.batch_tokens, compile=True)
@@ -144,9 +144,9 @@ def main() -> None:
         sys.exit("bench.gpu needs a CUDA device")
     if not args.glosses.exists():
         sys.exit(f"{args.glosses} is absent: pass --glosses PATH (the WordNet glosses Parquet)")
-    from pipeline.defaults import DEFAULT_BATCH_TOKENS_CUDA
-    from pipeline.encoder import load_encoder
-    from pipeline.models import ModelRef
+    from embedctl.pipeline.defaults import DEFAULT_BATCH_TOKENS_CUDA
+    from embedctl.pipeline.encoder import load_encoder
+    from embedctl.pipeline.models import ModelRef
 
     glosses = pq.read_table(args.glosses, columns=["text"]).column("text").to_pylist()
     tmp = Path(tempfile.mkdtemp(prefix="embedctl-bench-gpu-"))

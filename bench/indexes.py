@@ -33,8 +33,8 @@ def embeddings(texts: list[str], cache: Path, prefix: str = "") -> np.ndarray:
     """MiniLM vectors of `texts`, cached on disk (the benchmark measures indexes, not the encoder)."""
     if cache.exists():
         return np.load(cache)
-    from pipeline.encoder import load_encoder
-    from pipeline.models import resolve_model
+    from embedctl.pipeline.encoder import load_encoder
+    from embedctl.pipeline.models import resolve_model
 
     vectors = load_encoder(resolve_model("minilm"), device="cpu", shm="off").encode(texts, prefix=prefix).vectors
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -54,8 +54,9 @@ def main() -> None:
         sys.exit(f"{CORPORA} is absent: this benchmark needs the WordNet corpora in ../shared/corpora")
     import faiss
 
-    from pipeline.evaluate import _metrics
-    from pipeline.index import build_hnsw, index_dims, slice_normalise
+    from embedctl.pipeline.evaluate import _metrics
+    from embedctl.pipeline.index import build_hnsw, slice_normalise
+    from embedctl.pipeline.plan import index_dims
 
     glosses = pq.read_table(CORPORA / "wordnet_glosses.parquet", columns=["id", "text"]).slice(0, args.rows)
     queries = pq.read_table(CORPORA / "wordnet_queries.parquet")
@@ -66,7 +67,7 @@ def main() -> None:
     position = {i: n for n, i in enumerate(glosses.column("id").to_pylist())}
     relevant = np.array([position[r] for r in queries.column("relevant_id").to_pylist()])
     rows, quality = [], {}
-    for dim in index_dims(full.shape[1], (1024, 512, 256, 128, 64)):
+    for dim in index_dims(full.shape[1], None, (1024, 512, 256, 128, 64)):
         x, q = slice_normalise(full, dim), slice_normalise(qv, dim)
         exact = faiss.IndexFlatIP(dim)
         exact.add(x)

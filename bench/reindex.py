@@ -36,8 +36,8 @@ def main() -> None:
     args = parser.parse_args()
     if not GLOSSES.exists():
         sys.exit(f"{GLOSSES} is absent: this benchmark needs the WordNet corpus in ../shared/corpora")
-    from jobs.runner import run_embedded
-    from jobs.spec import JobSpec
+    from embedctl.jobs.runner import run_embedded
+    from embedctl.jobs.spec import JobSpec
 
     work = Path(tempfile.mkdtemp(prefix="embedctl-bench-reindex-"))
     table = pq.read_table(GLOSSES).slice(0, args.rows)
@@ -76,7 +76,7 @@ def _three_runs(run_embedded, JobSpec, table, work: Path, args, shm: str) -> dic
                 texts[i] = texts[i] + " (revised)"
             pq.write_table(table.set_column(table.schema.get_field_index("text"), "text", pa.array(texts)), corpus)
         t0 = time.perf_counter()
-        report = run_embedded(spec)
+        report = run_embedded(spec).to_dict()
         runs[name] = {"seconds": round(time.perf_counter() - t0, 3), "status": report["status"],
                       "rows_embedded": report["rows_embedded"], "rows_reused": report.get("rows_reused", 0)}
     assert runs["unchanged"]["rows_embedded"] == 0

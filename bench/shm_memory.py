@@ -37,8 +37,8 @@ def _pss_kib(pid: int) -> int:
 def worker(folder: str, mode: str) -> None:
     """One worker: load (shm=require or off), embed one text, report timings, wait for stdin to close."""
     t_start = time.perf_counter()
-    from pipeline.encoder import import_model_code, load_encoder
-    from pipeline.models import ModelRef
+    from embedctl.pipeline.encoder import import_model_code, load_encoder
+    from embedctl.pipeline.models import ModelRef
 
     import_model_code(Path(folder))  # what a prefork parent does once before forking its children
 
@@ -78,7 +78,7 @@ def main() -> None:
         return
     import torch
 
-    from shm_loader.segment import publish, release
+    from embedctl.shm_loader.segment import publish, release
     from tests.factory import save_tiny_qwen3
 
     work = Path(tempfile.mkdtemp(prefix="embedctl-bench-"))

@@ -123,7 +123,7 @@ def recorded_gemms(encoder, texts: list[str]) -> list[tuple[int, list[tuple[int,
     """
     import torch
 
-    from pipeline.kernels import use_onednn_linear, use_pytorch_linear, uses_onednn_linear
+    from embedctl.pipeline.kernels import use_onednn_linear, use_pytorch_linear, uses_onednn_linear
 
     batches: list[tuple[int, list[tuple[int, int, int]]]] = []
 
@@ -236,9 +236,9 @@ def main() -> None:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from pipeline.encoder import load_encoder
-    from pipeline.kernels import use_onednn_linear, use_pytorch_linear
-    from pipeline.models import resolve_model
+    from embedctl.pipeline.encoder import load_encoder
+    from embedctl.pipeline.kernels import use_onednn_linear, use_pytorch_linear
+    from embedctl.pipeline.models import resolve_model
 
     torch.set_num_threads(args.threads)
     ref = resolve_model("minilm")
@@ -254,7 +254,7 @@ def main() -> None:
         lengths = [len(x) for x in encoder.tokenize(texts)[0]]
         st_rates, reference = sweep_sentence_transformers(st, name, texts, ST_BATCHES, rows)
         ours = {}
-        from pipeline.defaults import DEFAULT_BATCH_TOKENS_CPU
+        from embedctl.pipeline.defaults import DEFAULT_BATCH_TOKENS_CPU
 
         for budget in BUDGETS:
             encoder.batch_tokens = budget

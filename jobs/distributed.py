@@ -1,7 +1,9 @@
-"""The Celery submitter: plan the job, record it on disk, queue only the missing chunks, follow to the publish.
+"""The Celery submitter: begin the run, queue only the missing chunks (by task name), follow it to the publish.
 
-The follower reads the run state from disk (chunk files, failures, the published version), so it shows the
+The follower reads the run state from disk (chunk files, heartbeats, failures, the run report), so it shows the
 same truth as `embedctl status` and survives a Redis restart; Ctrl-C leaves the job running on the workers.
+While it follows, it keeps the run's lease alive and watches for stalls: chunks (or the build) whose worker died
+are re-queued after `stall_seconds` instead of the visibility time-out.
 """
 
 from __future__ import annotations
@@ -10,161 +12,195 @@ import logging
 import time
 from dataclasses import dataclass
 
-from jobs import state
-from jobs.runner import plan_job
-from jobs.spec import JobSpec
-from pipeline.errors import BrokerError, EmbedctlError
-from pipeline.plan import WorkPlan
-from pipeline.work import ProgressFactory, missing_chunks, no_progress
-from tasks.settings import Settings, mask_url, url_password
+from embedctl.jobs import lifecycle, locks, state
+from embedctl.jobs.broker import (
+    BUILD_TASK,
+    EMBED_TASK,
+    Settings,
+    check_broker,
+    clean,
+    queued_args,
+    require_consumers,
+    sender,
+)
+from embedctl.jobs.report import RunReport, read_report
+from embedctl.jobs.spec import JobSpec
+from embedctl.pipeline.errors import BrokerError, EmbedctlError
+from embedctl.pipeline.work import ProgressFactory, missing_chunks, no_progress
 
 LOG = logging.getLogger(__name__)
 
-STALL_HINT_SECONDS = 120
-"""Without a completed chunk for this long, the follower says how to check the workers."""
+WORKER_WAIT_SECONDS = 5.0
+"""How long a submitter waits for a worker that is starting to answer before it says that none consumes a queue."""
 
 
 class JobFailed(EmbedctlError):
-    """A chunk or the build of a distributed job failed for good."""
+    """A chunk or the build of a distributed job failed for good, or no worker is left to run it."""
 
 
 @dataclass
 class Submitted:
-    plan: WorkPlan
+    """A run queued on the workers (or found up to date: `report` set)."""
+
+    run: lifecycle.Run
+    settings: Settings
     missing: list[int]
-    build_submitted: bool
-    up_to_date: dict | None = None
+    report: RunReport | None = None
 
     @property
-    def chunks_submitted(self) -> int:
-        return len(self.missing)
-
-    @property
-    def chunks_done_before(self) -> int:
-        return len(self.plan.corpus.chunks) - len(self.missing)
+    def plan(self):
+        return self.run.plan
 
     def to_dict(self) -> dict:
-        return {"job_id": self.plan.plan_id, "out": self.plan.out, "work_dir": str(self.plan.work_dir),
-                "chunks_total": len(self.plan.corpus.chunks), "chunks_submitted": self.chunks_submitted,
-                "chunks_done_before": self.chunks_done_before, "status": "up-to-date" if self.up_to_date
-                else "submitted"}
+        plan = self.plan
+        return {"run_id": self.run.run_id, "job_id": plan.plan_id, "out": plan.out, "work_dir": str(plan.work_dir),
+                "chunks_total": len(plan.corpus.chunks), "chunks_submitted": len(self.missing),
+                "chunks_done_before": len(plan.corpus.chunks) - len(self.missing),
+                "status": self.report.status if self.report else "submitted"}
 
 
-def check_broker(settings: Settings, timeout: float = 5.0) -> None:
-    """Ping the Redis broker; raise BrokerError (one line, password masked) when it cannot be used."""
-    import redis
+def submit(spec: JobSpec, settings: Settings, job: str | None = None, detach: bool = False) -> Submitted:
+    """Begin a Celery run of `spec` and queue its missing chunks (or its build when all are done).
 
-    masked = settings.masked_broker
-    try:
-        redis.Redis.from_url(settings.broker_url, socket_connect_timeout=timeout, socket_timeout=timeout).ping()
-    except (redis.AuthenticationError, redis.exceptions.AuthenticationWrongNumberOfArgsError):
-        if url_password(settings.broker_url) is None:
-            raise BrokerError(f"the broker at {masked} requires a password: put it in the URL "
-                              "(redis://:PASSWORD@host:port/db)") from None
-        raise BrokerError(f"the broker at {masked} refused the password; check the password in --broker / "
-                          "EMBEDCTL_BROKER_URL") from None
-    except redis.ResponseError as exc:
-        reason = _clean(str(exc), settings.broker_url)
-        if "NOAUTH" in reason or "AUTH" in reason:
-            raise BrokerError(f"the broker at {masked} requires a password: put it in the URL "
-                              "(redis://:PASSWORD@host:port/db)") from None
-        raise BrokerError(f"the broker at {masked} answered with an error ({reason})") from None
-    except (redis.ConnectionError, redis.TimeoutError, OSError, ValueError) as exc:
-        reason = _clean(str(exc), settings.broker_url) or type(exc).__name__
-        raise BrokerError(f"cannot reach the broker at {masked} ({reason}); is Redis running there? Check "
-                          "--broker / EMBEDCTL_BROKER_URL") from None
-
-
-def _clean(text: str, url: str) -> str:
-    password = url_password(url)
-    text = " ".join(mask_url(text).split())
-    return text.replace(password, "***") if password else text
-
-
-def submit(spec: JobSpec, settings: Settings, **job_fields) -> Submitted:
-    """Plan `spec`, record the job, and queue its missing chunks (or its build, when all chunks are done)."""
-    from tasks.app import app, configure
-    from tasks.embed import build_index, embed_chunk
-
+    Unless `detach`, a queue that no live worker consumes is refused in one line before anything is queued.
+    Raises OutputBusy when a live run holds the output folder.
+    """
     check_broker(settings)
-    configure(app, settings)
-    plan = plan_job(spec)
-    published = state.published_info(plan)
-    if published:
-        return Submitted(plan, [], False, up_to_date=published)
-    state.write_job(plan, mode="celery", broker=settings.masked_broker, keep=spec.keep, **job_fields)
-    missing = missing_chunks(plan)
-    work_dir = str(plan.work_dir)
+    app = sender(settings)
+    run = lifecycle.begin(spec, "celery", settings, job=job)
+    if run.up_to_date:
+        return Submitted(run, settings, [], report=lifecycle.finish_up_to_date(run))
     try:
-        with app.producer_or_acquire() as producer:
-            for number in missing:
-                embed_chunk.apply_async((work_dir, number), producer=producer)
-            if not missing:
-                build_index.apply_async((work_dir,), producer=producer)
-    except Exception as exc:  # noqa: BLE001 - kombu/redis errors become one line
-        raise BrokerError(f"cannot queue the job on {settings.masked_broker}: "
-                          f"{_clean(str(exc), settings.broker_url)}") from None
-    LOG.info("job %s: queued %d chunks on %s", plan.plan_id, len(missing), settings.masked_broker)
-    return Submitted(plan, missing, not missing)
+        missing = missing_chunks(run.plan)
+        needed = ([settings.embed_queue] if missing else []) + [settings.build_queue]
+        if detach:
+            try:
+                require_consumers(app, needed)
+            except BrokerError as exc:
+                LOG.warning("%s", exc)
+        else:
+            require_consumers(app, needed, wait=WORKER_WAIT_SECONDS)
+        work_dir = str(run.plan.work_dir)
+        try:
+            with app.producer_or_acquire() as producer:
+                for number in missing:
+                    app.send_task(EMBED_TASK, (work_dir, number), producer=producer)
+                if not missing:
+                    app.send_task(BUILD_TASK, (work_dir,), producer=producer)
+        except Exception as exc:  # noqa: BLE001 - kombu/redis errors become one line
+            raise BrokerError(f"cannot queue the job on {settings.masked_broker}: "
+                              f"{clean(str(exc), settings.url)}") from None
+    except BaseException as exc:
+        lifecycle.fail(run, str(exc) or type(exc).__name__)
+        raise
+    LOG.info("run %s: queued %d chunks of job %s on %s", run.run_id, len(missing), run.plan.plan_id,
+             settings.masked_broker)
+    return Submitted(run, settings, missing)
+
+
+def submit_named(named, settings: Settings, detach: bool = False) -> Submitted | RunReport:
+    """Begin a run of a named job on the workers; a busy output folder is recorded as a skipped run."""
+    try:
+        return submit(named.spec, settings, job=named.name, detach=detach)
+    except lifecycle.OutputBusy as busy:
+        return lifecycle.skipped(named.spec, "celery", named.name, busy)
 
 
 def follow(submitted: Submitted, progress: ProgressFactory = no_progress, poll: float = 0.5,
-           timeout: float | None = None) -> dict:
-    """Show progress until the job's version is published; raise JobFailed when a chunk or the build fails."""
-    plan = submitted.plan
+           timeout: float | None = None) -> RunReport:
+    """Show progress until the run's report is written; raise JobFailed when it fails or no worker is left."""
+    if submitted.report is not None:
+        return submitted.report
+    run, settings = submitted.run, submitted.settings
+    plan = run.plan
     total_chunks = len(plan.corpus.chunks)
+    watchdog = Watchdog(run, settings)
     t0 = time.monotonic()
-    chunks, rows = state.progress(plan)
-    last_change = time.monotonic()
-    embedded_at = None
-    hinted = False
-    with progress("embed", plan.corpus.rows, "rows", rows) as update:
+    _chunks, rows = state.progress(plan)
+    with locks.keep_alive(run.renew, run.lease_seconds / 3, f"run {run.run_id}"), \
+            progress("embed", plan.corpus.rows, "rows", rows) as update:
         while True:
+            report = read_report(plan.work_dir)
+            if report is not None and report.run_id == run.run_id:
+                break
             failed = state.failures(plan)
             if failed:
                 raise JobFailed(f"job {plan.plan_id} failed: {failed[0]['error']}; fix the cause and run the same "
                                 "command again (complete chunks are kept)")
-            published = state.published_info(plan)
-            if published and _report_of(plan, published["version"]):
-                break  # the build task writes the run report right after the swap: wait for it too
-            now_chunks, now_rows = state.progress(plan)
+            chunks, now_rows = state.progress(plan)
             if now_rows != rows:
                 update(now_rows - rows)
-                last_change = time.monotonic()
-            chunks, rows = now_chunks, now_rows
-            if chunks == total_chunks and embedded_at is None:
-                embedded_at = time.monotonic()
-            stage = "building indexes" if chunks == total_chunks else f"chunks {chunks}/{total_chunks}"
-            getattr(update, "note", lambda _s: None)(stage)
-            if not hinted and time.monotonic() - last_change > STALL_HINT_SECONDS:
-                hinted = True
-                LOG.warning("no progress for %d s: are workers consuming the embed queue? Ctrl-C leaves the job "
-                            "queued; running the same command again re-queues the missing chunks",
-                            STALL_HINT_SECONDS)
+                rows = now_rows
+            getattr(update, "note", lambda _s: None)(
+                "building indexes" if chunks == total_chunks else f"chunks {chunks}/{total_chunks}")
+            watchdog.check()
             if timeout is not None and time.monotonic() - t0 > timeout:
                 raise JobFailed(f"job {plan.plan_id} did not finish within {timeout:.0f} s; it keeps running on the "
                                 f"workers: follow it with `embedctl status {plan.out}`")
             time.sleep(poll)
-    report = _report_of(plan, state.published_info(plan)["version"])
-    seconds = time.monotonic() - t0
-    chunk_reports = [plan.store.read_report(k) for k in submitted.missing]
-    embedded = sum(r["embedded"] for r in chunk_reports)
-    return {**report, "status": "published", "job_id": plan.plan_id, "mode": "celery",
-            "chunks_total": total_chunks, "chunks_embedded": submitted.chunks_submitted,
-            "chunks_done_before": submitted.chunks_done_before, "rows_embedded": embedded,
-            "rows_reused": sum(r["reused"] for r in chunk_reports),
-            "follow_seconds": round(seconds, 3),
-            "embed_seconds": round((embedded_at or time.monotonic()) - t0, 3),
-            "rows_per_second": round(embedded / ((embedded_at or time.monotonic()) - t0), 1) if embedded else None}
+    if report.status == "failed":
+        raise JobFailed(f"job {plan.plan_id} failed: {report.error}; fix the cause and run the same command again "
+                        "(complete chunks are kept)")
+    return report
 
 
-def _report_of(plan: WorkPlan, version: str) -> dict | None:
-    """The run report of `plan` when it describes `version` (an older one may be left from an earlier build)."""
-    from pipeline.fsutil import read_json
+class Watchdog:
+    """Re-queues the work of a run that stalled: a chunk whose heartbeat went stale (its worker died), or, when
+    nothing of the job moved for `stall_seconds`, every missing chunk (or the build) that is neither queued nor
+    being worked on. Chunks are idempotent: a duplicate that runs later finds its chunk complete."""
 
-    path = plan.work_dir / state.REPORT_FILE
-    try:
-        report = read_json(path)
-    except (FileNotFoundError, ValueError):
-        return None
-    return report if report.get("version") == version else None
+    def __init__(self, run: lifecycle.Run, settings: Settings, every: float | None = None):
+        self.run = run
+        self.settings = settings
+        self.stall = float(settings.stall_seconds)
+        self.every = every if every is not None else max(1.0, min(10.0, self.stall / 4))
+        self.started = time.time()
+        self.requeued: dict[str, float] = {}
+        self._next = time.monotonic() + self.every
+        self._app = None
+
+    def check(self) -> list[str]:
+        """Look once (at most every `every` seconds); returns what was re-queued."""
+        if time.monotonic() < self._next:
+            return []
+        self._next = time.monotonic() + self.every
+        plan = self.run.plan
+        now = time.time()
+        idle = now - max(self.started, state.latest_activity(plan)) > self.stall
+        missing = missing_chunks(plan)
+        if missing:
+            todo = {state.chunk_name(k): k for k in missing}
+            task, queue = EMBED_TASK, self.settings.embed_queue
+        elif state.published_version(plan) is None:
+            todo = {"build": None}
+            task, queue = BUILD_TASK, self.settings.build_queue
+        else:
+            return []
+        stale = []
+        for what in todo:
+            age = state.heartbeat_age(plan, what)
+            dead = (age is not None and age > self.stall) or (age is None and idle)
+            if dead and now - self.requeued.get(what, 0) > self.stall:
+                stale.append(what)
+        if not stale:
+            return []
+        work_dir = str(plan.work_dir)
+        queued = {tuple(args) for args in queued_args(self.settings, queue, task) if args and args[0] == work_dir}
+        stale = [w for w in stale if (work_dir, todo[w]) not in queued and (work_dir,) not in queued]
+        if not stale:
+            return []
+        app = self._app = self._app or sender(self.settings)
+        try:
+            require_consumers(app, [queue])
+        except BrokerError as exc:
+            raise JobFailed(f"job {plan.plan_id} stalled: {exc}. The job stays on disk: start a worker and run "
+                            "the same command again") from None
+        with app.producer_or_acquire() as producer:
+            for what in stale:
+                args = (work_dir,) if todo[what] is None else (work_dir, todo[what])
+                app.send_task(task, args, producer=producer)
+                self.requeued[what] = now
+        LOG.warning("job %s: %s made no progress for %.0f s (a worker died?): re-queued", plan.plan_id,
+                    ", ".join(stale[:5]) + (f" and {len(stale) - 5} more" if len(stale) > 5 else ""), self.stall)
+        return stale
+

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-from pipeline.defaults import (
+from embedctl.pipeline.defaults import (
     DEFAULT_CHUNK_ROWS,
-    DEFAULT_DIMS,
     DEFAULT_EF_CONSTRUCTION,
     DEFAULT_EF_SEARCH,
     DEFAULT_HNSW_M,
@@ -19,10 +18,10 @@ from pipeline.defaults import (
     DEFAULT_MODEL,
     DEFAULT_TEXT_COLUMN,
     DTYPE_NAMES,
+    INDEX_TYPES,
+    INSTRUCTION_FORMATS,
 )
-from pipeline.errors import ConfigError
-
-INDEX_TYPES = ("hnsw", "hnsw-sqfp16", "hnsw-sq8")  # pipeline.index.INDEX_TYPES, without importing faiss here
+from embedctl.pipeline.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -30,6 +29,8 @@ class JobSpec:
     """Everything that defines an indexing job.
 
     `instruction` / `query_instruction`: None means "not set" (model defaults apply), "" means none.
+    `instruction_format`: qwen3 or raw; None means the model's default (qwen3 for instruction-aware models).
+    `dims`: None means the defaults below the model's dim; explicit dims must all be honoured.
     `id_column`: when it is the default ("id") and the corpus has no such column, row numbers are the ids.
     """
 
@@ -40,7 +41,8 @@ class JobSpec:
     id_column: str = DEFAULT_ID_COLUMN
     instruction: str | None = None
     query_instruction: str | None = None
-    dims: tuple[int, ...] = DEFAULT_DIMS
+    instruction_format: str | None = None
+    dims: tuple[int, ...] | None = None
     chunk_rows: int = DEFAULT_CHUNK_ROWS
     batch_tokens: int | None = None
     max_length: int | None = None
@@ -57,7 +59,8 @@ class JobSpec:
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "dims", tuple(self.dims))
+        if self.dims is not None:
+            object.__setattr__(self, "dims", tuple(self.dims))
         for name in ("corpus", "out", "model", "text_column"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value.strip():
@@ -69,9 +72,12 @@ class JobSpec:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
-        bad = [d for d in self.dims if not isinstance(d, int) or isinstance(d, bool) or d <= 0]
+        bad = [d for d in self.dims or () if not isinstance(d, int) or isinstance(d, bool) or d <= 0]
         if bad:
             raise ConfigError(f"dims must be positive integers, got {bad!r}")
+        if self.instruction_format not in (None, *INSTRUCTION_FORMATS):
+            raise ConfigError(f"instruction_format must be one of {', '.join(INSTRUCTION_FORMATS)}, got "
+                              f"{self.instruction_format!r}")
         if not isinstance(self.compile, bool):
             raise ConfigError(f"compile must be true or false, got {self.compile!r}")
         if self.index_type not in INDEX_TYPES:
@@ -88,7 +94,7 @@ class JobSpec:
     def to_dict(self) -> dict:
         data = asdict(self)
         data.pop("extra")
-        data["dims"] = list(self.dims)
+        data["dims"] = list(self.dims) if self.dims is not None else None
         return data
 
     @classmethod

@@ -21,9 +21,9 @@ from dataclasses import dataclass, fields
 from datetime import timedelta
 from pathlib import Path
 
-from jobs.spec import JobSpec
-from pipeline.corpus import discover_files
-from pipeline.errors import ConfigError, CorpusError
+from embedctl.jobs.spec import JobSpec
+from embedctl.pipeline.corpus import discover_files
+from embedctl.pipeline.errors import ConfigError, CorpusError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _INTERVAL = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd])$")
@@ -138,6 +138,12 @@ def load_jobs(path: Path) -> dict[str, NamedJob]:
             errors.append(f"{where}: {exc}")
             continue
         jobs[name] = NamedJob(name=name, spec=spec, schedule=str(schedule) if schedule is not None else None)
+    by_out: dict[str, str] = {}
+    for name, job in jobs.items():
+        other = by_out.setdefault(job.spec.out, name)
+        if other != name:
+            errors.append(f"jobs.{name}: out {job.spec.out!r} is also the output folder of jobs.{other}; each job "
+                          "needs its own (one writer per folder: one job's runs would delete the other's rows)")
     if errors:
         raise SpecFileError(path, errors)
     return jobs

@@ -1,42 +1,87 @@
 """Run state on disk, beside the job's outputs: what `embedctl status`, a re-run, workers and beat all read.
 
-In `OUT/work/<plan_id>/`: `plan.json` (the plan), `job.json` (how and when it was submitted), `chunks/`
-(a chunk is complete when its `.npy` exists), `failures/` (one JSON a failed chunk or build), `report.json`
-(written when the version is published). Redis holds none of this: losing it loses no work.
+In `OUT/work/<job id>/` (the job id is the plan id):
+- `plan.json`: the plan (`pipeline.plan`);
+- `job.json`: the run that owns the job now (`RunRecord`: run id, mode, lease, retention);
+- `chunks/`: the chunk store (a chunk is complete when its `.npy` exists);
+- `running/<chunk-N|build>.json`: heartbeats of the tasks working on it, touched every few seconds: a stale one
+  means its worker died (the follower re-queues that work);
+- `failures/`: one JSON per chunk or build that failed for good;
+- `report.json`: the run report of the last run that ended (`jobs.report`).
+Redis holds none of this: losing it loses no work.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import time
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pipeline import versions, work
-from pipeline.errors import StorageError
-from pipeline.fsutil import read_json, write_json
-from pipeline.plan import PLAN_FILE, WORK, WorkPlan, load_plan
+from embedctl.jobs.locks import LeaseRef
+from embedctl.jobs.report import read_report
+from embedctl.pipeline import versions
+from embedctl.pipeline.errors import StorageError
+from embedctl.pipeline.fsutil import read_json, write_json
+from embedctl.pipeline.manifest import read_info
+from embedctl.pipeline.plan import PLAN_FILE, WORK, WorkPlan, load_plan
 
 JOB_FILE = "job.json"
-REPORT_FILE = "report.json"
 FAILURES = "failures"
+RUNNING = "running"
 
 
 def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def write_job(plan: WorkPlan, mode: str, broker: str | None = None, keep: int | None = None,
-              **extra) -> dict:
-    """Record a submission (mode: embedded or celery; broker masked) and clear earlier failures."""
-    job = {"job_id": plan.plan_id, "out": str(plan.out), "work_dir": str(plan.work_dir), "mode": mode,
-           "broker": broker, "submitted": now(), "host": socket.gethostname(), "pid": os.getpid(),
-           "chunks_total": len(plan.corpus.chunks), "rows_total": plan.corpus.rows, "keep": keep, **extra}
+@dataclass
+class RunRecord:
+    """The run that owns a job's work folder now (job.json)."""
+
+    run_id: str
+    mode: str  # embedded | celery
+    started: str
+    started_ts: float
+    lease: LeaseRef
+    job: str | None = None
+    keep: int | None = None
+    broker: str | None = None  # masked
+    host: str = field(default_factory=socket.gethostname)
+    pid: int = field(default_factory=os.getpid)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "lease": self.lease.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RunRecord:
+        names = set(cls.__dataclass_fields__)
+        values = {k: v for k, v in data.items() if k in names}
+        values["lease"] = LeaseRef.from_dict(values["lease"])
+        return cls(**values)
+
+
+def write_run(plan: WorkPlan, record: RunRecord) -> None:
+    """Record the run that owns the job (and the plan it runs); clear the failures of earlier runs."""
     plan.save()
     clear_failures(plan)
-    write_json(plan.work_dir / JOB_FILE, job)
-    return job
+    write_json(plan.work_dir / JOB_FILE, {**record.to_dict(), "job_id": plan.plan_id, "out": str(plan.out),
+                                          "chunks_total": len(plan.corpus.chunks), "rows_total": plan.corpus.rows})
 
+
+def read_run(plan: WorkPlan) -> RunRecord | None:
+    path = plan.work_dir / JOB_FILE
+    try:
+        return RunRecord.from_dict(read_json(path))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise StorageError(f"cannot read {path} ({exc}); run the job again to record it anew") from None
+
+
+# -- failures ---------------------------------------------------------------------------------------------------
 
 def record_failure(plan: WorkPlan, what: str, message: str) -> None:
     """Note that a chunk or the build failed for good (the follower stops and shows `message`)."""
@@ -46,7 +91,13 @@ def record_failure(plan: WorkPlan, what: str, message: str) -> None:
 
 def failures(plan: WorkPlan) -> list[dict]:
     root = plan.work_dir / FAILURES
-    return [read_json(p) for p in sorted(root.glob("*.json"))] if root.is_dir() else []
+    found = []
+    for path in sorted(root.glob("*.json")) if root.is_dir() else []:
+        try:
+            found.append(read_json(path))
+        except (OSError, ValueError):
+            continue  # being written
+    return found
 
 
 def clear_failures(plan: WorkPlan) -> None:
@@ -55,59 +106,68 @@ def clear_failures(plan: WorkPlan) -> None:
         p.unlink(missing_ok=True)
 
 
+# -- heartbeats -------------------------------------------------------------------------------------------------
+
+def heartbeat(plan: WorkPlan, what: str, run_id: str | None = None) -> bool:
+    """Write or refresh the heartbeat of a task working on `what` (chunk-000003, build); False if the work
+    folder is gone (the job was superseded)."""
+    path = plan.work_dir / RUNNING / f"{what}.json"
+    if not plan.work_dir.is_dir():
+        return False
+    try:
+        if path.exists():
+            os.utime(path)
+        else:
+            write_json(path, {"what": what, "run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
+                              "started": now()})
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def heartbeat_age(plan: WorkPlan, what: str) -> float | None:
+    """Seconds since the last heartbeat of `what`, None when no task has worked on it (or it ended)."""
+    try:
+        return max(0.0, time.time() - (plan.work_dir / RUNNING / f"{what}.json").stat().st_mtime)
+    except OSError:
+        return None
+
+
+def end_heartbeat(plan: WorkPlan, what: str) -> None:
+    (plan.work_dir / RUNNING / f"{what}.json").unlink(missing_ok=True)
+
+
+def chunk_name(number: int) -> str:
+    return f"chunk-{number:06d}"
+
+
+def latest_activity(plan: WorkPlan) -> float:
+    """Unix time of the newest sign of work on the job: a chunk written or a heartbeat."""
+    times = [0.0]
+    for folder in (plan.store.root, plan.work_dir / RUNNING):
+        try:
+            times.extend(p.stat().st_mtime for p in folder.iterdir())
+        except OSError:
+            continue
+    return max(times)
+
+
+# -- reading the state ------------------------------------------------------------------------------------------
+
 def progress(plan: WorkPlan) -> tuple[int, int]:
     """(chunks complete, rows in complete chunks), from the chunk files."""
     done = plan.store.complete()
     return len(done), sum(c.rows for c in plan.corpus.chunks if c.number in done)
 
 
-def read_job(plan: WorkPlan) -> dict:
-    path = plan.work_dir / JOB_FILE
-    return read_json(path) if path.exists() else {}
-
-
-def published_info(plan: WorkPlan) -> dict | None:
-    """Info of the current version when it was built from exactly this plan and these index settings."""
+def published_version(plan: WorkPlan) -> tuple[str, int] | None:
+    """(version name, rows) of the current version when it was built from exactly this plan and these index
+    settings (the job is up to date), else None."""
     current = versions.current_version(plan.out)
     if current is None:
         return None
-    info = read_json(current / versions.INFO)
-    return {**info, "version": current.name} if info.get("index_key") == plan.index_key else None
-
-
-def finish(plan: WorkPlan, info: dict, report: dict, keep: int | None = None) -> dict:
-    """Complete the run report of a just-published version, apply retention, and write the report."""
-    report = {**report, **work.summarise(plan), "status": "published", "version": info["version"],
-              "path": info["path"], "finished": now(), "rows_deleted": _rows_deleted(plan, info["version"])}
-    if keep:
-        report["versions_removed"] = versions.prune(plan.out, keep)
-    remove_stale_work(plan)
-    write_json(plan.work_dir / REPORT_FILE, report)
-    return report
-
-
-def remove_stale_work(plan: WorkPlan) -> None:
-    """Remove the work folders of other plans once this one is published: their vectors no longer match the
-    corpus or settings, and the published plan's own vectors are the embedding cache of the next run."""
-    import shutil
-
-    root = plan.work_dir.parent
-    for path in root.iterdir() if root.is_dir() else []:
-        if path.is_dir() and path.name != plan.plan_id:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _rows_deleted(plan: WorkPlan, version: str) -> int:
-    """Ids of the version published before `version` that the new one no longer has."""
-    import pyarrow.parquet as pq
-
-    older = [p for p in versions.version_dirs(plan.out) if p.name < version]
-    if not older:
-        return 0
-    before = set(pq.read_table(older[-1] / "rows.parquet", columns=["id"]).column("id").to_pylist())
-    after = set(pq.read_table(Path(plan.out) / versions.VERSIONS / version / "rows.parquet",
-                              columns=["id"]).column("id").to_pylist())
-    return len(before - after)
+    info = read_info(current)
+    return (current.name, info.rows) if info.index_key == plan.index_key else None
 
 
 def resolve_work_dir(target: Path) -> Path:
@@ -120,6 +180,8 @@ def resolve_work_dir(target: Path) -> Path:
                   key=lambda p: (p / JOB_FILE).stat().st_mtime if (p / JOB_FILE).exists() else 0) \
         if root.is_dir() else []
     if not jobs:
+        if target.exists() and not target.is_dir():
+            raise StorageError(f"{str(target)!r} is a file; give an --out folder of `embedctl index` or a job folder")
         raise StorageError(f"no job in {str(target)!r}; give an --out folder of `embedctl index` or a job folder")
     return jobs[-1]
 
@@ -128,17 +190,24 @@ def status(target: Path) -> dict:
     """The state of the job in `target` (an output folder or a work folder), read from disk only."""
     work_dir = resolve_work_dir(target)
     plan = load_plan(work_dir)
-    job = read_json(work_dir / JOB_FILE) if (work_dir / JOB_FILE).exists() else {}
+    run = read_run(plan)
     chunks_done, rows_done = progress(plan)
-    info = published_info(plan)
+    published = published_version(plan)
     failed = failures(plan)
-    state = "published" if info else "failed" if failed else "complete" if chunks_done == len(plan.corpus.chunks) \
-        else "running"
+    report = read_report(work_dir)
+    ended = report if report is not None and run is not None and report.run_id == run.run_id else None
+    errors = [f["error"] for f in failed]
+    if ended is not None and ended.status == "failed" and ended.error not in errors:
+        errors.append(ended.error)
+    state = "published" if published else "failed" if errors else \
+        "complete" if chunks_done == len(plan.corpus.chunks) else "running"
     result = {"job_id": plan.plan_id, "out": plan.out, "work_dir": str(work_dir), "state": state,
-              "mode": job.get("mode"), "submitted": job.get("submitted"), "broker": job.get("broker"),
+              "run_id": run.run_id if run else None, "job": run.job if run else None,
+              "mode": run.mode if run else None, "submitted": run.started if run else None,
+              "broker": run.broker if run else None,
               "chunks_done": chunks_done, "chunks_total": len(plan.corpus.chunks), "rows_done": rows_done,
-              "rows_total": plan.corpus.rows, "version": info["version"] if info else None,
-              "errors": [f["error"] for f in failed]}
-    if (work_dir / REPORT_FILE).exists():
-        result["report"] = read_json(work_dir / REPORT_FILE)
+              "rows_total": plan.corpus.rows, "version": published[0] if published else None,
+              "errors": errors}
+    if report is not None:
+        result["report"] = report.to_dict()
     return result

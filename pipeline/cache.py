@@ -12,12 +12,12 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from pipeline.vectors import ChunkStore
+from embedctl.pipeline.vectors import ChunkStore
 
 LOG = logging.getLogger(__name__)
 
@@ -31,22 +31,33 @@ def text_hashes(texts: Sequence[str]) -> np.ndarray:
     return np.fromiter((text_hash(t) for t in texts), dtype=np.uint64, count=len(texts))
 
 
+@dataclass
+class CacheHits:
+    """What `EmbeddingCache.lookup` found."""
+
+    found: np.ndarray  # (n,) bool
+    vectors: np.ndarray  # (n, dim) float16, the found rows filled
+    dtypes: set[str]  # compute dtypes of the found vectors (from their chunk reports)
+
+
 class EmbeddingCache:
     """A read-only index over the complete chunks of some chunk stores: text hash -> stored vector."""
 
     def __init__(self, stores: Sequence[ChunkStore]):
         hashes, where = [], []
         self._files: list[Path] = []
+        self._dtypes: list[list[str]] = []
         for store in stores:
             for number in sorted(store.complete()):
-                rows_file = store.root / f"chunk-{number:06d}.rows.parquet"
                 try:
-                    column = pq.read_table(rows_file, columns=["hash"]).column("hash")
+                    column = store.read_rows(number, columns=["hash"]).column("hash")
+                    dtypes = store.read_report(number).get("dtypes", [])
                 except (KeyError, OSError, ValueError):
                     continue  # written before hashes were kept, or unreadable: not a cache source
                 h = column.to_numpy(zero_copy_only=False).astype(np.uint64, copy=False)
                 file_index = len(self._files)
-                self._files.append(store.root / f"chunk-{number:06d}.npy")
+                self._files.append(store.vectors_path(number))
+                self._dtypes.append(dtypes)
                 hashes.append(h)
                 where.append(np.stack([np.full(len(h), file_index, np.int64), np.arange(len(h), dtype=np.int64)], 1))
         self.hashes = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
@@ -57,21 +68,21 @@ class EmbeddingCache:
     def __len__(self) -> int:
         return len(self.hashes)
 
-    def lookup(self, hashes: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
-        """(found mask, float16 vectors with the found rows filled) for `hashes`."""
-        found = np.zeros(len(hashes), dtype=bool)
-        vectors = np.zeros((len(hashes), dim), dtype=np.float16)
+    def lookup(self, hashes: np.ndarray, dim: int) -> CacheHits:
+        """The stored vectors of `hashes` that are in the cache."""
+        hits = CacheHits(np.zeros(len(hashes), dtype=bool), np.zeros((len(hashes), dim), dtype=np.float16), set())
         if not len(self.hashes) or not len(hashes):
-            return found, vectors
+            return hits
         pos = np.searchsorted(self.hashes, hashes)
         pos_ok = pos < len(self.hashes)
-        found[pos_ok] = self.hashes[pos[pos_ok]] == hashes[pos_ok]
-        if not found.any():
-            return found, vectors
-        locs = self._where[pos[found]]
-        targets = np.flatnonzero(found)
+        hits.found[pos_ok] = self.hashes[pos[pos_ok]] == hashes[pos_ok]
+        if not hits.found.any():
+            return hits
+        locs = self._where[pos[hits.found]]
+        targets = np.flatnonzero(hits.found)
         for file_index in np.unique(locs[:, 0]):
             sel = locs[:, 0] == file_index
             stored = np.load(self._files[file_index], mmap_mode="r")
-            vectors[targets[sel]] = stored[locs[sel, 1]]
-        return found, vectors
+            hits.vectors[targets[sel]] = stored[locs[sel, 1]]
+            hits.dtypes.update(self._dtypes[file_index])
+        return hits

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.errors import ConfigError, CorpusError
+from embedctl.pipeline.errors import ConfigError, CorpusError
 
 LOG = logging.getLogger(__name__)
 

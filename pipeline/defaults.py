@@ -51,3 +51,9 @@ INSTRUCTION_TEMPLATE = "Instruct: {task}\nQuery:{text}"
 
 DTYPE_NAMES = ("fp32", "float32", "fp16", "float16", "bf16", "bfloat16")
 """Values of `--dtype` besides `auto` (fp32 on CPU, bf16 on CUDA)."""
+
+INDEX_TYPES = ("hnsw", "hnsw-sqfp16", "hnsw-sq8")
+"""`hnsw`: float32 vectors; `hnsw-sqfp16`: vectors in float16 (half the bytes); `hnsw-sq8`: 8 bits a dim (a quarter)."""
+
+INSTRUCTION_FORMATS = ("qwen3", "raw")
+"""`qwen3`: `Instruct: {task}\nQuery:` before the text; `raw`: the instruction itself is the prefix."""

@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.attention import use_embedctl_attention
-from pipeline.defaults import DEFAULT_BATCH_TOKENS_CPU, DEFAULT_BATCH_TOKENS_CUDA
-from pipeline.errors import ConfigError, ModelError
-from pipeline.kernels import use_onednn_linear, use_pytorch_linear
-from pipeline.models import ModelProfile, ModelRef, read_profile
+from embedctl.pipeline.attention import use_embedctl_attention
+from embedctl.pipeline.defaults import DEFAULT_BATCH_TOKENS_CPU, DEFAULT_BATCH_TOKENS_CUDA
+from embedctl.pipeline.errors import ConfigError, ModelError
+from embedctl.pipeline.kernels import use_onednn_linear, use_pytorch_linear
+from embedctl.pipeline.models import ModelProfile, ModelRef, read_profile
 
 LOG = logging.getLogger(__name__)
 
@@ -395,13 +395,17 @@ def load_model(folder: Path, dtype: torch.dtype, device: torch.device, shm: str 
     if shm not in SHM_MODES:
         raise ConfigError(f"shm must be one of {', '.join(SHM_MODES)}, got {shm!r}")
     if shm != "off":
-        from shm_loader.model import attach_model
+        from embedctl.shm_loader.errors import SegmentError
+        from embedctl.shm_loader.model import attach_model
 
-        model = attach_model(folder, dtype, shm_dir)
+        try:
+            model = attach_model(folder, dtype, shm_dir)
+        except SegmentError as exc:
+            raise ModelError(str(exc)) from None
         if model is not None:
             return model.to(device), f"shm:{model._embedctl_segment.name}"
         if shm == "require":
-            from shm_loader.segment import segment_name
+            from embedctl.shm_loader.segment import segment_name
 
             raise ModelError(f"no shared-memory segment {segment_name(folder, dtype)} for {folder} in "
                              f"{dtype_name(dtype)}, and shared weights are required; publish one with "

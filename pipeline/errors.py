@@ -1,7 +1,7 @@
-"""One exception hierarchy for every package of embedctl.
+"""One exception hierarchy for the packages above `shm_loader` (pipeline, jobs, tasks, the CLI).
 
-This module is a leaf (it imports nothing of the project), so the lowest layer (`shm_loader`) can raise
-these errors too. The CLI shows ``str(error)`` as one line (cause and remedy) and exits 1.
+The CLI shows ``str(error)`` as one line (cause and remedy) and exits 1. `shm_loader` has its own
+`SegmentError` (it imports nothing of ours); callers convert it at their edge.
 """
 
 from __future__ import annotations
@@ -29,10 +29,6 @@ class StorageError(EmbedctlError):
 
 class IndexNotFoundError(StorageError):
     """No published index where one was expected."""
-
-
-class SegmentError(EmbedctlError):
-    """A shared-memory weight segment cannot be published or attached."""
 
 
 class BrokerError(EmbedctlError):

@@ -15,8 +15,8 @@ import faiss
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline.errors import ConfigError, CorpusError
-from pipeline.index import ROWS_FILE, IndexReader, slice_normalise
+from embedctl.pipeline.errors import ConfigError, CorpusError
+from embedctl.pipeline.index import IndexReader, slice_normalise
 
 
 @dataclass
@@ -38,7 +38,7 @@ def load_queries(path: Path, query_column: str, relevant_column: str, reader: In
                               "choose it with --query-column / --relevant-column")
     if limit:
         table = table.slice(0, limit)
-    ids = pq.read_table(reader.dir / ROWS_FILE, columns=["id"]).column("id").to_pylist()
+    ids = pq.read_table(reader.dir / reader.info.rows_file, columns=["id"]).column("id").to_pylist()
     position = {str(i): n for n, i in enumerate(ids)}
     texts = table.column(query_column).to_pylist()
     relevant = np.array([position.get(str(r), -1) for r in table.column(relevant_column).to_pylist()], np.int64)

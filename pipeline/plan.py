@@ -10,16 +10,39 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline.corpus import CorpusPlan
-from pipeline.errors import StorageError
-from pipeline.fsutil import read_json, write_json
-from pipeline.vectors import ChunkStore
+from embedctl.pipeline.corpus import CorpusPlan
+from embedctl.pipeline.errors import ConfigError, StorageError
+from embedctl.pipeline.fsutil import read_json, write_json
+from embedctl.pipeline.vectors import ChunkStore
 
 PLAN_FILE = "plan.json"
 WORK = "work"
+
+
+def index_dims(full_dim: int, dims: Sequence[int] | None, defaults: Sequence[int] = ()) -> list[int]:
+    """The dims to index, largest first: the full dim, then each of `dims` below it.
+
+    `dims` are what the user asked for: one above the model's dim, or one given twice, is refused (an explicit
+    value that cannot be honoured is never dropped silently). With `dims` None, the `defaults` below the full dim
+    are used and the others left out (the defaults suit the reference model's 2560 dims).
+    """
+    if dims is None:
+        return [full_dim] + sorted({int(d) for d in defaults if d < full_dim}, reverse=True)
+    bad = [d for d in dims if not isinstance(d, int) or isinstance(d, bool) or d <= 0]
+    if bad:
+        raise ConfigError(f"dims must be positive integers, got {bad!r}")
+    above = [d for d in dims if d > full_dim]
+    if above:
+        raise ConfigError(f"--dims {above[0]} is above the model's dim {full_dim}; give Matryoshka dims up to "
+                          f"{full_dim} (the full dim is always indexed)")
+    repeated = sorted({d for d in dims if list(dims).count(d) > 1})
+    if repeated:
+        raise ConfigError(f"--dims lists {repeated[0]} twice; give each dim once")
+    return [full_dim] + sorted({d for d in dims if d < full_dim}, reverse=True)
 
 
 @dataclass(frozen=True)
@@ -45,6 +68,7 @@ class WorkPlan:
     ef_construction: int
     ef_search: int
     index_type: str = "hnsw"
+    instruction_format: str = "qwen3"  # how the prefixes above were made from instructions (qwen3 | raw)
     compile: bool = False  # run the model through torch.compile (speed only: not part of the plan id)
 
     @property

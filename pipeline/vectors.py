@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.fsutil import atomic_write, read_json, write_json
+from embedctl.pipeline.fsutil import atomic_write, read_json, write_json
 
 _DONE = re.compile(r"^chunk-(\d{6,})\.npy$")
 
@@ -31,6 +31,15 @@ class ChunkStore:
 
     def _path(self, number: int, suffix: str) -> Path:
         return self.root / f"chunk-{number:06d}{suffix}"
+
+    def vectors_path(self, number: int) -> Path:
+        return self._path(number, ".npy")
+
+    def rows_path(self, number: int) -> Path:
+        return self._path(number, ".rows.parquet")
+
+    def report_path(self, number: int) -> Path:
+        return self._path(number, ".json")
 
     def is_complete(self, number: int) -> bool:
         return self._path(number, ".npy").exists()
@@ -61,9 +70,9 @@ class ChunkStore:
         """The (rows, dim) float16 vectors of a complete chunk (memory-mapped by default)."""
         return np.load(self._path(number, ".npy"), mmap_mode="r" if mmap else None, allow_pickle=False)
 
-    def read_rows(self, number: int) -> pa.Table:
-        """The rows file of a chunk: `row`, `id`, `text`."""
-        return pq.read_table(self._path(number, ".rows.parquet"))
+    def read_rows(self, number: int, columns: list[str] | None = None) -> pa.Table:
+        """The rows file of a chunk: `row`, `id`, `text`, `hash` (or only `columns`)."""
+        return pq.read_table(self._path(number, ".rows.parquet"), columns=columns)
 
     def read_report(self, number: int) -> dict:
         return read_json(self._path(number, ".json"))

@@ -1,7 +1,7 @@
 """Index versions inside an output folder, published by an atomic pointer swap.
 
     OUT/versions/v000001/   a complete index version (info.json, rows.parquet, index-<dim>.faiss)
-    OUT/versions/.build-*   a version being built (never read)
+    OUT/versions/.build-*   a version being built (never read; removed by the next run when its builder died)
     OUT/current             symlink -> versions/v000001 (replaced atomically with os.replace)
 
 A reader resolves `current` once and reads that version's files: it never sees a half-written version, and a
@@ -14,14 +14,16 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
-from pipeline.errors import IndexNotFoundError
-from pipeline.fsutil import fsync_dir
+from embedctl.pipeline.errors import IndexNotFoundError
+from embedctl.pipeline.fsutil import fsync_dir
+from embedctl.pipeline.manifest import INFO
 
 CURRENT = "current"
 VERSIONS = "versions"
-INFO = "info.json"
+BUILD_PREFIX = ".build-"
 _VERSION = re.compile(r"^v(\d{6,})$")
 
 
@@ -47,7 +49,26 @@ def new_build_dir(out: Path) -> Path:
     """A fresh private folder in which to build the next version."""
     root = Path(out) / VERSIONS
     root.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=".build-", dir=root))
+    return Path(tempfile.mkdtemp(prefix=BUILD_PREFIX, dir=root))
+
+
+def remove_dead_builds(out: Path, idle_seconds: float) -> list[str]:
+    """Remove build folders nothing wrote into for `idle_seconds` (their builder died); returns their names.
+
+    The run lifecycle calls this while it holds the output folder's lock, so no live run of this folder is
+    building an older folder; the idle time spares a build that a run of the other mode may still be writing.
+    """
+    root = Path(out) / VERSIONS
+    removed = []
+    for path in root.glob(f"{BUILD_PREFIX}*") if root.is_dir() else []:
+        try:
+            newest = max([path.stat().st_mtime] + [p.stat().st_mtime for p in path.iterdir()])
+        except OSError:
+            continue
+        if time.time() - newest >= idle_seconds:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    return removed
 
 
 def publish(out: Path, build_dir: Path) -> Path:

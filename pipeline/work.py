@@ -1,6 +1,7 @@
-"""The steps of a job, shared by the embedded runner and the Celery tasks: embed one chunk, build and publish.
+"""Embedding a job's chunks, shared by the embedded runner and the Celery tasks.
 
-Both steps are idempotent: a complete chunk is not embedded again, and outputs are written atomically.
+Idempotent: a complete chunk is not embedded again, and its outputs are written atomically. The build of the
+indexes from the complete chunks is `pipeline.build`.
 """
 
 from __future__ import annotations
@@ -10,23 +11,20 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
-from pipeline import versions
-from pipeline.cache import EmbeddingCache, text_hashes
-from pipeline.corpus import Chunk, ChunkRows, read_chunk
-from pipeline.errors import CorpusError, StorageError
-from pipeline.fsutil import write_json
-from pipeline.index import ROWS_FILE, build_hnsw, index_file, slice_normalise, write_index, write_rows
-from pipeline.plan import WorkPlan
+from embedctl.pipeline.cache import EmbeddingCache, text_hashes
+from embedctl.pipeline.corpus import Chunk, ChunkRows, read_chunk
+from embedctl.pipeline.errors import StorageError
+from embedctl.pipeline.plan import WorkPlan
 
 if TYPE_CHECKING:  # the encoder (and torch) is imported only by processes that embed
-    from pipeline.encoder import Encoded, Encoder, Prepared
+    from embedctl.pipeline.encoder import Encoded, Encoder, Prepared
 
 LOG = logging.getLogger(__name__)
 
@@ -69,6 +67,7 @@ class _ChunkWork:
     hashes: np.ndarray
     vectors: np.ndarray  # (len(keep), dim) float32; cached rows filled in
     found: np.ndarray  # (len(keep),) bool: taken from the cache
+    dtypes: set[str] = field(default_factory=set)  # compute dtypes of the cached vectors used
     encoder: Encoder | None = None  # set when some text is not cached
     prepared: Prepared | None = None
     encoded: Encoded | None = None
@@ -88,11 +87,12 @@ def _prepare(plan: WorkPlan, chunk: Chunk, data: ChunkRows, cache: EmbeddingCach
     texts = [data.texts[i] for i in keep]
     hashes = text_hashes(texts)
     vectors = np.empty((len(texts), plan.dim), dtype=np.float32)
-    found = np.zeros(len(texts), dtype=bool)
+    found, dtypes = np.zeros(len(texts), dtype=bool), set()
     if cache is not None and len(cache):
-        found, cached = cache.lookup(hashes, plan.dim)
-        vectors[found] = cached[found]
-    work = _ChunkWork(chunk, data, keep, skipped, texts, hashes, vectors, found)
+        hits = cache.lookup(hashes, plan.dim)
+        found, dtypes = hits.found, hits.dtypes
+        vectors[found] = hits.vectors[found]
+    work = _ChunkWork(chunk, data, keep, skipped, texts, hashes, vectors, found, dtypes)
     if len(work.miss) and encoder is not None:
         work.prepared = encoder.prepare([texts[i] for i in work.miss], prefix=plan.document_prefix)
     return work
@@ -117,19 +117,30 @@ def _embed(plan: WorkPlan, work: _ChunkWork, encoder: Encoder | Callable[[], Enc
     return work
 
 
-def _write(plan: WorkPlan, work: _ChunkWork, seconds: float) -> dict:
-    """Write the chunk's vectors, rows and report to the chunk store (atomically); returns the report."""
+_SHORT_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+def _write(plan: WorkPlan, work: _ChunkWork, seconds: float, stamp: dict | None) -> dict:
+    """Write the chunk's vectors, rows and report to the chunk store (atomically); returns the report.
+
+    `stamp`: fields added to the report (the run lifecycle adds the run id).
+    """
     data, keep, miss = work.data, work.keep, work.miss
     report = {"chunk": work.chunk.number, "rows": work.chunk.rows, "indexed": len(keep), "embedded": len(miss),
               "reused": int(work.found.sum()), "unique": 0, "skipped": work.skipped, "truncated": 0,
-              "truncated_ids": [], "tokens": 0}
+              "truncated_ids": [], "tokens": 0, **(stamp or {})}
+    dtypes = set(work.dtypes)
     if work.encoded is not None:
         encoded, model = work.encoded, work.encoder
         truncated_ids = [data.ids[keep[miss[i]]] for i in np.flatnonzero(encoded.truncated)]
+        dtype = str(next(model.model.parameters()).dtype).removeprefix("torch.")
+        dtypes.add(_SHORT_DTYPES.get(dtype, dtype))
         report.update(unique=encoded.unique, truncated=len(truncated_ids), truncated_ids=truncated_ids[:100],
-                      tokens=encoded.tokens, device=str(model.device), weights=model.source,
-                      dtype=str(next(model.model.parameters()).dtype).removeprefix("torch."))
+                      tokens=encoded.tokens, device=str(model.device), weights=model.source)
+    report["dtypes"] = sorted(dtypes)
     report["seconds"] = round(seconds, 3)
+    report["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
+    report["finished_ts"] = round(time.time(), 3)
     id_type = pa.string() if plan.corpus.id_column and data.ids and isinstance(data.ids[0], str) else pa.int64()
     plan.store.write(work.chunk.number, data.rows[keep], [data.ids[i] for i in keep], work.texts, work.vectors,
                      report, id_type=id_type, hashes=work.hashes)
@@ -137,7 +148,8 @@ def _write(plan: WorkPlan, work: _ChunkWork, seconds: float) -> dict:
 
 
 def embed_rows(plan: WorkPlan, chunk: Chunk, data: ChunkRows, encoder: Encoder | Callable[[], Encoder],
-               on_progress: Progress | None = None, cache: EmbeddingCache | None = None) -> dict:
+               on_progress: Progress | None = None, cache: EmbeddingCache | None = None,
+               stamp: dict | None = None) -> dict:
     """Embed the rows of one chunk and write them to the chunk store; returns the chunk report.
 
     Texts found in `cache` reuse their stored vectors; only the others run through the model (`encoder` may be
@@ -145,12 +157,12 @@ def embed_rows(plan: WorkPlan, chunk: Chunk, data: ChunkRows, encoder: Encoder |
     """
     t0 = time.perf_counter()
     work = _embed(plan, _prepare(plan, chunk, data, cache, None), encoder, on_progress)
-    return _write(plan, work, time.perf_counter() - t0)
+    return _write(plan, work, time.perf_counter() - t0, stamp)
 
 
 def embed_stream(plan: WorkPlan, chunks: Iterable[tuple[Chunk, ChunkRows]], encoder: Encoder | Callable[[], Encoder],
                  on_progress: Progress | None = None, cache: EmbeddingCache | None = None,
-                 overlap: bool = True) -> Iterator[dict]:
+                 overlap: bool = True, stamp: dict | None = None) -> Iterator[dict]:
     """Embed and write a stream of chunks in order, yielding each chunk's report once it is written.
 
     With `overlap`, the model never waits for I/O: a reader thread reads chunk k+1 from Parquet and tokenises it
@@ -160,7 +172,7 @@ def embed_stream(plan: WorkPlan, chunks: Iterable[tuple[Chunk, ChunkRows]], enco
     """
     if not overlap:
         for chunk, data in chunks:
-            yield embed_rows(plan, chunk, data, encoder, on_progress, cache)
+            yield embed_rows(plan, chunk, data, encoder, on_progress, cache, stamp)
         return
     it = iter(chunks)
     loaded = [encoder if hasattr(encoder, "encode") else None]  # set once the model is loaded (main thread)
@@ -188,13 +200,14 @@ def embed_stream(plan: WorkPlan, chunks: Iterable[tuple[Chunk, ChunkRows]], enco
             embed(work)
             if behind is not None:
                 yield behind.result()
-            behind = writer.submit(_write, plan, work, t_read + time.perf_counter() - t0)
+            behind = writer.submit(_write, plan, work, t_read + time.perf_counter() - t0, stamp)
         if behind is not None:
             yield behind.result()
 
 
 def embed_chunk(plan: WorkPlan, number: int, encoder: Encoder | Callable[[], Encoder],
-                on_progress: Progress | None = None, cache: EmbeddingCache | None = None) -> dict:
+                on_progress: Progress | None = None, cache: EmbeddingCache | None = None,
+                stamp: dict | None = None) -> dict:
     """Embed chunk `number` unless it is complete (what a worker runs); returns a small summary."""
     if plan.store.is_complete(number):
         return {"chunk": number, "skipped_complete": True}
@@ -202,7 +215,7 @@ def embed_chunk(plan: WorkPlan, number: int, encoder: Encoder | Callable[[], Enc
     if not 0 <= number < len(chunks):
         raise StorageError(f"chunk {number} is not in the plan (0..{len(chunks) - 1})")
     chunk = chunks[number]
-    report = embed_rows(plan, chunk, read_chunk(plan.corpus, chunk), encoder, on_progress, cache)
+    report = embed_rows(plan, chunk, read_chunk(plan.corpus, chunk), encoder, on_progress, cache, stamp)
     return {k: report[k] for k in ("chunk", "rows", "indexed", "embedded", "reused", "truncated", "seconds")}
 
 
@@ -212,70 +225,6 @@ def missing_chunks(plan: WorkPlan) -> list[int]:
     return [c.number for c in plan.corpus.chunks if c.number not in done]
 
 
-def summarise(plan: WorkPlan) -> dict:
-    """Totals over the chunk reports of a complete plan."""
-    reports = [plan.store.read_report(c.number) for c in plan.corpus.chunks]
-    skipped = [s for r in reports for s in r["skipped"]]
-    return {
-        "rows_total": plan.corpus.rows,
-        "rows_indexed": sum(r["indexed"] for r in reports),
-        "rows_skipped": len(skipped),
-        "skipped": skipped[:1000],
-        "rows_truncated": sum(r["truncated"] for r in reports),
-        "tokens": sum(r["tokens"] for r in reports),
-    }
-
-
-def build_and_publish(plan: WorkPlan, progress: ProgressFactory = no_progress) -> dict:
-    """Build the indexes of a complete plan into a new version folder and publish it; returns its info."""
-    missing = missing_chunks(plan)
-    if missing:
-        raise StorageError(f"cannot build: {len(missing)} chunks are not embedded yet (first: {missing[0]}); "
-                           "run the job again to finish them")
-    t0 = time.perf_counter()
-    store = plan.store
-    numbers = [c.number for c in plan.corpus.chunks]
-    tables = [store.read_rows(k) for k in numbers]
-    rows = pa.concat_tables(tables, promote_options="permissive")
-    n = rows.num_rows
-    if n == 0:
-        raise CorpusError(f"nothing to index: all {plan.corpus.rows} texts of the corpus are null or empty")
-    vectors = np.empty((n, plan.dim), dtype=np.float16)
-    pos = 0
-    for k in numbers:
-        part = store.read_vectors(k)
-        vectors[pos:pos + len(part)] = part
-        pos += len(part)
-    build = versions.new_build_dir(plan.out)
-    try:
-        write_rows(rows, build / ROWS_FILE)
-        timings = {}
-        for dim in plan.dims:
-            t_dim = time.perf_counter()
-            with progress(f"index {dim}d", n, "vec", 0) as update:
-                index = build_hnsw(slice_normalise(vectors, dim), plan.hnsw_m, plan.ef_construction,
-                                   plan.ef_search, update, plan.index_type)
-            write_index(index, build / index_file(dim))
-            timings[str(dim)] = round(time.perf_counter() - t_dim, 3)
-        info = {
-            "format": 1,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "model": plan.model, "model_path": plan.model_path, "model_fingerprint": plan.model_fingerprint,
-            "model_type": plan.model_type, "pooling": plan.pooling, "dim": plan.dim, "dtype": plan.dtype,
-            "max_length": plan.max_length, "document_prefix": plan.document_prefix,
-            "query_prefix": plan.query_prefix, "dims": list(plan.dims), "rows": n,
-            "files": {str(d): index_file(d) for d in plan.dims}, "rows_file": ROWS_FILE,
-            "hnsw": {"m": plan.hnsw_m, "ef_construction": plan.ef_construction, "ef_search": plan.ef_search},
-            "index_type": plan.index_type,
-            "corpus": {"source": plan.corpus.source, "fingerprint": plan.corpus.fingerprint,
-                       "rows": plan.corpus.rows, "text_column": plan.corpus.text_column,
-                       "id_column": plan.corpus.id_column, "files": len(plan.corpus.files)},
-            "index_key": plan.index_key, "build_seconds": timings,
-        }
-        write_json(build / versions.INFO, info)
-        target = versions.publish(plan.out, build)
-    except BaseException:
-        versions.discard(build)
-        raise
-    LOG.info("published %s (%d rows, dims %s) in %.1fs", target, n, plan.dims, time.perf_counter() - t0)
-    return {**info, "version": target.name, "path": str(target)}
+def chunk_reports(plan: WorkPlan) -> list[dict]:
+    """The reports of every chunk of a complete plan, in chunk order."""
+    return [plan.store.read_report(c.number) for c in plan.corpus.chunks]

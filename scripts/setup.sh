@@ -13,5 +13,5 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   # On a CUDA host install the CUDA build of torch before running this script instead.
   .venv/bin/python -m pip install --quiet "torch==2.13.0"
 fi
-.venv/bin/python -m pip install --quiet -e ".[dev]"
+.venv/bin/python -m pip install --quiet -e ".[dev,minilm]"
 echo "embedctl installed in .venv: $(.venv/bin/embedctl --version)"

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.errors import SegmentError
-from shm_loader.segment import Attached, attach
+from embedctl.shm_loader.errors import SegmentError
+from embedctl.shm_loader.segment import Attached, attach
 
 LOG = logging.getLogger(__name__)
 

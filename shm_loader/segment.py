@@ -30,11 +30,13 @@ import warnings
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from embedctl.shm_loader.errors import SegmentError
+from embedctl.shm_loader.fingerprint import folder_fingerprint
 
-from pipeline.errors import SegmentError
-from shm_loader.fingerprint import folder_fingerprint
+if TYPE_CHECKING:  # torch is imported by the functions that publish or attach: listing segments needs none
+    import torch
 
 LOG = logging.getLogger(__name__)
 
@@ -45,11 +47,9 @@ ALIGN = 64
 PAGE = 4096
 _HEAD = struct.Struct("<8sQQ")
 
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+"""safetensors dtype codes -> torch dtype names."""
 
 
 def default_shm_dir() -> Path:
@@ -106,6 +106,7 @@ def _shard_files(folder: Path) -> list[Path]:
 
 def _plan_tensors(folder: Path, dtype: torch.dtype) -> tuple[list[tuple[Path, str, torch.dtype, list[int]]], int]:
     """(file, name, stored dtype, shape) of every tensor, and the data size in the compute dtype."""
+    import torch
     from safetensors import safe_open
 
     entries, size = [], 0
@@ -113,7 +114,8 @@ def _plan_tensors(folder: Path, dtype: torch.dtype) -> tuple[list[tuple[Path, st
         with safe_open(str(path), framework="pt") as fh:
             for name in fh.keys():  # noqa: SIM118 - safe_open is not a mapping
                 piece = fh.get_slice(name)
-                stored = _SAFETENSORS_DTYPES.get(piece.get_dtype())
+                stored_name = _SAFETENSORS_DTYPES.get(piece.get_dtype())
+                stored = getattr(torch, stored_name) if stored_name else None
                 if stored is None:
                     raise SegmentError(f"tensor {name} of {path} has dtype {piece.get_dtype()}, which cannot be "
                                        "published")
@@ -146,6 +148,7 @@ def publish(folder: Path, dtype: torch.dtype, shm_dir: Path | None = None, repla
     Publishing again is a no-op while the segment matches the folder's fingerprint (unless `replace`); a stale
     segment (model files changed) is replaced. Processes attached to a replaced segment keep their mapping.
     """
+    import torch
     from safetensors import safe_open
 
     folder = Path(folder).resolve()
@@ -245,6 +248,8 @@ def attach(folder: Path, dtype: torch.dtype, shm_dir: Path | None = None) -> Att
     Raises:
         SegmentError: the segment is of another format, another dtype, or older than the model files.
     """
+    import torch
+
     folder = Path(folder).resolve()
     shm_dir = Path(shm_dir or default_shm_dir())
     path = shm_dir / segment_name(folder, dtype)

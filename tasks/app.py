@@ -1,28 +1,50 @@
-"""The Celery app of embedctl (`celery -A tasks worker`, `celery -A tasks inspect ...`)."""
+"""The Celery app of embedctl (`celery -A embedctl.tasks worker`, `celery -A embedctl.tasks inspect ...`).
+
+Its settings come from `embedctl.jobs.broker.Settings.from_env()`: EMBEDCTL_BROKER_URL, else CELERY_BROKER_URL, for
+the broker and the result backend alike. A worker or beat started with neither refuses to start (one line on
+stderr, exit 1) instead of guessing a broker.
+"""
 
 from __future__ import annotations
 
-from celery import Celery
+import sys
 
-from tasks.settings import Settings, celery_config
+from celery import Celery
+from celery.signals import beat_init, celeryd_init
+
+from embedctl.jobs.broker import Settings, celery_config
 
 
 def create_app(settings: Settings | None = None) -> Celery:
-    """A Celery app configured from `settings` (default: the EMBEDCTL_* environment)."""
+    """A Celery app configured from `settings` (default: the environment)."""
     app = Celery("embedctl")
     configure(app, settings or Settings.from_env())
     return app
 
 
 def configure(app: Celery, settings: Settings) -> None:
-    """Apply `settings` to `app` (the CLI does this for `--broker`); EMBEDCTL_JOBS fills the beat schedule."""
+    """Apply `settings` to `app`; EMBEDCTL_JOBS fills the beat schedule."""
     app.conf.update(celery_config(settings))
     app.conf.embedctl_settings = settings
     if settings.jobs_path:
-        from jobs.schedule import beat_schedule
-        from jobs.specfile import load_jobs
+        from embedctl.jobs.schedule import beat_schedule
+        from embedctl.jobs.specfile import load_jobs
 
         app.conf.beat_schedule = beat_schedule(load_jobs(settings.jobs_path), settings.build_queue)
+
+
+def settings() -> Settings:
+    """The settings the app was configured with (what the tasks pass down)."""
+    return app.conf.embedctl_settings
+
+
+@celeryd_init.connect
+@beat_init.connect
+def _refuse_without_broker(**_kw) -> None:
+    if not settings().broker_url:
+        sys.stderr.write("Error: no broker is configured: set EMBEDCTL_BROKER_URL (or CELERY_BROKER_URL) to a Redis "
+                         "URL such as redis://:PASSWORD@host:6379/0\n")
+        raise SystemExit(1)
 
 
 app = create_app()

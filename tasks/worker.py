@@ -14,7 +14,7 @@ from pathlib import Path
 
 from celery.signals import worker_init, worker_process_init
 
-from pipeline.errors import EmbedctlError
+from embedctl.pipeline.errors import EmbedctlError
 
 LOG = logging.getLogger(__name__)
 
@@ -60,8 +60,8 @@ def _parent_init(sender=None, **_kw) -> None:
     _WORKER["concurrency"] = getattr(sender, "concurrency", None)
     model = os.environ.get("EMBEDCTL_MODEL")
     if model:
-        from pipeline.encoder import import_model_code
-        from pipeline.models import read_profile, resolve_model
+        from embedctl.pipeline.encoder import import_model_code
+        from embedctl.pipeline.models import read_profile, resolve_model
 
         import_model_code(read_profile(resolve_model(model).path).transformer_path)
 
@@ -80,17 +80,21 @@ def _child_init(**_kw) -> None:
     model = os.environ.get("EMBEDCTL_MODEL")
     if not model:
         return
-    from pipeline.encoder import resolve_dtype
-    from pipeline.models import read_profile, resolve_model
+    from embedctl.pipeline.encoder import resolve_dtype
+    from embedctl.pipeline.models import read_profile, resolve_model
 
     profile = read_profile(resolve_model(model).path)
     dtype = resolve_dtype(os.environ.get("EMBEDCTL_DTYPE", "auto"), torch.device(_WORKER["device"]))
     mode = shm_mode()
     if mode == "off":
         return
-    from shm_loader.model import attach_model
+    from embedctl.shm_loader.errors import SegmentError
+    from embedctl.shm_loader.model import attach_model
 
-    attached = attach_model(profile.transformer_path, dtype)
+    try:
+        attached = attach_model(profile.transformer_path, dtype)
+    except SegmentError as exc:
+        raise EmbedctlError(str(exc)) from None
     if attached is None:
         if mode == "require":
             raise EmbedctlError(f"no shared-memory segment for {model} in {dtype} and EMBEDCTL_REQUIRE_SHM=1; run "
@@ -105,7 +109,7 @@ def _child_init(**_kw) -> None:
 
 
 def _cache_model(profile, dtype, device: str, model, source: str) -> tuple:
-    from pipeline.encoder import load_tokenizer
+    from embedctl.pipeline.encoder import load_tokenizer
 
     entry = (model, load_tokenizer(profile.transformer_path), profile, source)
     _MODELS[(str(profile.transformer_path), str(dtype), device)] = entry
@@ -116,8 +120,8 @@ def worker_encoder(plan):
     """The encoder for `plan` in this process: the cached (attached) model, or one loaded now and cached."""
     import torch
 
-    from pipeline.encoder import Encoder, load_model, resolve_device, resolve_dtype
-    from pipeline.models import read_profile
+    from embedctl.pipeline.encoder import Encoder, load_model, resolve_device, resolve_dtype
+    from embedctl.pipeline.models import read_profile
 
     device = _WORKER["device"] or str(resolve_device(plan.device))
     dev = torch.device(device)
@@ -137,7 +141,7 @@ def worker_encoder(plan):
 
 def worker_cache(plan):
     """The embedding cache of `plan` in this process (built once per plan: it reads the stored text hashes)."""
-    from pipeline.cache import EmbeddingCache
+    from embedctl.pipeline.cache import EmbeddingCache
 
     if plan.plan_id not in _CACHES:
         _CACHES.clear()  # one job at a time per child is the common case: keep memory flat

@@ -20,7 +20,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def minilm_path() -> Path:
-    from pipeline.models import resolve_model
+    from embedctl.pipeline.models import resolve_model
 
     return resolve_model("minilm").path
 
@@ -134,9 +134,10 @@ def start_worker(celery_env, tmp_path):
 
     started = []
 
-    def start(command: list[str] | None = None, concurrency: int = 2, **env) -> Worker:
+    def start(command: list[str] | None = None, concurrency: int = 2, cwd: Path | None = None,
+              queues: str = "embedctl.embed,embedctl.build", **env) -> Worker:
         worker = Worker({**celery_env, **env}, tmp_path / f"worker-{len(started)}.log", concurrency=concurrency,
-                        command=command)
+                        command=command, cwd=cwd or Path(__file__).resolve().parent.parent, queues=queues)
         started.append(worker)
         return worker.start()
 

@@ -71,23 +71,26 @@ class RedisServer:
 
 
 class Worker:
-    """`celery -A tasks worker --pool prefork` (or `embedctl worker`) in its own process group, logging to a file."""
+    """`celery -A embedctl.tasks worker --pool prefork` (or `embedctl worker`) in its own process group, logging to a file."""
 
-    def __init__(self, env: dict, log: Path, concurrency: int = 2, command: list[str] | None = None):
+    def __init__(self, env: dict, log: Path, concurrency: int = 2, command: list[str] | None = None,
+                 cwd: Path = ROOT, queues: str = "embedctl.embed,embedctl.build"):
         self.env = env
         self.log = Path(log)
         self.concurrency = concurrency
         self.command = command
+        self.cwd = cwd
+        self.queues = queues
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 120) -> Worker:
         name = f"test-{uuid.uuid4().hex[:6]}@%h"
-        argv = self.command or [sys.executable, "-m", "celery", "-A", "tasks", "worker", "--pool", "prefork",
-                                "--concurrency", str(self.concurrency), "--queues", "embedctl.embed,embedctl.build",
+        argv = self.command or [sys.executable, "-m", "celery", "-A", "embedctl.tasks", "worker", "--pool", "prefork",
+                                "--concurrency", str(self.concurrency), "--queues", self.queues,
                                 "--loglevel", "INFO", "--hostname", name, "--without-gossip", "--without-mingle"]
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as fh:
-            self.proc = subprocess.Popen(argv, cwd=ROOT, env=self.env, stdout=fh, stderr=subprocess.STDOUT,
+            self.proc = subprocess.Popen(argv, cwd=self.cwd, env=self.env, stdout=fh, stderr=subprocess.STDOUT,
                                          start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -21,8 +21,8 @@ def main() -> None:
     t0 = time.perf_counter()
     import numpy as np
 
-    from pipeline.encoder import load_encoder
-    from pipeline.models import ModelRef
+    from embedctl.pipeline.encoder import load_encoder
+    from embedctl.pipeline.models import ModelRef
 
     t_load = time.perf_counter()
     encoder = load_encoder(ModelRef("m", Path(folder)), device="cpu", dtype=dtype, shm=mode)

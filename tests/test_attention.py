@@ -6,15 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.attention import (
+from embedctl.pipeline.attention import (
     ATTENTION_NAME,
     SHORT_ATTENTION_MAX_KV,
     embedctl_attention_forward,
     plain_attention,
     softmax_last,
 )
-from pipeline.encoder import load_encoder
-from pipeline.models import ModelRef
+from embedctl.pipeline.encoder import load_encoder
+from embedctl.pipeline.models import ModelRef
 
 
 def _qkv(batch=3, heads=4, kv_heads=4, q_len=9, kv_len=9, dim=16, seed=0):

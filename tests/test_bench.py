@@ -11,8 +11,8 @@ from bench.throughput import (
     replay_gemm_rate,
     time_by_operator,
 )
-from pipeline.encoder import load_encoder, pack_batches
-from pipeline.models import ModelRef
+from embedctl.pipeline.encoder import load_encoder, pack_batches
+from embedctl.pipeline.models import ModelRef
 
 TEXTS = ["a domestic animal that barks", "the act of running quickly", "x", "a unit of length " * 40] * 3
 

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from jobs.cli import main
+from embedctl.jobs.cli import main
 
 EMBEDCTL = str(Path(sys.executable).parent / "embedctl")
 
@@ -97,6 +97,13 @@ def _snapshot(out: Path) -> dict:
     (["index", "{corpus}", "--out", "{out}", "--model", "minilm", "--chunk-rows", "0"], 1, "chunk_rows must be"),
     (["index", "{corpus}", "--out", "{out}", "--model", "minilm", "--dims", "12,x"], 2, "comma-separated"),
     (["index", "{corpus}", "--out", "{out}", "--model", "minilm", "--dtype", "int3"], 1, "dtype must be"),
+    (["index", "{corpus}", "--out", "{out}", "--model", "minilm", "--dims", "4096"], 1,
+     "--dims 4096 is above the model's dim 384"),
+    (["index", "{corpus}", "--out", "{out}", "--model", "minilm", "--dims", "128,64,128"], 1,
+     "--dims lists 128 twice"),
+    (["index", "{corpus}", "--out", "{corpus}", "--model", "minilm"], 1, "is a file; give a folder"),
+    (["index", "{corpus}", "--out", "{out}", "--model", "minilm", "--instruction-format", "e5"], 2,
+     "Invalid value for '--instruction-format'"),
     (["query", "{out}", "x", "--dim", "77"], 1, "--dim 77 is not indexed"),
     (["query", "{out}", "x", "-k", "0"], 1, "-k must be > 0"),
     (["query", "{out}"], 2, "give a query text or --file"),
@@ -126,6 +133,21 @@ def test_wrong_corpus_for_an_existing_out_keeps_it_servable(built, tmp_path, wri
     result = invoke("index", bad, "--out", out, "--model", "minilm")
     assert result.exit_code == 1 and "duplicate ids" in result.stderr
     assert _snapshot(out) == before
+
+
+def test_raw_instruction_format_puts_the_instruction_as_given(tmp_path, sample_slice):
+    out = tmp_path / "raw"
+    result = invoke("index", sample_slice, "--out", out, "--model", "minilm", "--dims", "128", "--quiet",
+                    "--query-instruction", "query: ", "--instruction", "passage: ")
+    assert result.exit_code == 0, result.output
+    info = json.loads(invoke("info", out, "--json").stdout)
+    assert info["instruction_format"] == "raw" and info["query_prefix"] == "query: "
+    assert info["document_prefix"] == "passage: "
+    qwen = invoke("index", sample_slice, "--out", tmp_path / "qwen", "--model", "minilm", "--dims", "128", "--quiet",
+                  "--query-instruction", "find glosses", "--instruction-format", "qwen3")
+    assert qwen.exit_code == 0, qwen.output
+    info = json.loads(invoke("info", tmp_path / "qwen", "--json").stdout)
+    assert info["query_prefix"] == "Instruct: find glosses\nQuery:" and info["document_prefix"] == ""
 
 
 def test_env_vars_configure_options(tmp_path, sample_slice, monkeypatch):

@@ -6,8 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.corpus import discover_files, iter_chunks, plan_corpus, read_chunk
-from pipeline.errors import CorpusError
+from embedctl.pipeline.corpus import discover_files, iter_chunks, plan_corpus, read_chunk
+from embedctl.pipeline.errors import CorpusError
 
 
 def _texts(n, start=0):

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.encoder import load_encoder
-from pipeline.models import ModelRef
+from embedctl.pipeline.encoder import load_encoder
+from embedctl.pipeline.models import ModelRef
 from tests.test_encoder import TEXTS, _cos, _model_card_reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here (run on a GPU host)")
@@ -47,7 +47,7 @@ def test_token_budget_does_not_change_vectors_on_cuda(tiny_qwen3):
 
 
 def test_shared_memory_weights_are_copied_to_the_device(tiny_qwen3, tmp_path):
-    from shm_loader.segment import publish
+    from embedctl.shm_loader.segment import publish
 
     publish(tiny_qwen3, torch.bfloat16, shm_dir=tmp_path)
     ref = ModelRef("tiny", tiny_qwen3)
@@ -59,7 +59,7 @@ def test_shared_memory_weights_are_copied_to_the_device(tiny_qwen3, tmp_path):
 
 
 def test_compiled_model_on_cuda_matches_eager(tiny_qwen3):
-    from pipeline.encoder import Encoder
+    from embedctl.pipeline.encoder import Encoder
 
     eager = load_encoder(ModelRef("tiny", tiny_qwen3), device="cuda", dtype="fp32", shm="off")
     fast = Encoder(eager.model, eager.tokenizer, eager.profile, eager.device, compile=True)
@@ -68,7 +68,7 @@ def test_compiled_model_on_cuda_matches_eager(tiny_qwen3):
 
 def test_a_real_out_of_memory_halves_the_budget_and_keeps_the_vectors(tiny_qwen3):
     """The device's own OutOfMemoryError (memory capped for this process), not a simulated one."""
-    from pipeline.encoder import Encoder
+    from embedctl.pipeline.encoder import Encoder
 
     texts = [f"{TEXTS[i % len(TEXTS)]} " * 40 + str(i) for i in range(2000)]
     ref = ModelRef("tiny", tiny_qwen3)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.encoder import Encoder, load_encoder, pack_batches
-from pipeline.models import ModelRef, format_instruction, read_profile
+from embedctl.pipeline.encoder import Encoder, load_encoder, pack_batches
+from embedctl.pipeline.models import ModelRef, format_instruction, read_profile
 
 TEXTS = [
     "a domesticated carnivorous mammal that barks",
@@ -127,7 +127,7 @@ def test_pack_batches_respects_the_token_budget():
 
 
 def test_encoder_rejects_bad_settings(tiny_qwen3):
-    from pipeline.errors import ConfigError
+    from embedctl.pipeline.errors import ConfigError
 
     profile = read_profile(tiny_qwen3)
     with pytest.raises(ConfigError, match="batch_tokens must be > 0"):
@@ -155,7 +155,7 @@ def _has_compiler() -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not _has_compiler(), reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_encoder_matches_eager_and_compiles_once_per_model(tiny_qwen3):
-    from pipeline.encoder import compiled
+    from embedctl.pipeline.encoder import compiled
 
     eager = load_encoder(ModelRef("tiny", tiny_qwen3), device="cpu", shm="off")
     fast = Encoder(eager.model, eager.tokenizer, eager.profile, eager.device, compile=True)
@@ -180,7 +180,7 @@ def test_pack_batches_caps_padding_once_a_batch_is_a_quarter_full():
 
 
 def test_out_of_memory_halves_the_budget_and_keeps_the_vectors(tiny_qwen3, caplog):
-    from pipeline.errors import ModelError
+    from embedctl.pipeline.errors import ModelError
 
     encoder = load_encoder(ModelRef("tiny", tiny_qwen3), device="cpu", shm="off", batch_tokens=4096)
     expected = encoder.encode(TEXTS).vectors

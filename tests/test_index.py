@@ -7,11 +7,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.runner import run_embedded
-from jobs.spec import JobSpec
-from pipeline import versions
-from pipeline.index import IndexReader, index_dims, slice_normalise
-from pipeline.plan import WORK
+from embedctl.jobs.runner import run_embedded
+from embedctl.jobs.spec import JobSpec
+from embedctl.pipeline import versions
+from embedctl.pipeline.errors import ConfigError
+from embedctl.pipeline.index import IndexReader, slice_normalise
+from embedctl.pipeline.plan import WORK, index_dims
 
 
 def test_slice_is_normalised_prefix():
@@ -21,7 +22,16 @@ def test_slice_is_normalised_prefix():
     for d in (32, 16):
         expected = full[:, :d] / np.linalg.norm(full[:, :d], axis=1, keepdims=True)
         assert np.allclose(slice_normalise(full, d), expected, atol=1e-6)
-    assert index_dims(64, (1024, 32, 16, 32)) == [64, 32, 16]
+
+
+
+def test_index_dims_keep_the_defaults_below_the_model_and_refuse_explicit_dims_they_cannot_honour():
+    assert index_dims(64, None, (1024, 32, 16)) == [64, 32, 16]  # defaults above the model's dim are left out
+    assert index_dims(64, (16, 32, 64)) == [64, 32, 16]
+    with pytest.raises(ConfigError, match="--dims 1024 is above the model's dim 64"):
+        index_dims(64, (1024, 32))
+    with pytest.raises(ConfigError, match="--dims lists 32 twice"):
+        index_dims(64, (32, 16, 32))
 
 
 @pytest.fixture
@@ -39,7 +49,7 @@ def _spec(corpus, out, model, **kw):
 
 def test_index_files_are_plain_formats_and_slices_derive_from_full_vectors(tmp_path, small_corpus, tiny_qwen3):
     out = tmp_path / "out"
-    report = run_embedded(_spec(small_corpus, out, tiny_qwen3))
+    report = run_embedded(_spec(small_corpus, out, tiny_qwen3)).to_dict()
     assert report["status"] == "published" and report["rows_indexed"] == 88
     assert report["rows_skipped"] == 2
     assert {(s["id"], s["reason"]) for s in report["skipped"]} == {("doc-10", "null"), ("doc-20", "empty")}
@@ -47,7 +57,7 @@ def test_index_files_are_plain_formats_and_slices_derive_from_full_vectors(tmp_p
     assert version.name == "v000001" and (out / "current").is_symlink()
     rows = pq.read_table(version / "rows.parquet")  # plain pyarrow
     assert rows.num_rows == 88 and "doc-10" not in rows.column("id").to_pylist()
-    chunk_dir = out / WORK / report["plan_id"] / "chunks"
+    chunk_dir = out / WORK / report["job_id"] / "chunks"
     full = np.concatenate([np.load(chunk_dir / f"chunk-{k:06d}.npy") for k in range(4)])  # plain numpy
     assert full.dtype == np.float16 and full.shape == (88, 64)
     for dim in (64, 32, 16):
@@ -58,8 +68,8 @@ def test_index_files_are_plain_formats_and_slices_derive_from_full_vectors(tmp_p
 
 
 def test_search_maps_rows_to_ids_and_texts(tmp_path, small_corpus, tiny_qwen3):
-    from pipeline.encoder import load_encoder
-    from pipeline.models import ModelRef
+    from embedctl.pipeline.encoder import load_encoder
+    from embedctl.pipeline.models import ModelRef
 
     out = tmp_path / "out"
     run_embedded(_spec(small_corpus, out, tiny_qwen3))
@@ -73,7 +83,7 @@ def test_search_maps_rows_to_ids_and_texts(tmp_path, small_corpus, tiny_qwen3):
 
 
 def test_failed_build_leaves_previous_version_current(tmp_path, small_corpus, tiny_qwen3, monkeypatch):
-    import pipeline.work
+    import embedctl.pipeline.build
 
     out = tmp_path / "out"
     run_embedded(_spec(small_corpus, out, tiny_qwen3))
@@ -86,7 +96,7 @@ def test_failed_build_leaves_previous_version_current(tmp_path, small_corpus, ti
             raise OSError(28, "No space left on device", str(path))
         faiss.write_index(index, str(path))
 
-    monkeypatch.setattr(pipeline.work, "write_index", failing_write)
+    monkeypatch.setattr(embedctl.pipeline.build, "write_index", failing_write)
     with pytest.raises(OSError, match="No space left"):
         run_embedded(_spec(small_corpus, out, tiny_qwen3, hnsw_m=16))  # new index settings: rebuild
     assert versions.current_version(out).name == "v000001"
@@ -99,6 +109,6 @@ def test_publish_swaps_atomically_and_readers_keep_their_version(tmp_path, small
     run_embedded(_spec(small_corpus, out, tiny_qwen3))
     reader_v1 = IndexReader(out)
     report = run_embedded(_spec(small_corpus, out, tiny_qwen3, dims=(16,)))
-    assert report["version"] == "v000002" and report["rows_embedded"] == 0  # vectors reused
+    assert report.version == "v000002" and report.rows_embedded == 0  # vectors reused
     assert reader_v1.dir.name == "v000001" and reader_v1.index(32).ntotal == 88
     assert IndexReader(out).dims == [64, 16]

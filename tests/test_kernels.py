@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import kernels
-from pipeline.encoder import load_encoder
-from pipeline.kernels import onednn_linear_works, use_onednn_linear, use_pytorch_linear
-from pipeline.models import ModelRef
+from embedctl.pipeline import kernels
+from embedctl.pipeline.encoder import load_encoder
+from embedctl.pipeline.kernels import onednn_linear_works, use_onednn_linear, use_pytorch_linear
+from embedctl.pipeline.models import ModelRef
 
 pytestmark = pytest.mark.skipif(not onednn_linear_works(), reason="this torch build has no working oneDNN linear")
 

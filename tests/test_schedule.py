@@ -14,9 +14,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.schedule import beat_schedule, file_lock, history, run_embedded_job
-from jobs.specfile import SpecFileError, load_jobs
-from pipeline.errors import ConfigError
+from embedctl.jobs.history import history
+from embedctl.jobs.locks import FileLease, holder_record
+from embedctl.jobs.runner import run_named
+from embedctl.jobs.schedule import beat_schedule
+from embedctl.jobs.specfile import SpecFileError, load_jobs
+from embedctl.pipeline.errors import ConfigError
 from tests.services import wait_until as _wait
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,6 +51,10 @@ hnsw = {{ m = 16, ef_construction = 80 }}
     return path
 
 
+def _run(job) -> dict:
+    return run_named(job).to_dict()
+
+
 @pytest.fixture
 def corpus(tmp_path):
     ids, texts = [f"d{i}" for i in range(100)], _texts(100)
@@ -72,8 +79,8 @@ def test_spec_file_resolves_paths_and_builds_the_beat_schedule(tmp_path, corpus,
 
 
 def test_celery_app_reads_the_schedule_from_embedctl_jobs(tmp_path, corpus, tiny_qwen3):
-    from tasks.app import create_app
-    from tasks.settings import Settings
+    from embedctl.jobs.broker import Settings
+    from embedctl.tasks.app import create_app
 
     app = create_app(Settings(jobs_path=str(_spec_file(tmp_path, str(tiny_qwen3), schedule="30s"))))
     assert app.conf.beat_schedule["embedctl:docs"]["schedule"] == timedelta(seconds=30)
@@ -107,9 +114,9 @@ schedule = "every day"
 def test_incremental_runs_embed_only_changed_rows(tmp_path, corpus, tiny_qwen3):
     ids, texts = corpus
     job = load_jobs(_spec_file(tmp_path, str(tiny_qwen3)))["docs"]
-    first = run_embedded_job(job)
+    first = _run(job)
     assert first["status"] == "published" and first["rows_embedded"] == 100 and first["rows_reused"] == 0
-    second = run_embedded_job(job)
+    second = _run(job)
     assert second["status"] == "up-to-date" and second["rows_embedded"] == 0 and second["version"] == "v000001"
     # change 10 rows, add 5, delete 3
     new_texts = list(texts)
@@ -119,7 +126,7 @@ def test_incremental_runs_embed_only_changed_rows(tmp_path, corpus, tiny_qwen3):
     new_texts += [f"added text {i} about music and paper" for i in range(5)]
     keep_rows = [i for i in range(len(new_ids)) if i not in (50, 60, 70)]
     _write(tmp_path / "data" / "part-0.parquet", [new_ids[i] for i in keep_rows], [new_texts[i] for i in keep_rows])
-    third = run_embedded_job(job)
+    third = _run(job)
     assert third["status"] == "published" and third["version"] == "v000002"
     assert third["rows_embedded"] == 15 and third["rows_reused"] == 87 and third["rows_deleted"] == 3
     current = Path(job.spec.out) / "current"
@@ -142,14 +149,14 @@ def test_cached_vectors_equal_fresh_ones(tmp_path, corpus, tiny_qwen3):
 
     ids, texts = corpus
     job = load_jobs(_spec_file(tmp_path, str(tiny_qwen3)))["docs"]
-    run_embedded_job(job)
+    _run(job)
     _write(tmp_path / "data" / "part-0.parquet", ids[::-1], texts[::-1])  # same rows, new order: all reused
-    again = run_embedded_job(job)
+    again = _run(job)
     assert again["rows_embedded"] == 0 and again["rows_reused"] == 100
     (tmp_path / "fresh").mkdir()
     _write(tmp_path / "fresh" / "data" / "part-0.parquet", ids[::-1], texts[::-1])
     fresh_job = load_jobs(_spec_file(tmp_path / "fresh", str(tiny_qwen3)))
-    run_embedded_job(fresh_job["docs"])
+    _run(fresh_job["docs"])
 
     def vectors(out):
         work = next(p for p in (Path(out) / "work").iterdir()) / "chunks"
@@ -165,11 +172,14 @@ def test_cached_vectors_equal_fresh_ones(tmp_path, corpus, tiny_qwen3):
 
 def test_overlapping_run_is_recorded_as_skipped(tmp_path, corpus, tiny_qwen3):
     job = load_jobs(_spec_file(tmp_path, str(tiny_qwen3)))["docs"]
-    with file_lock(job.spec.out) as acquired:  # another run holds the job
-        assert acquired
-        skipped = run_embedded_job(job)
-    assert skipped["status"] == "skipped" and "in progress" in skipped["reason"]
-    assert run_embedded_job(job)["status"] == "published"
+    other = FileLease(job.spec.out, json.dumps(holder_record("otherrun1234", "embedded", "docs")))
+    assert other.acquire()  # another run holds the job
+    try:
+        skipped = _run(job)
+    finally:
+        other.release()
+    assert skipped["status"] == "skipped" and "being written by run otherrun1234" in skipped["reason"]
+    assert _run(job)["status"] == "published"
     assert [r["status"] for r in history(job.spec.out)] == ["published", "skipped"]
 
 
@@ -178,7 +188,7 @@ def test_retention_keeps_the_newest_versions(tmp_path, corpus, tiny_qwen3):
     job = load_jobs(_spec_file(tmp_path, str(tiny_qwen3), keep=2))["docs"]
     for n in range(4):
         _write(tmp_path / "data" / "part-0.parquet", ids, texts[:-1] + [f"last text version {n}"])
-        assert run_embedded_job(job)["status"] == "published"
+        assert _run(job)["status"] == "published"
     versions = sorted(p.name for p in (Path(job.spec.out) / "versions").iterdir())
     assert versions == ["v000003", "v000004"]
     assert (Path(job.spec.out) / "current").resolve().name == "v000004"
@@ -188,11 +198,11 @@ def test_retention_keeps_the_newest_versions(tmp_path, corpus, tiny_qwen3):
 def test_cache_prune(tmp_path, corpus, tiny_qwen3):
     from click.testing import CliRunner
 
-    from jobs.cli import main
+    from embedctl.jobs.cli import main
 
     ids, texts = corpus
     job = load_jobs(_spec_file(tmp_path, str(tiny_qwen3)))["docs"]
-    run_embedded_job(job)
+    _run(job)
     stale = Path(job.spec.out) / "work" / "0123456789ab"
     (stale / "chunks").mkdir(parents=True)
     (stale / "chunks" / "chunk-000000.npy").write_bytes(b"x" * 1000)
@@ -206,19 +216,18 @@ def test_cache_prune(tmp_path, corpus, tiny_qwen3):
     assert len(json.loads(result.stdout)["removed"]) == 1
     assert CliRunner().invoke(main, ["info", job.spec.out]).exit_code == 0  # still servable
     _write(tmp_path / "data" / "part-0.parquet", ids, texts[:-1] + ["a new last text"])
-    assert run_embedded_job(job)["rows_embedded"] == 100  # nothing cached any more
+    assert _run(job)["rows_embedded"] == 100  # nothing cached any more
 
 
 @pytest.mark.slow
 def test_queries_never_fail_while_reindexing(tmp_path, corpus, tiny_qwen3):
     ids, texts = corpus
     job = load_jobs(_spec_file(tmp_path, str(tiny_qwen3), keep=2))["docs"]
-    run_embedded_job(job)
+    _run(job)
     loop = f"""
 import sys, time, json
-sys.path.insert(0, {str(ROOT)!r})
 import numpy as np, faiss
-from pipeline.index import IndexReader
+from embedctl.pipeline.index import IndexReader
 rng = np.random.default_rng(0)
 ok = bad = 0
 errors = []
@@ -231,7 +240,7 @@ while time.time() < deadline:
         for dim in reader.dims:
             hits = reader.search(q, k=5, dim=dim)[0]
             assert len(hits) == 5 and all(h.id for h in hits)
-            assert reader.index(dim).ntotal == reader.info["rows"]
+            assert reader.index(dim).ntotal == reader.info.rows
         versions.add(reader.dir.name)
         ok += 1
     except Exception as exc:
@@ -245,7 +254,7 @@ print(json.dumps({{"ok": ok, "bad": bad, "errors": errors[:3], "versions": sorte
     try:
         for n in range(5):
             _write(tmp_path / "data" / "part-0.parquet", ids, [t if i % 7 else f"{t} v{n}" for i, t in enumerate(texts)])
-            assert run_embedded_job(job)["status"] == "published"
+            assert _run(job)["status"] == "published"
     finally:
         (tmp_path / "stop").touch()
     out, err = reader.communicate(timeout=120)
@@ -261,7 +270,7 @@ def test_celery_beat_runs_the_job_then_finds_it_unchanged(tmp_path, corpus, tiny
     out = Path(load_jobs(spec)["docs"].spec.out)
     start_worker(EMBEDCTL_JOBS=str(spec))
     with open(tmp_path / "beat.log", "wb") as log:
-        beat = subprocess.Popen([sys.executable, "-m", "celery", "-A", "tasks", "beat", "--loglevel", "INFO",
+        beat = subprocess.Popen([sys.executable, "-m", "celery", "-A", "embedctl.tasks", "beat", "--loglevel", "INFO",
                                  "--schedule", str(tmp_path / "beat-schedule"), "--max-interval", "1"],
                                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:

@@ -17,11 +17,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from jobs.cli import main
-from pipeline.encoder import load_encoder
-from pipeline.errors import SegmentError
-from pipeline.models import ModelRef
-from shm_loader.segment import attach, list_segments, publish, release, segment_name
+from embedctl.jobs.cli import main
+from embedctl.pipeline.encoder import load_encoder
+from embedctl.pipeline.models import ModelRef
+from embedctl.shm_loader.errors import SegmentError
+from embedctl.shm_loader.segment import attach, list_segments, publish, release, segment_name
 from tests.shm_worker import TEXTS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -190,15 +190,14 @@ def test_fork_children_attach_and_compute_with_threads(tiny_qwen3, shm_dir, tmp_
     publish(tiny_qwen3, torch.float32)
     script = f"""
 import os, sys, numpy as np, torch
-sys.path.insert(0, {str(ROOT)!r})
 from pathlib import Path
 pids = []
 for i in range(2):
     pid = os.fork()
     if pid == 0:
         torch.set_num_threads(2)
-        from pipeline.encoder import load_encoder
-        from pipeline.models import ModelRef
+        from embedctl.pipeline.encoder import load_encoder
+        from embedctl.pipeline.models import ModelRef
         enc = load_encoder(ModelRef("m", Path({str(tiny_qwen3)!r})), device="cpu", shm="require")
         np.save({str(tmp_path)!r} + f"/f{{i}}.npy", enc.encode(["dog cat"] * 64).vectors)
         os._exit(0)
@@ -223,8 +222,7 @@ def test_import_model_code_imports_the_architecture_without_weights(tiny_qwen3):
     code = f"""
 import sys
 from pathlib import Path
-sys.path.insert(0, {str(ROOT)!r})
-from pipeline.encoder import import_model_code
+from embedctl.pipeline.encoder import import_model_code
 import_model_code(Path({str(tiny_qwen3)!r}))
 assert "transformers.models.qwen3.modeling_qwen3" in sys.modules
 """

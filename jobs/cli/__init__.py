@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import click
 
-from jobs.cli.common import setup_logging
-from jobs.cli.index import index
-from jobs.cli.jobs import cache, jobs
-from jobs.cli.query import evaluate_cmd, info, query
-from jobs.cli.shm import shm
-from jobs.cli.status import status, worker
+from embedctl.jobs.cli.common import setup_logging
+from embedctl.jobs.cli.index import index
+from embedctl.jobs.cli.jobs import cache, jobs
+from embedctl.jobs.cli.query import evaluate_cmd, info, query
+from embedctl.jobs.cli.shm import shm
+from embedctl.jobs.cli.status import status, worker
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

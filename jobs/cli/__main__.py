@@ -1,3 +1,3 @@
-from jobs.cli import main
+from embedctl.jobs.cli import main
 
 main()

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 import click
 
-from pipeline.errors import EmbedctlError
+from embedctl.pipeline.errors import EmbedctlError
 
 
 def one_line(message: str) -> str:
@@ -24,9 +24,11 @@ def handle_errors(func: Callable) -> Callable:
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        from embedctl.shm_loader.errors import SegmentError
+
         try:
             return func(*args, **kwargs)
-        except EmbedctlError as exc:
+        except (EmbedctlError, SegmentError) as exc:
             raise click.ClickException(one_line(str(exc))) from None
         except PermissionError as exc:
             raise click.ClickException(f"permission denied: {exc.filename}; check the folder's owner and mode") \
@@ -49,7 +51,7 @@ def tqdm_progress(quiet: bool):
     @contextmanager
     def factory(desc: str, total: int, unit: str = "", initial: int = 0):
         if quiet:
-            from pipeline.work import no_progress
+            from embedctl.pipeline.work import no_progress
 
             with no_progress(desc, total) as silent:
                 yield silent
@@ -83,18 +85,15 @@ def print_json(data) -> None:
 def setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass
+    # transformers reads its verbosity when it is imported (only by commands that load a model): set it now
+    # rather than importing it here, which would slow every command down.
+    if verbose <= 1:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def parse_dims(_ctx, _param, value) -> tuple[int, ...] | None:
-    """Click callback: '1024,512,256' -> (1024, 512, 256)."""
-    if value is None:
+    """Click callback: '1024,512,256' -> (1024, 512, 256); None (not given) keeps the defaults."""
+    if value is None or value == "":
         return None
     if isinstance(value, tuple | list):
         return tuple(value)

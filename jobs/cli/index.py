@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from jobs.cli.common import (
+from embedctl.jobs.cli.common import (
     env_option,
     handle_errors,
     one_line,
@@ -15,10 +15,9 @@ from jobs.cli.common import (
     shm_option,
     tqdm_progress,
 )
-from jobs.runner import run_embedded
-from jobs.spec import JobSpec
-from pipeline import defaults
-from pipeline.errors import EmbedctlError
+from embedctl.jobs.spec import JobSpec
+from embedctl.pipeline import defaults
+from embedctl.pipeline.errors import EmbedctlError
 
 
 @click.command()
@@ -30,11 +29,15 @@ from pipeline.errors import EmbedctlError
 @env_option("--id-column", env="ID_COLUMN", default=defaults.DEFAULT_ID_COLUMN, show_default=True,
       help="Unique ids; when the default column is absent, row numbers are the ids.")
 @env_option("--instruction", env="INSTRUCTION", default=None,
-      help="Instruction for the documents (Qwen3 format); default: none.")
+      help="Instruction for the documents; default: none.")
 @env_option("--query-instruction", env="QUERY_INSTRUCTION", default=None,
       help="Instruction recorded for queries; default: the model's own ('' for none).")
-@env_option("--dims", env="DIMS", default=",".join(map(str, defaults.DEFAULT_DIMS)), show_default=True,
-      callback=parse_dims, help="Matryoshka dims indexed besides the full dim (those below it).")
+@env_option("--instruction-format", env="INSTRUCTION_FORMAT", type=click.Choice(["qwen3", "raw"]), default=None,
+      help="qwen3: 'Instruct: {instruction}\\nQuery:' before the text; raw: the instruction itself is the prefix "
+           "(E5's 'query: '). [default: qwen3 for instruction-aware models, raw otherwise]")
+@env_option("--dims", env="DIMS", default=None, callback=parse_dims,
+      help=f"Matryoshka dims indexed besides the full dim; each must be at most the model's dim. [default: those of "
+           f"{','.join(map(str, defaults.DEFAULT_DIMS))} below the model's dim]")
 @env_option("--chunk-rows", env="CHUNK_ROWS", type=int, default=defaults.DEFAULT_CHUNK_ROWS, show_default=True,
       help="Rows per chunk (unit of resume and of distribution).")
 @env_option("--batch-tokens", env="BATCH_TOKENS", type=int, default=None,
@@ -63,7 +66,8 @@ from pipeline.errors import EmbedctlError
 @env_option("--json", "as_json", env="JSON", is_flag=True, help="Print the run report as JSON.")
 @handle_errors
 def index(corpus: str, out: str, model: str, text_column: str, id_column: str, instruction: str | None,
-          query_instruction: str | None, dims: tuple[int, ...], chunk_rows: int, batch_tokens: int | None,
+          query_instruction: str | None, instruction_format: str | None, dims: tuple[int, ...] | None,
+          chunk_rows: int, batch_tokens: int | None,
           max_length: int | None, dtype: str, device: str, threads: int | None, compile_model: bool, hnsw_m: int,
           ef_construction: int, ef_search: int, index_type: str, keep: int, shm: str, broker: str | None, detach: bool,
           quiet: bool, as_json: bool) -> None:
@@ -73,7 +77,8 @@ def index(corpus: str, out: str, model: str, text_column: str, id_column: str, i
     version is up to date does nothing.
     """
     spec = JobSpec(corpus=corpus, out=out, model=model, text_column=text_column, id_column=id_column,
-                   instruction=instruction, query_instruction=query_instruction, dims=dims, chunk_rows=chunk_rows,
+                   instruction=instruction, query_instruction=query_instruction,
+                   instruction_format=instruction_format, dims=dims, chunk_rows=chunk_rows,
                    batch_tokens=batch_tokens, max_length=max_length, dtype=dtype, device=device, threads=threads,
                    hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search, index_type=index_type, keep=keep,
                    shm=shm, compile=compile_model)
@@ -84,6 +89,8 @@ def index(corpus: str, out: str, model: str, text_column: str, id_column: str, i
         if report is None:
             return
     else:
+        from embedctl.jobs.runner import run_embedded
+
         try:
             report = run_embedded(spec, progress=tqdm_progress(quiet))
         except KeyboardInterrupt:
@@ -92,40 +99,44 @@ def index(corpus: str, out: str, model: str, text_column: str, id_column: str, i
         except EmbedctlError as exc:
             raise click.ClickException(one_line(str(exc))) from None
     if as_json:
-        print_json(report)
+        print_json(report.to_dict())
         return
-    if report["status"] == "up-to-date":
-        click.echo(f"up to date: {report['version']} of {out} already indexes this corpus "
-                   f"({report['rows_indexed']} rows); nothing embedded")
-        return
-    click.echo(f"published {report['version']} in {out}: {report['rows_indexed']} rows indexed, dims "
-               f"{', '.join(map(str, report['dims']))}; embedded {report['rows_embedded']} rows in "
-               f"{report['chunks_embedded']} chunks ({report['chunks_done_before']} were complete)"
-               + (f", reused {report['rows_reused']} cached vectors" if report.get("rows_reused") else ""))
-    if report["rows_skipped"]:
-        click.echo(f"skipped {report['rows_skipped']} null or empty texts (listed in --json and "
-                   f"{out}/work/{report['plan_id']}/report.json)")
-    if report["rows_truncated"]:
-        click.echo(f"truncated {report['rows_truncated']} texts at {spec.max_length or 'the model limit'} tokens")
+    click.echo(summary(report))
 
 
-def _distributed(spec: JobSpec, broker: str, detach: bool, quiet: bool, as_json: bool) -> dict | None:
-    """Submit to Celery workers; follow to the publish unless detached (then print the job and return None)."""
-    from jobs.distributed import follow, submit
-    from tasks.settings import Settings
+def summary(report) -> str:
+    """The human summary of a run report (the same for embedded and distributed runs)."""
+    out = report.out
+    if report.status == "up-to-date":
+        return (f"up to date: {report.version} of {out} already indexes this corpus ({report.rows_indexed} rows); "
+                "nothing embedded")
+    lines = [f"published {report.version} in {out}: {report.rows_indexed} rows indexed, dims "
+             f"{', '.join(map(str, report.dims))}; embedded {report.rows_embedded} rows in {report.chunks_embedded} "
+             f"chunks ({report.chunks_done_before} were complete)"
+             + (f", reused {report.rows_reused} cached vectors" if report.rows_reused else "")]
+    if report.rows_skipped:
+        lines.append(f"skipped {report.rows_skipped} null or empty texts (listed in --json and "
+                     f"{out}/work/{report.job_id}/report.json)")
+    if report.rows_truncated:
+        lines.append(f"truncated {report.rows_truncated} texts at the model's length limit (--max-length)")
+    return "\n".join(lines)
 
-    submitted = submit(spec, Settings.from_env(broker_url=broker))
-    if submitted.up_to_date:
-        info = submitted.up_to_date
-        return {"status": "up-to-date", "version": info["version"], "rows_indexed": info["rows"],
-                "rows_embedded": 0, "chunks_embedded": 0, "job_id": submitted.plan.plan_id}
+
+def _distributed(spec: JobSpec, broker: str, detach: bool, quiet: bool, as_json: bool):
+    """Submit to Celery workers; follow to the publish unless detached (then print the run and return None)."""
+    from embedctl.jobs.broker import Settings
+    from embedctl.jobs.distributed import follow, submit
+
+    submitted = submit(spec, Settings.from_env(broker_url=broker), detach=detach)
+    if submitted.report is not None:
+        return submitted.report
     if detach:
         if as_json:
             print_json(submitted.to_dict())
         else:
-            click.echo(f"submitted job {submitted.plan.plan_id}: {submitted.chunks_submitted} chunks queued "
-                       f"({submitted.chunks_done_before} already complete); follow it with "
-                       f"`embedctl status {spec.out}`")
+            click.echo(f"submitted job {submitted.plan.plan_id} (run {submitted.run.run_id}): {len(submitted.missing)} "
+                       f"chunks queued ({len(submitted.plan.corpus.chunks) - len(submitted.missing)} already "
+                       f"complete); follow it with `embedctl status {spec.out}`")
         return None
     try:
         return follow(submitted, progress=tqdm_progress(quiet))

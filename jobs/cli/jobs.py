@@ -9,8 +9,8 @@ from pathlib import Path
 
 import click
 
-from jobs.cli.common import handle_errors, print_json, tqdm_progress
-from pipeline.errors import EmbedctlError
+from embedctl.jobs.cli.common import handle_errors, print_json, tqdm_progress
+from embedctl.pipeline.errors import EmbedctlError
 
 
 def _jobs_option(func):
@@ -19,8 +19,8 @@ def _jobs_option(func):
 
 
 def _load(jobs_file: str | None):
-    from jobs.schedule import jobs_path
-    from jobs.specfile import SpecFileError, load_jobs
+    from embedctl.jobs.schedule import jobs_path
+    from embedctl.jobs.specfile import SpecFileError, load_jobs
 
     path = jobs_path(jobs_file)
     try:
@@ -42,7 +42,7 @@ def jobs() -> None:
 @handle_errors
 def list_jobs(jobs_file: str | None, as_json: bool) -> None:
     """List the jobs of the spec file with their schedule, corpus and output folder (validates the file)."""
-    from jobs.schedule import history
+    from embedctl.jobs.history import history
 
     _path, named = _load(jobs_file)
     rows = []
@@ -69,55 +69,42 @@ def list_jobs(jobs_file: str | None, as_json: bool) -> None:
 @handle_errors
 def run(name: str, jobs_file: str | None, broker: str | None, detach: bool, quiet: bool, as_json: bool) -> None:
     """Run job NAME now (embedded, or on the workers with a broker); skipped while another run of it is going."""
-    from jobs.schedule import history, jobs_path, load_named, run_celery_job, run_embedded_job
+    from embedctl.jobs.schedule import jobs_path, load_named
 
     job = load_named(name, jobs_path(jobs_file))
     if broker:
-        from jobs.distributed import Submitted, check_broker, follow
-        from pipeline import work
-        from pipeline.plan import WORK, load_plan
-        from tasks.app import app, configure
-        from tasks.settings import Settings
+        from embedctl.jobs.broker import Settings
+        from embedctl.jobs.distributed import follow, submit_named
+        from embedctl.jobs.report import RunReport
 
-        settings = Settings.from_env(broker_url=broker)
-        check_broker(settings)
-        configure(app, settings)
-        event = run_celery_job(job, settings)
-        if event["status"] == "running" and not detach:
-            plan = load_plan(Path(job.spec.out) / WORK / event["job_id"])
-            try:
-                follow(Submitted(plan, work.missing_chunks(plan), False), progress=tqdm_progress(quiet))
-            except KeyboardInterrupt:
-                click.echo(f"\ninterrupted: the run keeps going on the workers; see `embedctl jobs status {name}`",
-                           err=True)
-                sys.exit(130)
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:  # the build task records the run right after publishing
-                final = next((r for r in history(job.spec.out) if r["run_id"] == event["run_id"]), event)
-                if final["status"] != "running":
-                    break
-                time.sleep(0.2)
-            event = final
+        started = submit_named(job, Settings.from_env(broker_url=broker), detach=detach)
+        if not isinstance(started, RunReport) and started.report is None and detach:
+            if as_json:
+                print_json(started.to_dict())
+            else:
+                click.echo(f"{name}: running (run {started.run.run_id}); see `embedctl jobs status {name}`")
+            return
+        try:
+            report = started if isinstance(started, RunReport) else follow(started, progress=tqdm_progress(quiet))
+        except KeyboardInterrupt:
+            click.echo(f"\ninterrupted: the run keeps going on the workers; see `embedctl jobs status {name}`",
+                       err=True)
+            sys.exit(130)
     else:
-        event = run_embedded_job(job, progress=tqdm_progress(quiet))
+        from embedctl.jobs.runner import run_named
+
+        report = run_named(job, progress=tqdm_progress(quiet))
     if as_json:
-        print_json(event)
+        print_json(report.to_dict())
     else:
-        click.echo(_describe(event))
-    if event["status"] == "failed":
-        sys.exit(1)
+        click.echo(_describe(name, report))
 
 
-def _describe(run: dict) -> str:
-    if run["status"] == "skipped":
-        return f"{run['job']}: skipped ({run.get('reason')})"
-    if run["status"] == "running":
-        return f"{run['job']}: running (run {run['run_id']}); see `embedctl jobs status {run['job']}`"
-    if run["status"] == "failed":
-        return f"{run['job']}: failed: {run.get('error')}"
-    return (f"{run['job']}: {run['status']} {run.get('version') or ''} — embedded {run.get('rows_embedded', 0)}, "
-            f"reused {run.get('rows_reused', 0)}, deleted {run.get('rows_deleted', 0)} rows in "
-            f"{run.get('seconds', 0)} s")
+def _describe(name: str, report) -> str:
+    if report.status == "skipped":
+        return f"{name}: skipped ({report.reason})"
+    return (f"{name}: {report.status} {report.version or ''} — embedded {report.rows_embedded}, reused "
+            f"{report.rows_reused}, deleted {report.rows_deleted} rows in {report.seconds} s")
 
 
 @jobs.command("status")
@@ -128,7 +115,8 @@ def _describe(run: dict) -> str:
 @handle_errors
 def job_status(name: str, jobs_file: str | None, limit: int, as_json: bool) -> None:
     """The last runs of job NAME, newest first: started, status, rows embedded/reused/deleted, seconds, version."""
-    from jobs.schedule import history, jobs_path, load_named
+    from embedctl.jobs.history import history
+    from embedctl.jobs.schedule import jobs_path, load_named
 
     job = load_named(name, jobs_path(jobs_file))
     runs = history(job.spec.out, limit=limit)
@@ -160,23 +148,23 @@ def cache() -> None:
 @handle_errors
 def prune(out: str, all_: bool, as_json: bool) -> None:
     """Remove stored vectors of OUT that no published version needs (published versions stay servable)."""
-    from jobs.state import published_info
-    from pipeline import versions
-    from pipeline.fsutil import read_json
-    from pipeline.plan import WORK, load_plan
+    from embedctl.jobs.state import published_version
+    from embedctl.pipeline import versions
+    from embedctl.pipeline.manifest import read_info
+    from embedctl.pipeline.plan import WORK, load_plan
 
     root = Path(out) / WORK
     if not root.is_dir():
         raise EmbedctlError(f"{out!r} has no stored vectors (no {WORK}/ folder); is it an --out folder?")
     current = versions.current_version(out)
-    keep_id = read_json(current / versions.INFO)["index_key"]["plan_id"] if current else None
+    keep_id = read_info(current).plan_id if current else None
     removed, freed = [], 0
     for path in sorted(p for p in root.iterdir() if p.is_dir()):
         if path.name == keep_id and not all_:
             continue
         try:
             plan = load_plan(path)
-            unfinished = not published_info(plan) and any(
+            unfinished = not published_version(plan) and any(
                 time.time() - p.stat().st_mtime < 3600 for p in (path / "chunks").glob("*"))
         except EmbedctlError:
             unfinished = False

@@ -7,24 +7,30 @@ from pathlib import Path
 
 import click
 
-from jobs.cli.common import env_option, handle_errors, print_json, shm_option
-from pipeline import defaults
-from pipeline.errors import ConfigError, ModelError
-from pipeline.fsutil import read_json
-from pipeline.index import IndexReader
-from pipeline.models import ModelRef, format_instruction, resolve_model
-from pipeline.versions import INFO, resolve_index_dir
+from embedctl.jobs.cli.common import env_option, handle_errors, print_json, shm_option
+from embedctl.pipeline import defaults
+from embedctl.pipeline.errors import ConfigError, ModelError
+from embedctl.pipeline.manifest import VersionInfo, read_info
+from embedctl.pipeline.models import ModelRef, format_instruction, resolve_model
+from embedctl.pipeline.versions import resolve_index_dir
 
 
-def _index_model(info: dict) -> ModelRef:
+def _index_model(info: VersionInfo) -> ModelRef:
     """The model recorded in an index: its folder when it still exists, else its name resolved again."""
-    path = Path(info["model_path"])
+    path = Path(info.model_path)
     if (path / "config.json").is_file() or (path / "modules.json").is_file():
-        return ModelRef(info["model"], path)
+        return ModelRef(info.model, path)
     try:
-        return resolve_model(info["model"])
+        return resolve_model(info.model)
     except ModelError as exc:
-        raise ModelError(f"the index was built with {info['model']!r}, which cannot be loaded here: {exc}") from None
+        raise ModelError(f"the index was built with {info.model!r}, which cannot be loaded here: {exc}") from None
+
+
+def _query_prefix(info: VersionInfo, query_instruction: str | None) -> str:
+    """The index's recorded query prefix, or `--query-instruction` in the index's instruction format."""
+    if query_instruction is None:
+        return info.query_prefix
+    return format_instruction(query_instruction, info.instruction_format)
 
 
 def _read_queries(texts: tuple[str, ...], file: str | None) -> list[str]:
@@ -61,6 +67,8 @@ def _read_queries(texts: tuple[str, ...], file: str | None) -> list[str]:
 def query(index_dir: str, texts: tuple[str, ...], k: int, dim: int | None, ef: int | None,
           query_instruction: str | None, file: str | None, device: str, shm: str, as_json: bool) -> None:
     """Search INDEX_DIR (an --out folder or a version folder) for TEXTS, embedded with the index's model."""
+    from embedctl.pipeline.index import IndexReader
+
     queries = _read_queries(texts, file)
     reader = IndexReader(Path(index_dir))
     if dim is not None and dim not in reader.dims:
@@ -68,12 +76,11 @@ def query(index_dir: str, texts: tuple[str, ...], k: int, dim: int | None, ef: i
                           f"{', '.join(map(str, reader.dims))}")
     if k <= 0:
         raise ConfigError(f"-k must be > 0, got {k!r}")
-    from pipeline.encoder import load_encoder  # torch is imported only when a query is embedded
+    from embedctl.pipeline.encoder import load_encoder  # torch is imported only when a query is embedded
 
     info = reader.info
-    encoder = load_encoder(_index_model(info), device=device, max_length=info["max_length"], shm=shm)
-    prefix = info["query_prefix"] if query_instruction is None else format_instruction(query_instruction)
-    vectors = encoder.encode(queries, prefix=prefix).vectors
+    encoder = load_encoder(_index_model(info), device=device, max_length=info.max_length, shm=shm)
+    vectors = encoder.encode(queries, prefix=_query_prefix(info, query_instruction)).vectors
     results = reader.search(vectors, k=k, dim=dim, ef=ef)
     if as_json:
         print_json([[hit.to_dict() for hit in hits] for hits in results] if file or len(queries) > 1
@@ -98,23 +105,21 @@ def query(index_dir: str, texts: tuple[str, ...], k: int, dim: int | None, ef: i
 def info(index_dir: str, as_json: bool) -> None:
     """Describe the index published in INDEX_DIR: model, dims, rows, version, files."""
     version_dir = resolve_index_dir(Path(index_dir))
-    data = read_json(version_dir / INFO)
-    data["version"] = version_dir.name
-    data["path"] = str(version_dir)
-    data["paths"] = {"rows": str(version_dir / data["rows_file"]),
-                     **{d: str(version_dir / f) for d, f in data["files"].items()}}
+    info = read_info(version_dir)
+    data = {**info.to_dict(), "version": version_dir.name, "path": str(version_dir),
+            "paths": {"rows": str(version_dir / info.rows_file), **{d: str(version_dir / f) for d, f in info.files.items()}}}
     if as_json:
         print_json(data)
         return
-    click.echo(f"index    {data['path']} ({data['version']}, created {data['created']})")
-    click.echo(f"model    {data['model']} ({data['model_type']}, {data['pooling']} pooling, dim {data['dim']}, "
-               f"{data['dtype']})")
-    click.echo(f"rows     {data['rows']} of {data['corpus']['rows']} corpus rows ({data['corpus']['source']})")
-    click.echo(f"dims     {', '.join(map(str, data['dims']))} (HNSW M={data['hnsw']['m']}, "
-               f"efConstruction={data['hnsw']['ef_construction']}, efSearch={data['hnsw']['ef_search']})")
-    click.echo(f"query    instruction prefix {data['query_prefix']!r}")
+    click.echo(f"index    {data['path']} ({data['version']}, created {info.created})")
+    click.echo(f"model    {info.model} ({info.model_type}, {info.pooling} pooling, dim {info.dim}, computed in "
+               f"{info.dtype})")
+    click.echo(f"rows     {info.rows} of {info.corpus.rows} corpus rows ({info.corpus.source})")
+    click.echo(f"dims     {', '.join(map(str, info.dims))} ({info.index_type}, HNSW M={info.hnsw['m']}, "
+               f"efConstruction={info.hnsw['ef_construction']}, efSearch={info.hnsw['ef_search']})")
+    click.echo(f"query    instruction prefix {info.query_prefix!r} ({info.instruction_format} format)")
     click.echo(f"files    {data['paths']['rows']}")
-    for dim in data["dims"]:
+    for dim in info.dims:
         click.echo(f"         {data['paths'][str(dim)]}")
 
 
@@ -137,8 +142,9 @@ def evaluate_cmd(index_dir: str, queries_path: str, query_column: str, relevant_
                  ef: int | None, limit: int | None, query_instruction: str | None, device: str, shm: str,
                  as_json: bool) -> None:
     """Recall@k and MRR of INDEX_DIR on labelled queries, per dim, exact search vs HNSW."""
-    from pipeline.encoder import load_encoder
-    from pipeline.evaluate import evaluate, load_queries
+    from embedctl.pipeline.encoder import load_encoder
+    from embedctl.pipeline.evaluate import evaluate, load_queries
+    from embedctl.pipeline.index import IndexReader
 
     try:
         cutoffs = tuple(int(x) for x in ks.split(",") if x.strip())
@@ -147,9 +153,9 @@ def evaluate_cmd(index_dir: str, queries_path: str, query_column: str, relevant_
     reader = IndexReader(Path(index_dir))
     queries = load_queries(Path(queries_path), query_column, relevant_column, reader, limit=limit)
     info = reader.info
-    encoder = load_encoder(_index_model(info), device=device, max_length=info["max_length"], shm=shm)
-    prefix = info["query_prefix"] if query_instruction is None else format_instruction(query_instruction)
-    result = evaluate(reader, encoder.encode(queries.texts, prefix=prefix).vectors, queries, cutoffs, ef=ef)
+    encoder = load_encoder(_index_model(info), device=device, max_length=info.max_length, shm=shm)
+    result = evaluate(reader, encoder.encode(queries.texts, prefix=_query_prefix(info, query_instruction)).vectors,
+                      queries, cutoffs, ef=ef)
     if as_json:
         print_json(result)
         return

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from jobs.cli.common import handle_errors, print_json
-from pipeline import defaults
-from shm_loader.segment import human_bytes
+from embedctl.jobs.cli.common import handle_errors, print_json
+from embedctl.pipeline import defaults
+from embedctl.shm_loader.segment import human_bytes
 
 
 @click.group()
@@ -29,9 +29,9 @@ def publish(model: str, dtype: str, device: str, replace: bool, as_json: bool) -
 
     The segment outlives this command; workers on this host attach to it instead of loading the model.
     """
-    from pipeline.encoder import dtype_name, resolve_device, resolve_dtype
-    from pipeline.models import read_profile, resolve_model
-    from shm_loader.segment import publish as publish_segment
+    from embedctl.pipeline.encoder import dtype_name, resolve_device, resolve_dtype
+    from embedctl.pipeline.models import read_profile, resolve_model
+    from embedctl.shm_loader.segment import publish as publish_segment
 
     ref = resolve_model(model)
     folder = read_profile(ref.path).transformer_path
@@ -55,7 +55,7 @@ def publish(model: str, dtype: str, device: str, replace: bool, as_json: bool) -
 @handle_errors
 def status(as_json: bool) -> None:
     """List the segments: model folder, dtype, size, created, state, processes that map it."""
-    from shm_loader.segment import default_shm_dir, list_segments
+    from embedctl.shm_loader.segment import default_shm_dir, list_segments
 
     segments = list_segments()
     if as_json:
@@ -77,7 +77,7 @@ def status(as_json: bool) -> None:
 @handle_errors
 def release(names: tuple[str, ...], all_: bool, force: bool) -> None:
     """Unlink segments NAMES (or --all); refused while processes map them, unless --force."""
-    from shm_loader.segment import release as release_segments
+    from embedctl.shm_loader.segment import release as release_segments
 
     if bool(names) == all_:
         raise click.UsageError("give segment names or --all (see `embedctl shm status`)")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from jobs.cli.common import handle_errors, print_json
-from pipeline import defaults
+from embedctl.jobs.cli.common import handle_errors, print_json
+from embedctl.pipeline import defaults
 
 
 @click.command()
@@ -18,14 +18,14 @@ from pipeline import defaults
 @handle_errors
 def status(job: str, as_json: bool) -> None:
     """State of the newest job in an --out folder JOB (or of a job folder OUT/work/<job id>), read from disk."""
-    from jobs.state import status as job_status
+    from embedctl.jobs.state import status as job_status
 
     data = job_status(Path(job))
     if as_json:
         print_json(data)
         return
-    click.echo(f"job {data['job_id']} ({data['mode'] or 'unknown'}, submitted {data['submitted'] or '?'}): "
-               f"{data['state']}")
+    click.echo(f"job {data['job_id']} (run {data['run_id'] or '?'}, {data['mode'] or 'unknown'}, started "
+               f"{data['submitted'] or '?'}): {data['state']}")
     click.echo(f"chunks {data['chunks_done']}/{data['chunks_total']}, rows {data['rows_done']}/{data['rows_total']}"
                + (f", published {data['version']}" if data["version"] else ""))
     for error in data["errors"]:
@@ -35,8 +35,8 @@ def status(job: str, as_json: bool) -> None:
 @click.command(context_settings={"ignore_unknown_options": True})
 @click.option("--model", "-m", envvar="EMBEDCTL_MODEL", show_envvar=True, default=defaults.DEFAULT_MODEL,
               show_default=True, help="The model this host serves: published to shared memory, attached by children.")
-@click.option("--broker", envvar="EMBEDCTL_BROKER_URL", show_envvar=True, default=None,
-              help="Redis URL [default: redis://127.0.0.1:6379/0].")
+@click.option("--broker", default=None,
+              help="Redis URL of the broker [default: EMBEDCTL_BROKER_URL, else CELERY_BROKER_URL; none: refused].")
 @click.option("--concurrency", "-c", type=int, envvar="EMBEDCTL_CONCURRENCY", show_envvar=True, default=None,
               help="Pool children [default: one per GPU, else one per CPU core].")
 @click.option("--queues", "-Q", envvar="EMBEDCTL_QUEUES", show_envvar=True, default=None,
@@ -50,13 +50,13 @@ def worker(model: str, broker: str | None, concurrency: int | None, queues: str 
            loglevel: str, celery_args: tuple[str, ...]) -> None:
     """Publish MODEL's weights to shared memory (if needed) and start a prefork Celery worker on them.
 
-    Extra arguments go to `celery worker`. The plain `celery -A tasks worker` works too (set EMBEDCTL_MODEL).
+    Extra arguments go to `celery worker`. The plain `celery -A embedctl.tasks worker` works too (set
+    EMBEDCTL_MODEL); it consumes both queues unless given -Q.
     """
-    from jobs.distributed import check_broker
-    from pipeline.encoder import resolve_device, resolve_dtype
-    from pipeline.models import read_profile, resolve_model
-    from shm_loader.segment import publish
-    from tasks.settings import Settings
+    from embedctl.jobs.broker import Settings, check_broker
+    from embedctl.pipeline.encoder import resolve_device, resolve_dtype
+    from embedctl.pipeline.models import read_profile, resolve_model
+    from embedctl.shm_loader.segment import publish
 
     settings = Settings.from_env(broker_url=broker)
     check_broker(settings)
@@ -66,9 +66,10 @@ def worker(model: str, broker: str | None, concurrency: int | None, queues: str 
     if os.environ.get("EMBEDCTL_SHM", "auto") != "off":
         result = publish(folder, resolve_dtype(dtype, dev))
         click.echo(("published " if result["published"] else "attaching to ") + result["name"], err=True)
-    env = dict(os.environ, EMBEDCTL_MODEL=model, EMBEDCTL_BROKER_URL=settings.broker_url, EMBEDCTL_DTYPE=dtype,
+    env = dict(os.environ, EMBEDCTL_MODEL=model, EMBEDCTL_BROKER_URL=settings.url, EMBEDCTL_DTYPE=dtype,
                EMBEDCTL_DEVICE=device)
-    argv = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "--pool", "prefork",
+    # -P: the working directory is not put first on sys.path, so files there (a tasks.py, say) are never imported
+    argv = [sys.executable, "-P", "-m", "celery", "-A", "embedctl.tasks", "worker", "--pool", "prefork",
             "--concurrency", str(concurrency or gpus or os.cpu_count() or 1),
             "--queues", queues or f"{settings.embed_queue},{settings.build_queue}", "--loglevel", loglevel,
             *celery_args]

@@ -1,0 +1,296 @@
+"""The broker side of embedctl, for whoever sends or watches tasks: settings, the Celery configuration, a sending
+app, broker checks, live workers and queued messages.
+
+Tasks are sent by name (`embedctl.embed_chunk`, ...), so nothing here imports `embedctl.tasks`: the worker side
+imports this module, never the other way round. Settings come from one place: `EMBEDCTL_BROKER_URL`, else
+`CELERY_BROKER_URL`, for the broker and the result backend alike.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from embedctl.pipeline.errors import BrokerError, ConfigError
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+LOG = logging.getLogger(__name__)
+
+DEFAULT_VISIBILITY_TIMEOUT = 6 * 3600
+"""Seconds before Redis hands an unacknowledged task to another worker: longer than the longest chunk."""
+
+DEFAULT_RESULT_EXPIRES = 24 * 3600
+"""Seconds task results are kept in Redis."""
+
+DEFAULT_LEASE_SECONDS = 120
+"""Time-to-live of a lock lease (a run's hold on its output folder, a build's hold on its plan). Holders renew it
+every third of this while they work; a lease whose holder died lapses after at most this long."""
+
+DEFAULT_STALL_SECONDS = 180
+"""A follower re-queues the chunks (or the build) of its job that made no progress for this long: a dead
+worker costs minutes instead of the visibility time-out (hours)."""
+
+EMBED_QUEUE = "embedctl.embed"
+"""Queue of the embedding tasks (GPU hosts)."""
+
+BUILD_QUEUE = "embedctl.build"
+"""Queue of the index building and scheduled-run tasks (CPU)."""
+
+EMBED_TASK = "embedctl.embed_chunk"
+BUILD_TASK = "embedctl.build_index"
+RUN_JOB_TASK = "embedctl.run_job"
+
+BROKER_ENV = ("EMBEDCTL_BROKER_URL", "CELERY_BROKER_URL")
+"""Where the broker URL comes from, first set wins."""
+
+
+def mask_url(url: str | None) -> str:
+    """The URL with its password replaced by ** (kombu's own sanitiser): safe to print and log."""
+    from kombu.utils.url import maybe_sanitize_url
+
+    try:
+        return maybe_sanitize_url(url or "")
+    except (ValueError, TypeError):
+        return "<a broker URL that cannot be parsed>"
+
+
+def url_password(url: str | None) -> str | None:
+    from kombu.utils.url import url_to_parts
+
+    try:
+        return url_to_parts(url or "").password
+    except (ValueError, TypeError):
+        return None
+
+
+def _check_url(url: str) -> None:
+    """Refuse a URL that is not Redis or that parses ambiguously, without ever echoing its password."""
+    from kombu.utils.url import url_to_parts
+
+    if not url.startswith(("redis://", "rediss://", "redis+socket://")):
+        raise ConfigError(f"the broker URL must be a Redis URL (redis://[:password@]host:port/db), got "
+                          f"{mask_url(url)!r}")
+    if url.startswith("redis+socket://"):
+        return
+    try:
+        parts = url_to_parts(url)
+    except (ValueError, TypeError):
+        raise ConfigError("the broker URL cannot be parsed; a password holding '/', '?' or '#' must be "
+                          "percent-encoded (%2F, %3F, %23)") from None
+    if not parts.hostname:
+        raise ConfigError(f"the broker URL {mask_url(url)!r} names no host; give redis://[:password@]host:port/db")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the broker side needs; `from_env` reads EMBEDCTL_* (and CELERY_BROKER_URL)."""
+
+    broker_url: str | None = None  # None: not configured (a worker refuses to start)
+    visibility_timeout: int = DEFAULT_VISIBILITY_TIMEOUT
+    result_expires: int = DEFAULT_RESULT_EXPIRES
+    lease_seconds: int = DEFAULT_LEASE_SECONDS
+    stall_seconds: int = DEFAULT_STALL_SECONDS
+    embed_queue: str = EMBED_QUEUE
+    build_queue: str = BUILD_QUEUE
+    jobs_path: str | None = None  # the job spec file whose schedules beat runs (EMBEDCTL_JOBS)
+
+    def __post_init__(self) -> None:
+        if self.broker_url is not None:
+            _check_url(self.broker_url)
+        for name in ("visibility_timeout", "result_expires", "lease_seconds", "stall_seconds"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+
+    @property
+    def url(self) -> str:
+        """The broker URL; raises ConfigError when none is configured."""
+        if not self.broker_url:
+            raise ConfigError("no broker is configured: set EMBEDCTL_BROKER_URL (or CELERY_BROKER_URL) to a Redis URL "
+                              "such as redis://:PASSWORD@host:6379/0, or pass --broker")
+        return self.broker_url
+
+    @property
+    def masked_broker(self) -> str:
+        return mask_url(self.broker_url) if self.broker_url else "(no broker)"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> Settings:
+        """Settings from the environment: EMBEDCTL_BROKER_URL (else CELERY_BROKER_URL),
+        EMBEDCTL_VISIBILITY_TIMEOUT, EMBEDCTL_RESULT_EXPIRES, EMBEDCTL_LEASE_SECONDS, EMBEDCTL_STALL_SECONDS,
+        EMBEDCTL_EMBED_QUEUE, EMBEDCTL_BUILD_QUEUE, EMBEDCTL_JOBS; `overrides` win when not None."""
+        env = os.environ if environ is None else environ
+        values = {
+            "broker_url": next((env[k] for k in BROKER_ENV if env.get(k)), None),
+            "visibility_timeout": _int(env, "EMBEDCTL_VISIBILITY_TIMEOUT", DEFAULT_VISIBILITY_TIMEOUT),
+            "result_expires": _int(env, "EMBEDCTL_RESULT_EXPIRES", DEFAULT_RESULT_EXPIRES),
+            "lease_seconds": _int(env, "EMBEDCTL_LEASE_SECONDS", DEFAULT_LEASE_SECONDS),
+            "stall_seconds": _int(env, "EMBEDCTL_STALL_SECONDS", DEFAULT_STALL_SECONDS),
+            "embed_queue": env.get("EMBEDCTL_EMBED_QUEUE") or EMBED_QUEUE,
+            "build_queue": env.get("EMBEDCTL_BUILD_QUEUE") or BUILD_QUEUE,
+            "jobs_path": env.get("EMBEDCTL_JOBS") or None,
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def lease_seconds(settings: Settings | None = None) -> int:
+    """The lease time-to-live: the settings', else EMBEDCTL_LEASE_SECONDS, else the default (embedded runs have no
+    broker settings but judge the liveness of Celery runs by the same clock)."""
+    if settings is not None:
+        return settings.lease_seconds
+    return _int(os.environ, "EMBEDCTL_LEASE_SECONDS", DEFAULT_LEASE_SECONDS)
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer number of seconds, got {raw!r}") from None
+
+
+def celery_config(settings: Settings) -> dict:
+    """The Celery configuration: JSON only, late acks, one prefetch, both queues, the visibility timeout
+    everywhere. A worker started without -Q consumes both queues (`task_queues`)."""
+    from kombu import Queue
+
+    transport = {"visibility_timeout": settings.visibility_timeout}
+    return {
+        "broker_url": settings.broker_url,
+        "result_backend": settings.broker_url,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "event_serializer": "json",
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "broker_transport_options": transport,
+        "result_backend_transport_options": transport,
+        "result_expires": settings.result_expires,
+        "task_queues": (Queue(settings.embed_queue, routing_key=settings.embed_queue),
+                        Queue(settings.build_queue, routing_key=settings.build_queue)),
+        "task_default_queue": settings.embed_queue,
+        "task_routes": {EMBED_TASK: {"queue": settings.embed_queue},
+                        BUILD_TASK: {"queue": settings.build_queue},
+                        RUN_JOB_TASK: {"queue": settings.build_queue}},
+        "task_track_started": True,
+        "broker_connection_retry_on_startup": True,
+        "worker_hijack_root_logger": False,
+        "worker_redirect_stdouts": False,
+        "enable_utc": True,
+    }
+
+
+def sender(settings: Settings) -> Celery:
+    """A Celery app that sends embedctl's tasks by name and inspects workers (it registers no task)."""
+    from celery import Celery
+
+    app = Celery("embedctl")
+    app.conf.update(celery_config(settings))
+    return app
+
+
+def check_broker(settings: Settings, timeout: float = 5.0) -> None:
+    """Ping the Redis broker; raise BrokerError (one line, password masked) when it cannot be used."""
+    import redis
+
+    url, masked = settings.url, settings.masked_broker
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout).ping()
+    except (redis.AuthenticationError, redis.exceptions.AuthenticationWrongNumberOfArgsError):
+        if url_password(url) is None:
+            raise BrokerError(f"the broker at {masked} requires a password: put it in the URL "
+                              "(redis://:PASSWORD@host:port/db)") from None
+        raise BrokerError(f"the broker at {masked} refused the password; check the password in --broker / "
+                          "EMBEDCTL_BROKER_URL") from None
+    except redis.ResponseError as exc:
+        reason = clean(str(exc), url)
+        if "NOAUTH" in reason or "AUTH" in reason:
+            raise BrokerError(f"the broker at {masked} requires a password: put it in the URL "
+                              "(redis://:PASSWORD@host:port/db)") from None
+        raise BrokerError(f"the broker at {masked} answered with an error ({reason})") from None
+    except (redis.ConnectionError, redis.TimeoutError, OSError, ValueError) as exc:
+        reason = clean(str(exc), url) or type(exc).__name__
+        raise BrokerError(f"cannot reach the broker at {masked} ({reason}); is Redis running there? Check "
+                          "--broker / EMBEDCTL_BROKER_URL") from None
+
+
+def clean(text: str, url: str) -> str:
+    """An error text from the broker library, on one line, without the URL's password."""
+    password = url_password(url)
+    text = " ".join(text.split())
+    return text.replace(password, "**") if password else text
+
+
+def redis_client(settings: Settings):
+    import redis
+
+    return redis.Redis.from_url(settings.url, socket_connect_timeout=10, socket_timeout=30)
+
+
+def live_queues(app: Celery, timeout: float = 2.0) -> dict[str, set[str]]:
+    """Queues consumed by the live workers, by worker name (an empty dict: no worker answered)."""
+    try:
+        replies = app.control.inspect(timeout=timeout).active_queues() or {}
+    except Exception as exc:  # noqa: BLE001 - a broker error while inspecting is one line
+        raise BrokerError(f"cannot ask the workers which queues they consume: {clean(str(exc), app.conf.broker_url)}") \
+            from None
+    return {worker: {q["name"] for q in queues} for worker, queues in replies.items()}
+
+
+def require_consumers(app: Celery, queues: list[str], timeout: float = 2.0, wait: float = 0.0) -> None:
+    """Raise BrokerError naming the first of `queues` that no live worker consumes (after waiting up to `wait`
+    seconds for workers that are starting)."""
+    import time
+
+    deadline = time.monotonic() + wait
+    while True:
+        live = live_queues(app, timeout)
+        consumed = set().union(*live.values()) if live else set()
+        lacking = [q for q in queues if q not in consumed]
+        if not lacking:
+            return
+        if time.monotonic() >= deadline:
+            break
+    workers = "; ".join(f"{w}: {', '.join(sorted(q))}" for w, q in sorted(live.items())) or "none answered"
+    raise BrokerError(f"no live worker consumes the queue {lacking[0]} (workers: {workers}); start one with "
+                      "`embedctl worker --model MODEL` (it serves both queues), or pass --detach to queue the job "
+                      "for workers that start later")
+
+
+def queued_args(settings: Settings, queue: str, task: str) -> list[list]:
+    """The arguments of the `task` messages waiting in `queue` (not those a worker has taken).
+
+    Kombu's Redis transport keeps a queue as a Redis list of JSON messages (one list per priority step); this
+    reads them without taking any. A message that cannot be read is skipped.
+    """
+    client = redis_client(settings)
+    found = []
+    keys = [queue] + [k.decode() for k in client.scan_iter(match=f"{queue}\x06\x16*", count=100)]
+    for key in keys:
+        for raw in client.lrange(key, 0, -1):
+            try:
+                message = json.loads(raw)
+                if message.get("headers", {}).get("task") != task:
+                    continue
+                import base64
+
+                body = message["body"]
+                if message.get("properties", {}).get("body_encoding") == "base64":
+                    body = base64.b64decode(body)
+                args = json.loads(body)[0]
+            except (ValueError, KeyError, TypeError, IndexError):
+                continue
+            found.append(list(args))
+    return found

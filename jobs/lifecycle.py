@@ -1,0 +1,410 @@
+"""The run lifecycle, written once and called by every mode (embedded, Celery, scheduled).
+
+A run of a job on an output folder:
+1. `begin`: takes the folder's lock (a file lease when embedded, a Redis lease on Celery), removes build folders
+   of dead runs, plans the job (validating corpus, model and options before any work), and either finds the
+   published version up to date or records the run (`job.json`, a `running` history event);
+2. embeds the missing chunks: `run_chunk` on a worker, `jobs.runner` in-process (both through
+   `pipeline.work`, chunk reports stamped with the run id);
+3. `publish` (or `run_build` on a worker): builds and swaps in the new version, applies retention, removes the
+   work of superseded plans (never that of a live run), and `end`s the run: its report (`report.json`), its
+   history event, and the release of the lock. A run that fails ends the same way with status `failed`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from embedctl.jobs import history, locks, state
+from embedctl.jobs.broker import Settings, lease_seconds
+from embedctl.jobs.report import RunReport, read_report, write_report
+from embedctl.jobs.spec import JobSpec
+from embedctl.pipeline import defaults, versions
+from embedctl.pipeline.errors import ConfigError, EmbedctlError, StorageError
+from embedctl.pipeline.plan import WORK, WorkPlan, index_dims, load_plan
+from embedctl.pipeline.work import ProgressFactory, missing_chunks, no_progress
+
+LOG = logging.getLogger(__name__)
+
+
+class OutputBusy(EmbedctlError):
+    """Another live run holds the output folder."""
+
+    def __init__(self, out: str, holder: dict | None):
+        self.holder = holder
+        super().__init__(f"{out} is being written by {locks.describe_holder(holder)}; wait for it to finish "
+                         f"(`embedctl status {out}`) and run again")
+
+
+class Superseded(EmbedctlError):
+    """The run's lock went to a newer run of the same output folder: this run must not publish."""
+
+
+def plan_job(spec: JobSpec) -> WorkPlan:
+    """Validate the corpus, model and options of `spec` and plan its chunks (reads no weights)."""
+    from embedctl.pipeline.corpus import plan_corpus
+    from embedctl.pipeline.models import read_profile, resolve_model
+
+    out = Path(spec.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {spec.out} is a file; give a folder (it is created when missing)")
+    ref = resolve_model(spec.model)
+    profile = read_profile(ref.path)
+    dims = index_dims(profile.dim, spec.dims, defaults.DEFAULT_DIMS)
+    fmt = spec.instruction_format or profile.instruction_format
+    corpus = plan_corpus(spec.corpus, spec.text_column, spec.id_column, spec.chunk_rows,
+                         id_column_required=spec.id_column_required, validated=_validated_fingerprint(spec))
+    return WorkPlan(
+        out=str(spec.out), corpus=corpus, model=spec.model, model_path=str(ref.path),
+        model_fingerprint=ref.fingerprint, model_type=profile.model_type, pooling=profile.pooling, dim=profile.dim,
+        dtype=spec.dtype, device=spec.device, max_length=spec.max_length or profile.max_length,
+        batch_tokens=spec.batch_tokens, document_prefix=profile.document_prefix(spec.instruction, fmt),
+        query_prefix=profile.query_prefix(spec.query_instruction, fmt), dims=tuple(dims),
+        hnsw_m=spec.hnsw_m, ef_construction=spec.ef_construction, ef_search=spec.ef_search,
+        index_type=spec.index_type, instruction_format=fmt, compile=spec.compile)
+
+
+def _validated_fingerprint(spec: JobSpec) -> str | None:
+    """Fingerprint of the corpus the current version was built from, when its ids were checked in this column."""
+    from embedctl.pipeline.manifest import read_info
+
+    current = versions.current_version(spec.out)
+    if current is None:
+        return None
+    try:
+        corpus = read_info(current).corpus
+    except StorageError:
+        return None  # a damaged version: check the ids again
+    return corpus.fingerprint if corpus.id_column == spec.id_column else None
+
+
+@dataclass
+class Run:
+    """A run in progress: its record (job.json), its plan, and its lease on the output folder."""
+
+    record: state.RunRecord
+    plan: WorkPlan
+    lease: locks.Lease
+    settings: Settings | None = None
+    up_to_date: tuple[str, int] | None = None  # (version, rows) when the published version matches the plan
+    _ended: bool = field(default=False, repr=False)
+
+    @property
+    def run_id(self) -> str:
+        return self.record.run_id
+
+    @classmethod
+    def load(cls, work_dir: Path, settings: Settings | None) -> Run:
+        """The run that owns a work folder (what a worker task joins); raises Superseded when it is gone."""
+        try:
+            plan = load_plan(work_dir)
+            record = state.read_run(plan)
+        except StorageError as exc:
+            raise Superseded(f"the job in {work_dir} is gone ({exc})") from None
+        if record is None:
+            raise Superseded(f"no run owns {work_dir}")
+        return cls(record, plan, locks.from_ref(record.lease, settings), settings)
+
+    @property
+    def ended(self) -> bool:
+        """True once the run wrote its final report (a task of it may still be running somewhere)."""
+        report = read_report(self.plan.work_dir)
+        return self._ended or (report is not None and report.run_id == self.run_id)
+
+    def renew(self) -> bool:
+        """Keep the run's lease (taking it again if it lapsed while nobody held it); False: a newer run has it."""
+        if self.ended:
+            return True
+        ours = self.lease.renew()
+        if ours and self.ended:  # it ended between the two checks: give back what we just took
+            self.lease.release()
+        return ours
+
+    @property
+    def lease_seconds(self) -> float:
+        return float(lease_seconds(self.settings))
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def begin(spec: JobSpec, mode: str, settings: Settings | None = None, job: str | None = None) -> Run:
+    """Plan a new run of `spec` and take its output folder; raises OutputBusy when a live run holds it.
+
+    Planning comes first: bad input is refused before the folder is touched. The caller ends the run
+    (`publish`, `fail`, `finish_up_to_date`); until then it holds the lease.
+    """
+    plan = plan_job(spec)
+    out = Path(spec.out)
+    run_id = new_run_id()
+    token = json.dumps(locks.holder_record(run_id, mode, job))
+    if mode == "embedded":
+        lease: locks.Lease = locks.FileLease(out, token)
+    else:
+        assert settings is not None, "a Celery run needs the broker settings"
+        lease = locks.RedisLease(settings, locks.out_key(out), token)
+    if not lease.acquire():
+        raise OutputBusy(spec.out, lease.holder())
+    try:
+        _refuse_other_mode(out, mode, lease_seconds(settings))
+        for name in versions.remove_dead_builds(out, idle_seconds=lease_seconds(settings)):
+            LOG.info("removed %s, the build folder of a run that died", name)
+        record = state.RunRecord(run_id=run_id, mode=mode, started=state.now(), started_ts=time.time(),
+                                 lease=lease.ref, job=job, keep=spec.keep,
+                                 broker=settings.masked_broker if settings and mode != "embedded" else None)
+        run = Run(record, plan, lease, settings, up_to_date=state.published_version(plan))
+        if run.up_to_date is None:
+            state.write_run(plan, record)
+            history.record(out, {"run_id": run_id, "job": job, "job_id": plan.plan_id, "mode": mode,
+                                 "status": "running", "started": record.started, "out": str(out)})
+        return run
+    except BaseException:
+        lease.release()
+        raise
+
+
+def _live_celery_run(work_dir: Path, idle: float) -> state.RunRecord | None:
+    """The Celery run working in `work_dir` when it has not ended and some task of it beat within `idle` s."""
+    try:
+        plan = load_plan(work_dir)
+        record = state.read_run(plan)
+    except StorageError:
+        return None
+    if record is None or record.mode == "embedded":
+        return None  # an embedded run holds the folder's file lock while it lives: not ours to judge here
+    report = read_report(work_dir)
+    if report is not None and report.run_id == record.run_id:
+        return None
+    return record if time.time() - state.latest_activity(plan) < idle else None
+
+
+def _refuse_other_mode(out: Path, mode: str, idle: float) -> None:
+    """One writer per folder across modes too: an embedded run refuses a folder that a live Celery run works on
+    (seen on disk), a Celery run one that an embedded run locks (its file lock)."""
+    if mode == "embedded":
+        for work_dir in sorted((out / WORK).glob("*")) if (out / WORK).is_dir() else []:
+            record = _live_celery_run(work_dir, idle)
+            if record is not None:
+                raise OutputBusy(str(out), json.loads(record.lease.token))
+        return
+    probe = locks.FileLease(out, "{}")
+    if not probe.acquire(write_holder=False):
+        raise OutputBusy(str(out), probe.holder())
+    probe.release()
+
+
+def skipped(spec: JobSpec, mode: str, job: str | None, busy: OutputBusy) -> RunReport:
+    """Record a run that found the folder taken (what scheduled and named runs do instead of failing)."""
+    report = RunReport(run_id=new_run_id(), status="skipped", mode=mode, out=str(spec.out), started=state.now(),
+                       finished=state.now(), job=job, reason=str(busy))
+    history.record(spec.out, report.to_history())
+    return report
+
+
+def _report(run: Run, status: str, **values) -> RunReport:
+    """The run report of `run` from its chunk reports (those stamped with its run id are its own work)."""
+    plan, record = run.plan, run.record
+    reports = [plan.store.read_report(k) for k in sorted(plan.store.complete())]
+    mine = [r for r in reports if r.get("run_id") == record.run_id]
+    skipped_rows = [s for r in reports for s in r.get("skipped", [])]
+    embedded = sum(r["embedded"] for r in mine)
+    last_write = max((r.get("finished_ts", 0) for r in mine), default=None)
+    embed_seconds = round(last_write - record.started_ts, 3) if last_write else None
+    return RunReport(
+        run_id=record.run_id, status=status, mode=record.mode, out=str(plan.out), started=record.started,
+        job=record.job, job_id=plan.plan_id, finished=state.now(), seconds=round(time.time() - record.started_ts, 3),
+        model=plan.model, dims=list(plan.dims), index_type=plan.index_type, rows_total=plan.corpus.rows,
+        rows_embedded=embedded, rows_reused=sum(r["reused"] for r in mine),
+        rows_skipped=len(skipped_rows), skipped=skipped_rows[:1000],
+        rows_truncated=sum(r.get("truncated", 0) for r in reports), chunks_total=len(plan.corpus.chunks),
+        chunks_embedded=len(mine), chunks_done_before=len(reports) - len(mine),
+        tokens=sum(r.get("tokens", 0) for r in mine), embed_seconds=embed_seconds,
+        rows_per_second=round(embedded / embed_seconds, 1) if embedded and embed_seconds else None, **values)
+
+
+def end(run: Run, report: RunReport) -> RunReport:
+    """Write the run's report and history event, then give up its lease (in that order: a process renewing the
+    lease meanwhile sees the run ended and lets go)."""
+    if run.up_to_date is None:
+        write_report(run.plan.work_dir, report)
+    history.record(run.plan.out, report.to_history())
+    run._ended = True
+    run.lease.release()
+    return report
+
+
+def finish_up_to_date(run: Run) -> RunReport:
+    """End a run whose published version already matches its plan: nothing embedded, nothing built."""
+    version, rows = run.up_to_date
+    report = RunReport(run_id=run.run_id, status="up-to-date", mode=run.record.mode, out=str(run.plan.out),
+                       started=run.record.started, job=run.record.job, job_id=run.plan.plan_id, finished=state.now(),
+                       seconds=round(time.time() - run.record.started_ts, 3), model=run.plan.model,
+                       dims=list(run.plan.dims), index_type=run.plan.index_type, version=version,
+                       path=str(Path(run.plan.out) / versions.VERSIONS / version), rows_total=run.plan.corpus.rows,
+                       rows_indexed=rows, chunks_total=len(run.plan.corpus.chunks),
+                       chunks_done_before=len(run.plan.corpus.chunks),
+                       reason=f"{version} already indexes this corpus with these settings")
+    return end(run, report)
+
+
+def fail(run: Run, message: str) -> RunReport:
+    """End a run that failed (the published version stays current)."""
+    if run.ended:
+        return read_report(run.plan.work_dir) or _report(run, "failed", error=message)
+    return end(run, _report(run, "failed", error=message))
+
+
+def publish(run: Run, progress: ProgressFactory = no_progress) -> RunReport:
+    """Build the new version from the complete chunks, swap it in, apply retention, and end the run."""
+    from embedctl.pipeline.build import build_and_publish
+
+    def still_ours() -> None:
+        if not run.renew():
+            raise Superseded(f"run {run.run_id} lost {run.plan.out} to a newer run; it does not publish")
+
+    info, target = build_and_publish(run.plan, progress, before_publish=still_ours)
+    return _published(run, target.name, info.rows)
+
+
+def _published(run: Run, version: str, rows: int) -> RunReport:
+    plan = run.plan
+    report = _report(run, "published", version=version, path=str(Path(plan.out) / versions.VERSIONS / version),
+                     rows_indexed=rows, rows_deleted=_rows_deleted(plan, version))
+    keep = run.record.keep
+    if keep:
+        report.versions_removed = versions.prune(plan.out, keep)
+    remove_stale_work(plan, run.lease_seconds)
+    return end(run, report)
+
+
+def remove_stale_work(plan: WorkPlan, idle: float) -> list[str]:
+    """Remove the work folders of other plans once this one is published: their vectors no longer match the
+    corpus or settings (the published plan's own vectors are the embedding cache of the next run). The folder of
+    a live Celery run of the other mode is kept (runs of this mode are excluded by the folder's lock)."""
+    root = plan.work_dir.parent
+    removed = []
+    for path in root.iterdir() if root.is_dir() else []:
+        if not path.is_dir() or path.name == plan.plan_id:
+            continue
+        if _live_celery_run(path, idle) is not None:
+            LOG.info("kept %s: a live run is writing there", path)
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path.name)
+    return removed
+
+
+def _rows_deleted(plan: WorkPlan, version: str) -> int:
+    """Ids of the version published before `version` that the new one no longer has."""
+    import pyarrow.parquet as pq
+
+    from embedctl.pipeline.manifest import read_info
+
+    older = [p for p in versions.version_dirs(plan.out) if p.name < version]
+    if not older:
+        return 0
+    new = Path(plan.out) / versions.VERSIONS / version
+    try:
+        before = set(pq.read_table(older[-1] / read_info(older[-1]).rows_file, columns=["id"]).column("id")
+                     .to_pylist())
+    except (OSError, ValueError, StorageError):
+        return 0  # the previous version is damaged: nothing to compare with
+    after = set(pq.read_table(new / read_info(new).rows_file, columns=["id"]).column("id").to_pylist())
+    return len(before - after)
+
+
+# -- the worker side ----------------------------------------------------------------------------------------------
+
+def _beat(run: Run, what: str) -> Callable[[], bool]:
+    def beat() -> bool:
+        alive = state.heartbeat(run.plan, what, run.run_id)
+        return run.renew() and alive
+
+    return beat
+
+
+def run_chunk(work_dir: Path, number: int, encoder_for: Callable[[WorkPlan], object],
+              cache_for: Callable[[WorkPlan], object], settings: Settings | None) -> dict:
+    """Embed chunk `number` of the job in `work_dir` (what the Celery chunk task runs); returns a small summary
+    with `build_due` set when it completed the job's last chunk.
+
+    The task beats while it works (heartbeat file, run lease); a chunk that fails for good fails the run.
+    """
+    from embedctl.pipeline.work import embed_chunk
+
+    try:
+        run = Run.load(work_dir, settings)
+    except Superseded as exc:
+        LOG.info("chunk %d: %s; nothing to do", number, exc)
+        return {"chunk": number, "status": "superseded"}
+    plan = run.plan
+    if plan.store.is_complete(number):
+        return {"chunk": number, "skipped_complete": True, "build_due": not missing_chunks(plan)}
+    what = state.chunk_name(number)
+    beat = _beat(run, what)
+    beat()
+    try:
+        with locks.keep_alive(beat, run.lease_seconds / 3, f"chunk {number} of {plan.plan_id}"):
+            summary = embed_chunk(plan, number, lambda: encoder_for(plan), cache=cache_for(plan),
+                                  stamp={"run_id": run.run_id})
+    except EmbedctlError as exc:
+        message = f"chunk {number}: {exc}"
+        state.record_failure(plan, what, message)
+        fail(run, message)
+        raise
+    finally:
+        state.end_heartbeat(plan, what)
+    return {**summary, "build_due": not missing_chunks(plan)}
+
+
+def run_build(work_dir: Path, settings: Settings) -> dict:
+    """Build and publish a complete job (what the Celery build task runs), one build of a plan at a time.
+
+    Returns `{"status": "busy", "retry_in": s}` while another build of the plan holds its lease (the task
+    retries: a build whose worker died frees the lease within `lease_seconds`).
+    """
+    try:
+        run = Run.load(work_dir, settings)
+    except Superseded as exc:
+        LOG.info("build: %s; nothing to do", exc)
+        return {"status": "superseded"}
+    plan = run.plan
+    published = state.published_version(plan)
+    if published and run.ended:
+        return {"status": "up-to-date", "version": published[0]}
+    build_lease = locks.RedisLease(settings, locks.build_key(plan.out, plan.plan_id),
+                                   json.dumps(locks.holder_record(run.run_id, "celery", run.record.job)))
+    if not build_lease.acquire():
+        return {"status": "busy", "retry_in": max(1.0, settings.lease_seconds / 3)}
+    beat = _beat(run, "build")
+
+    def beat_both() -> bool:
+        return build_lease.renew() and beat()
+
+    try:
+        if published:  # the swap happened but the worker died before the report: finish the run
+            report = _published(run, published[0], published[1])
+        else:
+            beat_both()
+            with locks.keep_alive(beat_both, run.lease_seconds / 3, f"build of {plan.plan_id}"):
+                report = publish(run)
+    except Superseded as exc:
+        fail(run, str(exc))
+        return {"status": "superseded"}
+    except EmbedctlError as exc:
+        message = f"build: {exc}"
+        state.record_failure(plan, "build", message)
+        fail(run, message)
+        raise
+    finally:
+        state.end_heartbeat(plan, "build")
+        build_lease.release()
+    return {"status": "published", "version": report.version, "rows": report.rows_indexed}
