@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS = ("throughput", "attention", "indexes", "shm_memory", "distributed", "reindex")
+BENCHMARKS = ("throughput", "attention", "indexes", "shm_memory", "distributed", "reindex", "verify")
 GPU_FILES = ("gpu.json", "gpu-stage.json", "gpu-compile.json")
 """Results of `python -m bench.gpu` (run on a CUDA host, copied here), shown in their own section."""
 
@@ -175,6 +175,13 @@ def render(results: dict, out: Path, gpu: dict | None = None) -> tuple[str, list
         else:
             summary.append(f"- re-index unchanged / full {r['unchanged_over_full']}, 1% changed / full "
                            f"{r['changed_over_full']} (`python -m bench.reindex`)")
+    v = results.get("verify")
+    if v and "error" not in v:
+        lines += render_verify(v)
+        x = v["index"]
+        summary.append(f"- checksums: {x['checksum_share_of_run']:.2%} of an index run of {x['rows']} rows; "
+                       f"`embedctl verify` {v['verify']['command_wall_seconds']} s; `embedctl query` checked / "
+                       f"--no-verify {v['query']['ratio']} (`python -m bench.verify`)")
     if gpu:
         gpu_lines, gpu_summary = render_gpu(gpu)
         lines += gpu_lines
@@ -183,6 +190,23 @@ def render(results: dict, out: Path, gpu: dict | None = None) -> tuple[str, list
         if "error" in r:
             summary.append(f"- {name}: not measured ({r['error']})")
     return "\n".join(lines), summary
+
+
+def render_verify(v: dict) -> list[str]:
+    """The section of `python -m bench.verify`: what checksums cost."""
+    h, x, c, r, q = v["hash_gib_per_s"], v["index"], v["verify"], v["reader"], v["query"]
+    speeds = ", ".join(f"{k.replace('_', ' ')} {val}" for k, val in h.items())
+    return ["## Verified state (checksums)", f"`{v['command']}` ({v['cpus']} CPUs, {v['corpus']})", "",
+            f"- Hash speed, GiB/s in memory: {speeds}. embedctl uses XXH3-128.",
+            f"- `embedctl index` of {x['rows']} rows: {x['checksum_seconds']} s in checksums ({x['checksum_calls']} "
+            f"files, {x['checksum_mib']} MiB: writing them, and checking every chunk before the build) of a "
+            f"{x['run_seconds']} s run: **{x['checksum_share_of_run']:.2%}** (goal: at most 2%).",
+            f"- `{c['command']}` on the healthy index ({c['files']} version files, {c['chunks']} chunks, {c['mib']} "
+            f"MiB): {c['check_seconds']} s of checking, {c['command_wall_seconds']} s for the whole command.",
+            f"- Opening the index and loading its {r['index_mib']} MiB of files as a query does (medians of "
+            f"{r['rounds']} alternated rounds): {r['load_seconds_checked']} s checked, {r['load_seconds_unchecked']} s "
+            f"with --no-verify ({r['check_share_of_load']:.0%} of the load is the check); the whole `embedctl query` "
+            f"command: {q['wall_seconds_checked']} s vs {q['wall_seconds_no_verify']} s (ratio **{q['ratio']}**).", ""]
 
 
 def render_gpu(gpu: dict) -> tuple[list[str], list[str]]:

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from embedctl.pipeline.errors import StorageError
+from embedctl.pipeline.fsutil import storage_error
 
 RUNS_FILE = "runs.jsonl"
 
@@ -22,13 +23,16 @@ def record(out: str | Path, event: dict) -> None:
     line = json.dumps({**event, "at": datetime.now(UTC).isoformat(timespec="seconds")}, default=str) + "\n"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8") as fh:
-            fh.write(line)
+        with open(path, "a+b") as fh:
+            if fh.tell():  # a line cut by a crash or a full disk: start on a line of our own
+                fh.seek(-1, os.SEEK_END)
+                if fh.read(1) != b"\n":
+                    line = "\n" + line
+            fh.write(line.encode("utf-8"))
             fh.flush()
             os.fsync(fh.fileno())
     except OSError as exc:
-        raise StorageError(f"cannot write the run history {path} ({exc.strerror}); free space or fix the "
-                           "folder's permissions, then run again") from None
+        raise storage_error(exc, path) from None
 
 
 def history(out: str | Path, limit: int | None = None) -> list[dict]:

@@ -29,6 +29,7 @@ from embedctl.jobs.spec import JobSpec
 from embedctl.pipeline import defaults, versions
 from embedctl.pipeline.errors import ConfigError, EmbedctlError, StorageError
 from embedctl.pipeline.plan import WORK, WorkPlan, index_dims, load_plan
+from embedctl.pipeline.vectors import DamagedChunks
 from embedctl.pipeline.work import ProgressFactory, missing_chunks, no_progress
 
 LOG = logging.getLogger(__name__)
@@ -57,6 +58,9 @@ def plan_job(spec: JobSpec) -> WorkPlan:
         raise ConfigError(f"--out {spec.out} is a file; give a folder (it is created when missing)")
     ref = resolve_model(spec.model)
     profile = read_profile(ref.path)
+    if spec.max_length and profile.position_limit and spec.max_length > profile.position_limit:
+        raise ConfigError(f"--max-length {spec.max_length} is above the {profile.position_limit} positions of "
+                          f"{spec.model}; give at most {profile.position_limit}")
     dims = index_dims(profile.dim, spec.dims, defaults.DEFAULT_DIMS)
     fmt = spec.instruction_format or profile.instruction_format
     corpus = plan_corpus(spec.corpus, spec.text_column, spec.id_column, spec.chunk_rows,
@@ -142,8 +146,14 @@ def begin(spec: JobSpec, mode: str, settings: Settings | None = None, job: str |
     Planning comes first: bad input is refused before the folder is touched. The caller ends the run
     (`publish`, `fail`, `finish_up_to_date`); until then it holds the lease.
     """
-    plan = plan_job(spec)
-    out = Path(spec.out)
+    return begin_plan(plan_job(spec), mode, settings, job=job, keep=spec.keep)
+
+
+def begin_plan(plan: WorkPlan, mode: str, settings: Settings | None = None, job: str | None = None,
+               keep: int | None = None, rebuild: bool = False) -> Run:
+    """Take the output folder of `plan` for a new run (see `begin`); `rebuild`: publish a new version even when
+    the current one was built from this plan (what a repair does)."""
+    out = Path(plan.out)
     run_id = new_run_id()
     token = json.dumps(locks.holder_record(run_id, mode, job))
     if mode == "embedded":
@@ -152,15 +162,15 @@ def begin(spec: JobSpec, mode: str, settings: Settings | None = None, job: str |
         assert settings is not None, "a Celery run needs the broker settings"
         lease = locks.RedisLease(settings, locks.out_key(out), token)
     if not lease.acquire():
-        raise OutputBusy(spec.out, lease.holder())
+        raise OutputBusy(str(out), lease.holder())
     try:
         _refuse_other_mode(out, mode, lease_seconds(settings))
         for name in versions.remove_dead_builds(out, idle_seconds=lease_seconds(settings)):
             LOG.info("removed %s, the build folder of a run that died", name)
         record = state.RunRecord(run_id=run_id, mode=mode, started=state.now(), started_ts=time.time(),
-                                 lease=lease.ref, job=job, keep=spec.keep,
+                                 lease=lease.ref, job=job, keep=keep,
                                  broker=settings.masked_broker if settings and mode != "embedded" else None)
-        run = Run(record, plan, lease, settings, up_to_date=state.published_version(plan))
+        run = Run(record, plan, lease, settings, up_to_date=None if rebuild else state.published_version(plan))
         if run.up_to_date is None:
             state.write_run(plan, record)
             history.record(out, {"run_id": run_id, "job": job, "job_id": plan.plan_id, "mode": mode,
@@ -232,12 +242,20 @@ def _report(run: Run, status: str, **values) -> RunReport:
 
 def end(run: Run, report: RunReport) -> RunReport:
     """Write the run's report and history event, then give up its lease (in that order: a process renewing the
-    lease meanwhile sees the run ended and lets go)."""
-    if run.up_to_date is None:
-        write_report(run.plan.work_dir, report)
-    history.record(run.plan.out, report.to_history())
-    run._ended = True
-    run.lease.release()
+    lease meanwhile sees the run ended and lets go). The lease is given up even when the records cannot be
+    written (a full disk): then the error says whether the version was published."""
+    try:
+        if run.up_to_date is None:
+            write_report(run.plan.work_dir, report)
+        history.record(run.plan.out, report.to_history())
+    except StorageError as exc:
+        if report.status == "published":
+            raise StorageError(f"published {report.version} in {run.plan.out}, but the run could not be recorded: "
+                               f"{exc}") from None
+        raise
+    finally:
+        run._ended = True
+        run.lease.release()
     return report
 
 
@@ -260,6 +278,13 @@ def fail(run: Run, message: str) -> RunReport:
     if run.ended:
         return read_report(run.plan.work_dir) or _report(run, "failed", error=message)
     return end(run, _report(run, "failed", error=message))
+
+
+def discard_chunks(run: Run, chunks: list[int]) -> None:
+    """Remove damaged chunks of the run's plan, so that they count as missing and are embedded again."""
+    for number in chunks:
+        run.plan.store.discard(number)
+    LOG.info("run %s: discarded damaged chunks %s", run.run_id, chunks)
 
 
 def publish(run: Run, progress: ProgressFactory = no_progress) -> RunReport:
@@ -396,6 +421,10 @@ def run_build(work_dir: Path, settings: Settings) -> dict:
             beat_both()
             with locks.keep_alive(beat_both, run.lease_seconds / 3, f"build of {plan.plan_id}"):
                 report = publish(run)
+    except DamagedChunks as damaged:  # embed them again: the last of them queues the build again
+        LOG.warning("%s: queueing them again", damaged)
+        discard_chunks(run, damaged.chunks)
+        return {"status": "re-embedding", "chunks": damaged.chunks}
     except Superseded as exc:
         fail(run, str(exc))
         return {"status": "superseded"}

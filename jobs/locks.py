@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from embedctl.jobs.broker import Settings, redis_client
-from embedctl.pipeline.fsutil import write_json
+from embedctl.pipeline.fsutil import storage_error, write_json
 
 LOG = logging.getLogger(__name__)
 
@@ -149,11 +149,13 @@ class FileLease:
         """Take the lock if no process holds it (no waiting); `write_holder=False` only probes."""
         from filelock import Timeout
 
-        self.out.mkdir(parents=True, exist_ok=True)
         try:
+            self.out.mkdir(parents=True, exist_ok=True)
             self._lock.acquire(timeout=0)
         except Timeout:
             return False
+        except OSError as exc:
+            raise storage_error(exc, self.key) from None
         if write_holder:
             write_json(self.out / HOLDER_FILE, json.loads(self.token))
         return True

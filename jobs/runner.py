@@ -9,15 +9,17 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from embedctl.jobs import lifecycle
+from embedctl.jobs import lifecycle, state
 from embedctl.jobs.report import RunReport
 from embedctl.jobs.spec import JobSpec
+from embedctl.jobs.verify import Check, check, damaged_chunks
 from embedctl.pipeline import work
 from embedctl.pipeline.cache import EmbeddingCache
 from embedctl.pipeline.corpus import iter_chunks
-from embedctl.pipeline.errors import EmbedctlError
+from embedctl.pipeline.errors import CorpusError, EmbedctlError, StorageError
 from embedctl.pipeline.models import ModelRef
-from embedctl.pipeline.plan import WorkPlan
+from embedctl.pipeline.plan import WORK, WorkPlan, load_plan
+from embedctl.pipeline.vectors import DamagedChunks
 from embedctl.pipeline.work import ProgressFactory, no_progress
 
 LOG = logging.getLogger(__name__)
@@ -34,17 +36,7 @@ def run_embedded(spec: JobSpec, progress: ProgressFactory = no_progress, encoder
     run = lifecycle.begin(spec, "embedded", job=job)
     if run.up_to_date:
         return lifecycle.finish_up_to_date(run)
-    try:
-        _embed_missing(run, spec, progress, encoder, overlap)
-        return lifecycle.publish(run, progress)
-    except EmbedctlError as exc:
-        lifecycle.fail(run, str(exc))
-        raise
-    except KeyboardInterrupt:
-        lifecycle.fail(run, "interrupted (complete chunks are kept: run again to resume)")
-        raise
-    finally:
-        run.lease.release()
+    return _complete(run, progress, encoder or (lambda: load_job_encoder(run.plan, spec.threads, spec.shm)), overlap)
 
 
 def run_named(job, progress: ProgressFactory = no_progress) -> RunReport:
@@ -55,16 +47,62 @@ def run_named(job, progress: ProgressFactory = no_progress) -> RunReport:
         return lifecycle.skipped(job.spec, "embedded", job.name, busy)
 
 
-def _embed_missing(run: lifecycle.Run, spec: JobSpec, progress: ProgressFactory, encoder, overlap: bool) -> None:
+def repair(out: Path, progress: ProgressFactory = no_progress, threads: int | None = None,
+           shm: str = "auto") -> tuple[Check, RunReport | None]:
+    """Check `out` (`jobs.verify.check`); when something is damaged, embed the damaged chunks again from the
+    corpus (only those) and publish a new version built from sound vectors. Returns (the check, the run report
+    of the repair or None when nothing was damaged)."""
+    found = check(out)
+    if found.ok:
+        return found, None
+    if found.job_id is None:
+        raise StorageError(f"cannot repair {out}: the stored vectors it was built from are gone; run `embedctl index "
+                           f"CORPUS --out {out}` to build it again")
+    plan = load_plan(Path(out) / WORK / found.job_id)
+    changed = [(f.path, change) for f in plan.corpus.files if (change := f.changes()) is not None]
+    chunks = damaged_chunks(found)
+    if chunks and changed:
+        raise CorpusError(f"cannot embed the damaged chunks again: corpus file {changed[0][0]} changed since the "
+                          f"version was built ({changed[0][1]}); run `embedctl index CORPUS --out {out}` to index "
+                          "the corpus as it is now")
+    previous = state.read_run(plan)
+    run = lifecycle.begin_plan(plan, "embedded", keep=previous.keep if previous else None, rebuild=True)
+    lifecycle.discard_chunks(run, chunks)
+    return found, _complete(run, progress, lambda: load_job_encoder(plan, threads, shm), overlap=True)
+
+
+def _complete(run: lifecycle.Run, progress: ProgressFactory, encoder, overlap: bool) -> RunReport:
+    """Embed the run's missing chunks, build and publish; ends the run however it goes."""
+    try:
+        _embed_missing(run, progress, encoder, overlap)
+        try:
+            return lifecycle.publish(run, progress)
+        except DamagedChunks as damaged:  # the stored vectors are the source of truth: embed those chunks again
+            LOG.warning("%s: embedding them again", damaged)
+            lifecycle.discard_chunks(run, damaged.chunks)
+            _embed_missing(run, progress, encoder, overlap)
+            return lifecycle.publish(run, progress)
+    except EmbedctlError as exc:
+        lifecycle.fail(run, str(exc))
+        raise
+    except KeyboardInterrupt:
+        lifecycle.fail(run, "interrupted (complete chunks are kept: run again to resume)")
+        raise
+    finally:
+        run.lease.release()
+
+
+def _embed_missing(run: lifecycle.Run, progress: ProgressFactory, encoder, overlap: bool) -> None:
+    """`encoder`: an Encoder, or a function that loads one (called only when some text is not in the cache)."""
     plan = run.plan
     missing = work.missing_chunks(plan)
     if not missing:
         return
-    loaded = [encoder]
+    loaded = [encoder if hasattr(encoder, "encode") else None]
 
-    def lazy_encoder():  # the model is loaded only when some text is not in the cache
+    def lazy_encoder():
         if loaded[0] is None:
-            loaded[0] = load_job_encoder(spec, plan)
+            loaded[0] = encoder()
         return loaded[0]
 
     cache = EmbeddingCache(plan.cache_sources())
@@ -75,14 +113,14 @@ def _embed_missing(run: lifecycle.Run, spec: JobSpec, progress: ProgressFactory,
             pass
 
 
-def load_job_encoder(spec: JobSpec, plan: WorkPlan):
+def load_job_encoder(plan: WorkPlan, threads: int | None = None, shm: str = "auto"):
     """Load the encoder a job computes with (threads set first)."""
     import torch  # imported here: planning and status need no torch
 
     from embedctl.pipeline.encoder import load_encoder
 
-    if spec.threads:
-        torch.set_num_threads(spec.threads)
+    if threads:
+        torch.set_num_threads(threads)
     return load_encoder(ModelRef(plan.model, Path(plan.model_path)), device=plan.device, dtype=plan.dtype,
-                        max_length=plan.max_length, batch_tokens=plan.batch_tokens, shm=spec.shm,
+                        max_length=plan.max_length, batch_tokens=plan.batch_tokens, shm=shm,
                         compile=plan.compile)

@@ -13,6 +13,7 @@ Redis holds none of this: losing it loses no work.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -22,11 +23,13 @@ from pathlib import Path
 
 from embedctl.jobs.locks import LeaseRef
 from embedctl.jobs.report import read_report
-from embedctl.pipeline import versions
+from embedctl.pipeline import checksum, versions
 from embedctl.pipeline.errors import StorageError
 from embedctl.pipeline.fsutil import read_json, write_json
 from embedctl.pipeline.manifest import read_info
 from embedctl.pipeline.plan import PLAN_FILE, WORK, WorkPlan, load_plan
+
+LOG = logging.getLogger(__name__)
 
 JOB_FILE = "job.json"
 FAILURES = "failures"
@@ -162,12 +165,24 @@ def progress(plan: WorkPlan) -> tuple[int, int]:
 
 def published_version(plan: WorkPlan) -> tuple[str, int] | None:
     """(version name, rows) of the current version when it was built from exactly this plan and these index
-    settings (the job is up to date), else None."""
+    settings (the job is up to date), else None (a version whose info.json is damaged is not up to date: the next
+    run builds a new one)."""
     current = versions.current_version(plan.out)
     if current is None:
         return None
-    info = read_info(current)
-    return (current.name, info.rows) if info.index_key == plan.index_key else None
+    try:
+        info = read_info(current)
+    except StorageError as exc:
+        LOG.warning("%s", exc)
+        return None
+    if info.index_key != plan.index_key:
+        return None
+    for name, expected in info.checksums.items():  # sizes only: a full check reads every file (embedctl verify)
+        problem = checksum.size_problem(current / name, expected)
+        if problem is not None:
+            LOG.warning("%s is damaged (%s): building a new version", current / name, problem)
+            return None
+    return current.name, info.rows
 
 
 def resolve_work_dir(target: Path) -> Path:

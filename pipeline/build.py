@@ -28,6 +28,7 @@ from embedctl.pipeline.index import (
 )
 from embedctl.pipeline.manifest import CorpusInfo, VersionInfo, write_info
 from embedctl.pipeline.plan import WorkPlan
+from embedctl.pipeline.vectors import DamagedChunks
 from embedctl.pipeline.work import ProgressFactory, chunk_reports, missing_chunks, no_progress
 
 LOG = logging.getLogger(__name__)
@@ -45,6 +46,9 @@ def build_and_publish(plan: WorkPlan, progress: ProgressFactory = no_progress,
         raise StorageError(f"cannot build: {len(missing)} chunks are not embedded yet (first: {missing[0]}); "
                            "run the job again to finish them")
     t0 = time.perf_counter()
+    damage = plan.store.damaged()  # the stored vectors are the source of truth: never build from a damaged one
+    if damage:
+        raise DamagedChunks(damage, f"`embedctl verify {plan.out} --repair`")
     store = plan.store
     numbers = [c.number for c in plan.corpus.chunks]
     rows = pa.concat_tables([store.read_rows(k) for k in numbers], promote_options="permissive")
@@ -60,14 +64,15 @@ def build_and_publish(plan: WorkPlan, progress: ProgressFactory = no_progress,
     dtypes = sorted({d for r in chunk_reports(plan) for d in r.get("dtypes", [])})
     build = versions.new_build_dir(plan.out)
     try:
-        write_rows(rows, build / ROWS_FILE)
+        checksums = {ROWS_FILE: write_rows(rows, build / ROWS_FILE)}
         timings = {}
         for dim in plan.dims:
             t_dim = time.perf_counter()
             with progress(f"index {dim}d", n, "vec", 0) as update:
                 index = build_hnsw(slice_normalise(vectors, dim), plan.hnsw_m, plan.ef_construction,
                                    plan.ef_search, update, plan.index_type)
-            write_index(index, build / index_file(dim))
+            checksums[index_file(dim)] = write_index(index, build / index_file(dim))
+            del index
             timings[str(dim)] = round(time.perf_counter() - t_dim, 3)
         info = VersionInfo(
             created=datetime.now(UTC).isoformat(timespec="seconds"),
@@ -82,7 +87,7 @@ def build_and_publish(plan: WorkPlan, progress: ProgressFactory = no_progress,
             corpus=CorpusInfo(source=plan.corpus.source, fingerprint=plan.corpus.fingerprint,
                               rows=plan.corpus.rows, text_column=plan.corpus.text_column,
                               id_column=plan.corpus.id_column, files=len(plan.corpus.files)),
-            index_key=plan.index_key, build_seconds=timings)
+            index_key=plan.index_key, build_seconds=timings, checksums=checksums)
         write_info(build, info)
         if before_publish is not None:
             before_publish()

@@ -46,6 +46,8 @@ class EmbeddingCache:
     def __init__(self, stores: Sequence[ChunkStore]):
         hashes, where = [], []
         self._files: list[Path] = []
+        self._chunks: list[tuple[ChunkStore, int]] = []
+        self._checked: dict[int, bool] = {}  # file index -> sound (verified on first use)
         self._dtypes: list[list[str]] = []
         for store in stores:
             for number in sorted(store.complete()):
@@ -57,6 +59,7 @@ class EmbeddingCache:
                 h = column.to_numpy(zero_copy_only=False).astype(np.uint64, copy=False)
                 file_index = len(self._files)
                 self._files.append(store.vectors_path(number))
+                self._chunks.append((store, number))
                 self._dtypes.append(dtypes)
                 hashes.append(h)
                 where.append(np.stack([np.full(len(h), file_index, np.int64), np.arange(len(h), dtype=np.int64)], 1))
@@ -82,7 +85,20 @@ class EmbeddingCache:
         targets = np.flatnonzero(hits.found)
         for file_index in np.unique(locs[:, 0]):
             sel = locs[:, 0] == file_index
+            if not self._sound(int(file_index)):
+                hits.found[targets[sel]] = False  # embedded again instead
+                continue
             stored = np.load(self._files[file_index], mmap_mode="r")
             hits.vectors[targets[sel]] = stored[locs[sel, 1]]
             hits.dtypes.update(self._dtypes[file_index])
         return hits
+
+    def _sound(self, file_index: int) -> bool:
+        """Whether a source chunk matches its checksums (checked once): a damaged one is never copied from."""
+        if file_index not in self._checked:
+            store, number = self._chunks[file_index]
+            damage = store.verify(number)
+            for path, problem in damage:
+                LOG.warning("not reusing the vectors of %s: %s; its texts are embedded again", path, problem)
+            self._checked[file_index] = not damage
+        return self._checked[file_index]

@@ -26,6 +26,7 @@ from embedctl.pipeline.errors import ConfigError, CorpusError
 LOG = logging.getLogger(__name__)
 
 _READ_BATCH_ROWS = 8192
+_INT64_MAX = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,23 @@ class CorpusFile:
     size: int
     mtime_ns: int
     row_offset: int
+    footer: str = ""  # digest of the Parquet footer (schema, row groups, statistics)
+
+    def changes(self) -> str | None:
+        """How the file differs from when it was planned (None: it is the same file)."""
+        try:
+            stat = os.stat(self.path)
+        except FileNotFoundError:
+            return "it is gone"
+        except OSError as exc:
+            return f"it cannot be read ({exc.strerror})"
+        if stat.st_size != self.size:
+            return f"{stat.st_size} bytes, {self.size} when planned"
+        if stat.st_mtime_ns != self.mtime_ns:
+            return "it was modified since"
+        if self.footer and _footer_digest(Path(self.path)).hex()[:32] != self.footer:
+            return "its Parquet footer changed"
+        return None
 
 
 @dataclass(frozen=True)
@@ -180,10 +198,11 @@ def plan_corpus(source: str, text_column: str, id_column: str | None, chunk_rows
             id_type = family
         stat = path.stat()
         rows = pf.metadata.num_rows
-        files.append(CorpusFile(str(path.resolve()), rows, stat.st_size, stat.st_mtime_ns, offset))
+        footer = _footer_digest(path)
+        files.append(CorpusFile(str(path.resolve()), rows, stat.st_size, stat.st_mtime_ns, offset, footer.hex()[:32]))
         offset += rows
         digest.update(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\0{rows}\0".encode())
-        digest.update(_footer_digest(path))
+        digest.update(footer)
     if offset == 0:
         raise CorpusError(f"corpus {source!r} has no rows")
     plan = CorpusPlan(source=str(source), files=tuple(files), text_column=text_column,
@@ -204,6 +223,11 @@ def _check_ids(plan: CorpusPlan) -> None:
             first = int(pc.index(pc.is_null(col), True).as_py())
             raise CorpusError(f"{nulls} null ids in column {plan.id_column!r} of {f.path!r} (first at row {first}); "
                               "every row needs an id")
+        if pa.types.is_unsigned_integer(col.type) and col.length() and pc.max(col).as_py() > _INT64_MAX:
+            big = pc.max(col).as_py()
+            raise CorpusError(f"id column {plan.id_column!r} of {f.path!r} holds {big}, above {_INT64_MAX}, the largest id "
+                              "the vector store and FAISS hold (signed 64-bit); map the ids to smaller integers or "
+                              "to strings")
         columns.extend(col.chunks)
     common = pa.int64() if pa.types.is_integer(columns[0].type) else pa.large_string()
     ids = pa.chunked_array([c.cast(common) for c in columns], type=common)
@@ -225,10 +249,11 @@ def _read_range(plan: CorpusPlan, start: int, stop: int) -> Iterator[pa.RecordBa
         lo, hi = max(start, f.row_offset), min(stop, f.row_offset + f.rows)
         if lo >= hi:
             continue
+        change = f.changes()
+        if change is not None:  # never mix two versions of the corpus in one job
+            raise CorpusError(f"corpus file {f.path} changed since the job was planned ({change}); run the same "
+                              "command again: it plans the corpus as it is now")
         pf = _open(Path(f.path))
-        if pf.metadata.num_rows != f.rows:
-            raise CorpusError(f"{f.path!r} changed since the job was planned ({pf.metadata.num_rows} rows, "
-                              f"was {f.rows}); re-run the job to plan it again")
         pos = f.row_offset
         for batch in pf.iter_batches(batch_size=_READ_BATCH_ROWS, columns=_columns(plan)):
             b_lo, b_hi = max(lo - pos, 0), min(hi - pos, batch.num_rows)

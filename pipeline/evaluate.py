@@ -68,8 +68,7 @@ def evaluate(reader: IndexReader, query_vectors: np.ndarray, queries: QuerySet, 
         index = reader.index(dim)
         q = slice_normalise(query_vectors, dim)
         hnsw = faiss.downcast_index(index)
-        if ef:
-            hnsw.hnsw.efSearch = max(ef, k)
+        hnsw.hnsw.efSearch = max(ef or reader.info.hnsw["ef_search"], k)  # HNSW returns at most efSearch hits
         t0 = time.perf_counter()
         _, approx = index.search(q, k)
         seconds = time.perf_counter() - t0

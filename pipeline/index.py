@@ -8,6 +8,7 @@ version folder, so a search maps to corpus ids and texts; each `index-<dim>.fais
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -19,6 +20,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from embedctl.pipeline.checksum import checksum
+from embedctl.pipeline.checksum import verify as verify_checksum
 from embedctl.pipeline.defaults import INDEX_TYPES
 from embedctl.pipeline.errors import ConfigError
 from embedctl.pipeline.fsutil import atomic_write
@@ -74,14 +77,23 @@ def build_hnsw(vectors: np.ndarray, m: int, ef_construction: int, ef_search: int
     return index
 
 
-def write_index(index: faiss.Index, path: Path) -> None:
-    """Write a FAISS index atomically."""
-    atomic_write(path, lambda tmp: faiss.write_index(index, str(tmp)))
+def _faiss_write(index: faiss.Index, path: Path) -> None:
+    try:
+        faiss.write_index(index, str(path))
+    except RuntimeError as exc:  # faiss reports a failed write as text: give it back its OS error
+        text = str(exc)
+        code = errno.ENOSPC if "No space left" in text else errno.EIO
+        raise OSError(code, text.rsplit(": ", 1)[-1].strip("()")) from None
 
 
-def write_rows(table: pa.Table, path: Path) -> None:
-    """Write rows.parquet (row, id, text) atomically, in small row groups for lookups."""
-    atomic_write(path, lambda tmp: pq.write_table(table, tmp, row_group_size=ROWS_GROUP))
+def write_index(index: faiss.Index, path: Path) -> dict:
+    """Write a FAISS index atomically; returns its checksum."""
+    return checksum(atomic_write(path, lambda tmp: _faiss_write(index, tmp)))
+
+
+def write_rows(table: pa.Table, path: Path) -> dict:
+    """Write rows.parquet (row, id, text) atomically, in small row groups for lookups; returns its checksum."""
+    return checksum(atomic_write(path, lambda tmp: pq.write_table(table, tmp, row_group_size=ROWS_GROUP)))
 
 
 @dataclass
@@ -98,13 +110,27 @@ class Hit:
 
 
 class IndexReader:
-    """A published index version: its info, its per-dim FAISS indexes (memory-mapped) and its rows."""
+    """A published index version: its info, its per-dim FAISS indexes (memory-mapped) and its rows.
 
-    def __init__(self, path: Path):
+    Every file is checked against the checksum info.json recorded for it before it is first used (the rows file
+    when the reader opens, an index file when its dim is first searched): a damaged file is never searched. With
+    `verify=False` the checks are skipped (`--no-verify`: `python -m bench.verify` measures what they cost).
+    """
+
+    def __init__(self, path: Path, verify: bool = True):
         self.dir = resolve_index_dir(path)
         self.info = read_info(self.dir)
+        self.verify = verify
         self._indexes: dict[int, faiss.Index] = {}
-        self._rows = pq.ParquetFile(self.dir / self.info.rows_file)
+        self._rows = pq.ParquetFile(self._checked(self.info.rows_file))
+
+    def _checked(self, name: str) -> Path:
+        path = self.dir / name
+        if self.verify:
+            out = self.dir.parent.parent
+            verify_checksum(path, self.info.checksums.get(name),
+                            f"nothing was read from it; repair the index with `embedctl verify {out} --repair`")
+        return path
 
     @property
     def dims(self) -> list[int]:
@@ -115,7 +141,7 @@ class IndexReader:
         if dim not in self.dims:
             raise ConfigError(f"--dim {dim} is not indexed here; choose one of {', '.join(map(str, self.dims))}")
         if dim not in self._indexes:
-            path = str(self.dir / self.info.files[str(dim)])
+            path = str(self._checked(self.info.files[str(dim)]))
             try:
                 self._indexes[dim] = faiss.read_index(path, faiss.IO_FLAG_MMAP_IFC)
             except RuntimeError:
@@ -137,15 +163,17 @@ class IndexReader:
         return [found[int(p)] for p in positions if p >= 0]
 
     def search(self, queries: np.ndarray, k: int, dim: int | None = None, ef: int | None = None) -> list[list[Hit]]:
-        """Search full-dim normalised query vectors at `dim` (sliced and re-normalised) with efSearch `ef`."""
+        """Search full-dim normalised query vectors at `dim` (sliced and re-normalised) with efSearch `ef`.
+
+        efSearch is raised to `k` when it is below (HNSW returns at most efSearch hits)."""
         if k <= 0:
             raise ConfigError(f"-k must be > 0, got {k!r}")
+        if ef is not None and ef <= 0:
+            raise ConfigError(f"--ef must be > 0, got {ef!r}")
         dim = dim or self.dims[0]
         index = self.index(dim)
-        if ef is not None:
-            if ef <= 0:
-                raise ConfigError(f"--ef must be > 0, got {ef!r}")
-            faiss.downcast_index(index).hnsw.efSearch = max(ef, k)
+        hnsw = faiss.downcast_index(index).hnsw
+        hnsw.efSearch = max(ef or self.info.hnsw["ef_search"], k)
         t0 = time.perf_counter()
         scores, positions = index.search(slice_normalise(queries, dim), k)
         LOG.debug("searched %d queries at dim %d in %.1f ms", len(queries), dim, 1000 * (time.perf_counter() - t0))

@@ -6,10 +6,11 @@ turns a missing, unreadable or damaged file into one StorageError line naming th
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from embedctl.pipeline.errors import StorageError
+from embedctl.pipeline.checksum import DamagedFile, digest_bytes
 from embedctl.pipeline.fsutil import read_json, write_json
 
 INFO = "info.json"
@@ -54,6 +55,7 @@ class VersionInfo:
     corpus: CorpusInfo
     index_key: dict  # what a job must match to be up to date with this version
     build_seconds: dict = field(default_factory=dict)
+    checksums: dict = field(default_factory=dict)  # file name -> {"bytes": n, "xxh3_128": hex}
     format: int = FORMAT
 
     @property
@@ -71,8 +73,10 @@ class VersionInfo:
             raise ValueError("not a JSON object")
         if data.get("format") != FORMAT:
             raise ValueError(f"format {data.get('format')!r}, this embedctl reads format {FORMAT}")
+        if "digest" in data and data["digest"] != _digest(data):
+            raise ValueError("its contents changed since it was written (checksum mismatch)")
         names = {f.name for f in fields(cls)}
-        missing = sorted(n for n in names - set(data) if n not in ("build_seconds", "instruction_format"))
+        missing = sorted(n for n in names - set(data) if n not in ("build_seconds", "instruction_format", "checksums"))
         if missing:
             raise ValueError(f"no {missing[0]!r}")
         values = {k: v for k, v in data.items() if k in names}
@@ -83,20 +87,28 @@ class VersionInfo:
 
 
 def read_info(version_dir: Path) -> VersionInfo:
-    """The info of the version in `version_dir`; raises StorageError (one line) when it cannot be read."""
+    """The info of the version in `version_dir`; raises DamagedFile (one line) when it is missing or damaged."""
     path = Path(version_dir) / INFO
+    out = Path(version_dir).parent.parent
+    remedy = f"repair the index with `embedctl verify {out} --repair`, or point `current` at an earlier version"
     try:
         return VersionInfo.from_dict(read_json(path))
     except FileNotFoundError:
-        raise StorageError(f"{path} is missing: {Path(version_dir).name} is not a complete index version; "
-                           "rebuild it with `embedctl index`") from None
+        raise DamagedFile(path, "missing", remedy) from None
     except OSError as exc:
-        raise StorageError(f"cannot read {path} ({exc.strerror}); check the file's permissions") from None
+        raise DamagedFile(path, f"cannot be read: {exc.strerror}", remedy) from None
     except (ValueError, TypeError, KeyError) as exc:
-        raise StorageError(f"{path} is damaged ({exc}); rebuild the index with `embedctl index`, or point "
-                           "`current` at an earlier version") from None
+        problem = str(exc) if "checksum mismatch" in str(exc) else f"not a valid info.json: {exc}"
+        raise DamagedFile(path, problem, remedy) from None
+
+
+def _digest(data: dict) -> str:
+    """The checksum of an info.json's contents (all but the `digest` field itself), as canonical JSON."""
+    body = {k: v for k, v in data.items() if k != "digest"}
+    return digest_bytes(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
 
 
 def write_info(version_dir: Path, info: VersionInfo) -> Path:
-    """Write info.json into a version folder being built (atomically)."""
-    return write_json(Path(version_dir) / INFO, info.to_dict())
+    """Write info.json into a version folder being built (atomically), with the checksum of its contents."""
+    data = info.to_dict()
+    return write_json(Path(version_dir) / INFO, {**data, "digest": _digest(data)})

@@ -76,6 +76,7 @@ class ModelProfile:
     transformer_path: Path
     prompts: dict[str, str] = field(default_factory=dict)
     instruction_aware: bool = False
+    position_limit: int | None = None  # max_position_embeddings: no text may be longer (None: not stated)
 
     @property
     def instruction_format(self) -> str:
@@ -209,7 +210,10 @@ def read_profile(path: Path) -> ModelProfile:
     prompts = {k: v for k, v in (_read_json(path / "config_sentence_transformers.json").get("prompts") or {}).items()
                if isinstance(v, str)}
     instruction_aware = bool(prompts.get("query")) or model_type in INSTRUCTION_AWARE_MODEL_TYPES
+    positions = text_config.get("max_position_embeddings")
+    position_limit = int(positions) if isinstance(positions, int | float) and 0 < positions < 10**7 else None
     return ModelProfile(model_type=model_type, dim=dim, pooling=pooling, max_length=max_length,
+                        position_limit=position_limit,
                         transformer_path=transformer_path, prompts=prompts, instruction_aware=instruction_aware)
 
 

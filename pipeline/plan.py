@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from embedctl.pipeline.corpus import CorpusPlan
@@ -132,7 +132,10 @@ def load_plan(work_dir: Path) -> WorkPlan:
     """Read the plan a job saved in `work_dir`."""
     path = Path(work_dir) / PLAN_FILE
     try:
-        return WorkPlan.from_dict(read_json(path))
+        plan = WorkPlan.from_dict(read_json(path))
+        out = Path(work_dir).parent.parent
+        # an output folder that was moved or copied: its plans belong where they are now
+        return plan if Path(plan.out) == out else replace(plan, out=str(out))
     except FileNotFoundError:
         raise StorageError(f"no plan at {path}: the job folder is missing or was removed; re-run the job") from None
     except (ValueError, TypeError, KeyError) as exc:

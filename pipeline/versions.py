@@ -121,6 +121,13 @@ def resolve_index_dir(path: Path) -> Path:
     if not path.exists():
         raise IndexNotFoundError(f"index folder {str(path)!r} does not exist; build one with `embedctl index`")
     version = current_version(path)
+    link = path / CURRENT
+    if version is None and link.is_symlink() and link.resolve().is_dir():
+        return link.resolve()  # a version folder whose info.json is damaged: reading it says so
+    if version is None and link.is_symlink():
+        raise IndexNotFoundError(f"{link} points to {os.readlink(link)}, which is missing or incomplete; point it "
+                                 f"at a complete version (ln -sfn versions/vNNNNNN {link}) or run `embedctl index` "
+                                 "again")
     if version is None:
         raise IndexNotFoundError(f"{str(path)!r} holds no published index yet; run `embedctl index CORPUS --out "
                                  f"{path}` (or wait for the running job to finish)")

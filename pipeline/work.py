@@ -142,9 +142,8 @@ def _write(plan: WorkPlan, work: _ChunkWork, seconds: float, stamp: dict | None)
     report["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
     report["finished_ts"] = round(time.time(), 3)
     id_type = pa.string() if plan.corpus.id_column and data.ids and isinstance(data.ids[0], str) else pa.int64()
-    plan.store.write(work.chunk.number, data.rows[keep], [data.ids[i] for i in keep], work.texts, work.vectors,
-                     report, id_type=id_type, hashes=work.hashes)
-    return report
+    return plan.store.write(work.chunk.number, data.rows[keep], [data.ids[i] for i in keep], work.texts,
+                            work.vectors, report, id_type=id_type, hashes=work.hashes)
 
 
 def embed_rows(plan: WorkPlan, chunk: Chunk, data: ChunkRows, encoder: Encoder | Callable[[], Encoder],

@@ -31,6 +31,8 @@ def build_index(self, work_dir: str) -> dict:
     result = lifecycle.run_build(Path(work_dir), settings())
     if result["status"] == "busy":
         raise self.retry(countdown=result["retry_in"])
+    for number in result.get("chunks", []):  # damaged chunks, discarded: embedded again
+        embed_chunk.apply_async((work_dir, number))
     return result
 
 

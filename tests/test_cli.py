@@ -105,6 +105,9 @@ def _snapshot(out: Path) -> dict:
     (["index", "{corpus}", "--out", "{out}", "--model", "minilm", "--instruction-format", "e5"], 2,
      "Invalid value for '--instruction-format'"),
     (["query", "{out}", "x", "--dim", "77"], 1, "--dim 77 is not indexed"),
+    (["query", "{out}", "  "], 1, "query 1 is empty"),
+    (["index", "{corpus}", "--out", "{out}", "--model", "minilm", "--max-length", "600"], 1,
+     "--max-length 600 is above the 512 positions of minilm"),
     (["query", "{out}", "x", "-k", "0"], 1, "-k must be > 0"),
     (["query", "{out}"], 2, "give a query text or --file"),
     (["query", "{out}", "x", "--file", "{missing}"], 2, "not both"),
@@ -133,6 +136,25 @@ def test_wrong_corpus_for_an_existing_out_keeps_it_servable(built, tmp_path, wri
     result = invoke("index", bad, "--out", out, "--model", "minilm")
     assert result.exit_code == 1 and "duplicate ids" in result.stderr
     assert _snapshot(out) == before
+
+
+def test_k_above_ef_search_returns_k_hits(built):
+    out, _ = built
+    result = invoke("query", out, "dog", "-k", 500, "--json")
+    assert result.exit_code == 0, result.output
+    hits = json.loads(result.stdout)
+    assert len(hits) == 500 and len({h["id"] for h in hits}) == 500  # efSearch (64) was raised to k
+
+
+def test_unsigned_ids_beyond_int64_are_one_line(tmp_path, write_corpus):
+    import pyarrow as pa
+
+    corpus = write_corpus({"id": pa.array([1, 2**63 + 5], pa.uint64()), "text": ["a", "b"]})
+    result = invoke("index", corpus, "--out", tmp_path / "o", "--model", "minilm")
+    assert result.exit_code == 1 and "holds 9223372036854775813, above 9223372036854775807" in result.stderr
+    small = write_corpus({"id": pa.array([1, 2], pa.uint64()), "text": ["a dog", "a cat"]}, name="small.parquet")
+    ok = invoke("index", small, "--out", tmp_path / "ok", "--model", "minilm", "--dims", "64", "--quiet")
+    assert ok.exit_code == 0, ok.output
 
 
 def test_raw_instruction_format_puts_the_instruction_as_given(tmp_path, sample_slice):

@@ -21,7 +21,7 @@ RUN_BY_TESTS = {  # block id -> the test that runs it
     "quickstart": "test_quick_start_on_a_fresh_clone",
     "tour-setup": "tour (fixture)",
     "tour-index": "test_tour", "tour-rerun": "test_tour", "tour-eval": "test_tour", "tour-errors": "test_tour",
-    "cache-prune": "test_tour",
+    "cache-prune": "test_tour", "tour-verify": "test_tour",
     "worker": "test_distributed_example", "celery-worker": "test_distributed_example",
     "distributed": "test_distributed_example", "detached": "test_distributed_example",
     "jobs-toml": "test_scheduled_jobs", "jobs": "test_scheduled_jobs", "beat": "test_scheduled_jobs",
@@ -71,7 +71,7 @@ def tour(tmp_path):
 @pytest.mark.slow
 def test_tour(tour):
     folder, env, _ = tour
-    for name in ("tour-index", "tour-rerun", "tour-eval"):
+    for name in ("tour-index", "tour-rerun", "tour-eval", "tour-verify"):
         readme.check(BLOCKS[name], folder, env)
     result = readme.check(BLOCKS["tour-errors"], folder, env)
     lines = result.stderr.strip().splitlines()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -261,3 +262,34 @@ def test_index_broker_says_when_no_worker_consumes_a_queue(celery_env, start_wor
     assert not (tmp_path / "o" / "current").exists()
     history = [json.loads(x) for x in (tmp_path / "o" / "runs.jsonl").read_text().splitlines()]
     assert [h["status"] for h in history if h["status"] != "running"] == ["failed", "failed"]
+
+
+@pytest.mark.slow
+def test_a_corpus_replaced_during_a_distributed_job_fails_and_the_rerun_indexes_the_new_one(
+        celery_env, start_worker, sample_corpus, tmp_path):
+    env = {**celery_env, "EMBEDCTL_THREADS": "1"}
+    embedctl(env, "shm", "publish", "--model", "minilm")
+    start_worker(EMBEDCTL_MODEL="minilm", concurrency=1)  # one chunk at a time: the swap lands mid-job
+    corpus = tmp_path / "corpus.parquet"
+    shutil.copy(sample_corpus, corpus)
+    out = tmp_path / "o"
+    args = [EMBEDCTL, "index", str(corpus), "--out", str(out), "--model", "minilm", "--chunk-rows", "100", "--dims",
+            "128", "--quiet", "--broker", env["EMBEDCTL_BROKER_URL"]]
+    follower = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: len(list(out.glob("work/*/chunks/chunk-*.npy"))) >= 3, 120, "three chunks")
+    table = pq.read_table(sample_corpus)
+    reordered = table.take(list(range(table.num_rows - 1, -1, -1)))  # same rows, same count, another order
+    tmp = tmp_path / "new.parquet"
+    pq.write_table(reordered, tmp)
+    os.replace(tmp, corpus)
+    stdout, stderr = follower.communicate(timeout=300)
+    line = _one_line_error(subprocess.CompletedProcess(args, follower.returncode, stdout, stderr))
+    assert f"corpus file {corpus} changed since the job was planned" in line and "run the same command again" in line
+    assert not (out / "current").exists()  # nothing was published from two versions of the corpus
+    again = subprocess.run(args + ["--json"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    _assert_every_id_once(out, corpus)
+    rows = pq.read_table(out / "current" / "rows.parquet").to_pydict()
+    expected = dict(zip(reordered.column("id").to_pylist(), reordered.column("text").to_pylist(), strict=True))
+    assert all(expected[i] == t for i, t in zip(rows["id"], rows["text"], strict=True))
+    assert rows["row"] == sorted(rows["row"]) and rows["id"][0] == reordered.column("id")[0].as_py()

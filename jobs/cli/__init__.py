@@ -10,6 +10,7 @@ from embedctl.jobs.cli.jobs import cache, jobs
 from embedctl.jobs.cli.query import evaluate_cmd, info, query
 from embedctl.jobs.cli.shm import shm
 from embedctl.jobs.cli.status import status, worker
+from embedctl.jobs.cli.verify import verify
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -29,3 +30,4 @@ main.add_command(worker)
 main.add_command(jobs)
 main.add_command(cache)
 main.add_command(evaluate_cmd)
+main.add_command(verify)

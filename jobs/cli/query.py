@@ -15,6 +15,12 @@ from embedctl.pipeline.models import ModelRef, format_instruction, resolve_model
 from embedctl.pipeline.versions import resolve_index_dir
 
 
+def no_verify_option(func):
+    """`--no-verify` (EMBEDCTL_NO_VERIFY): skip the checksums of the index files (see `python -m bench.verify`)."""
+    return env_option("--no-verify", env="NO_VERIFY", is_flag=True,
+                      help="Do not check the index files against their checksums before using them.")(func)
+
+
 def _index_model(info: VersionInfo) -> ModelRef:
     """The model recorded in an index: its folder when it still exists, else its name resolved again."""
     path = Path(info.model_path)
@@ -47,6 +53,9 @@ def _read_queries(texts: tuple[str, ...], file: str | None) -> list[str]:
         return queries
     if not texts:
         raise click.UsageError("give a query text or --file FILE")
+    blank = [i for i, t in enumerate(texts) if not t.strip()]
+    if blank:
+        raise ConfigError(f"query {blank[0] + 1} is empty; give a text to search for")
     return list(texts)
 
 
@@ -62,15 +71,17 @@ def _read_queries(texts: tuple[str, ...], file: str | None) -> list[str]:
 @env_option("--file", "file", env="QUERY_FILE", default=None, help="Read queries from a file, one a line.")
 @env_option("--device", env="DEVICE", default="auto", show_default=True)
 @shm_option
+@no_verify_option
 @env_option("--json", "as_json", env="JSON", is_flag=True, help="Print a list of {id, score, text} per query.")
 @handle_errors
 def query(index_dir: str, texts: tuple[str, ...], k: int, dim: int | None, ef: int | None,
-          query_instruction: str | None, file: str | None, device: str, shm: str, as_json: bool) -> None:
+          query_instruction: str | None, file: str | None, device: str, shm: str, no_verify: bool,
+          as_json: bool) -> None:
     """Search INDEX_DIR (an --out folder or a version folder) for TEXTS, embedded with the index's model."""
     from embedctl.pipeline.index import IndexReader
 
     queries = _read_queries(texts, file)
-    reader = IndexReader(Path(index_dir))
+    reader = IndexReader(Path(index_dir), verify=not no_verify)
     if dim is not None and dim not in reader.dims:
         raise ConfigError(f"--dim {dim} is not indexed in {index_dir}; choose one of "
                           f"{', '.join(map(str, reader.dims))}")
@@ -136,11 +147,12 @@ def info(index_dir: str, as_json: bool) -> None:
       help="Instruction for the queries [default: the one recorded in the index; '' for none].")
 @env_option("--device", env="DEVICE", default="auto", show_default=True)
 @shm_option
+@no_verify_option
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @handle_errors
 def evaluate_cmd(index_dir: str, queries_path: str, query_column: str, relevant_column: str, ks: str,
                  ef: int | None, limit: int | None, query_instruction: str | None, device: str, shm: str,
-                 as_json: bool) -> None:
+                 no_verify: bool, as_json: bool) -> None:
     """Recall@k and MRR of INDEX_DIR on labelled queries, per dim, exact search vs HNSW."""
     from embedctl.pipeline.encoder import load_encoder
     from embedctl.pipeline.evaluate import evaluate, load_queries
@@ -150,7 +162,7 @@ def evaluate_cmd(index_dir: str, queries_path: str, query_column: str, relevant_
         cutoffs = tuple(int(x) for x in ks.split(",") if x.strip())
     except ValueError:
         raise click.BadParameter(f"{ks!r} is not a comma-separated list of integers", param_hint="-k") from None
-    reader = IndexReader(Path(index_dir))
+    reader = IndexReader(Path(index_dir), verify=not no_verify)
     queries = load_queries(Path(queries_path), query_column, relevant_column, reader, limit=limit)
     info = reader.info
     encoder = load_encoder(_index_model(info), device=device, max_length=info.max_length, shm=shm)

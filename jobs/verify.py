@@ -1,0 +1,130 @@
+"""`embedctl verify`: every file of an output folder's current version and of the stored vectors it was built from,
+checked against the checksums recorded when they were written; `--repair` embeds damaged chunks again and builds a
+new version from sound vectors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from embedctl.jobs import state
+from embedctl.pipeline import checksum, versions
+from embedctl.pipeline.errors import StorageError
+from embedctl.pipeline.manifest import read_info
+from embedctl.pipeline.plan import WORK, WorkPlan, load_plan
+
+
+@dataclass
+class Damage:
+    """One damaged file (or a missing one)."""
+
+    path: str
+    problem: str
+    kind: str  # info | current | rows | index | chunk
+    chunk: int | None = None
+
+
+@dataclass
+class Check:
+    """What `check` found."""
+
+    out: str
+    version: str | None = None
+    job_id: str | None = None
+    files: int = 0  # files checked
+    bytes: int = 0
+    chunks: int = 0  # stored chunks checked
+    seconds: float = 0.0
+    damaged: list[Damage] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.damaged
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "ok": self.ok}
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def check(out: Path) -> Check:
+    """Check the current version of `out` and the chunks of its plan; never raises for damage (it reports it)."""
+    out = Path(out)
+    t0 = time.perf_counter()
+    result = Check(out=str(out))
+    if not out.is_dir():
+        raise StorageError(f"{out} is not an output folder of `embedctl index` (no such folder)")
+    link = out / versions.CURRENT
+    current = versions.current_version(out)
+    if current is None and link.is_symlink() and link.resolve().is_dir():
+        current = link.resolve()  # its info.json is damaged: read_info below says how
+    plan_id = None
+    if current is None and link.is_symlink():
+        result.damaged.append(Damage(str(link), f"points to {link.readlink()}, which is missing or incomplete",
+                                     "current"))
+    elif current is None:
+        result.notes.append("no version is published yet")
+    else:
+        result.version = current.name
+        try:
+            info = read_info(current)
+        except checksum.DamagedFile as exc:
+            result.damaged.append(Damage(str(exc.path), exc.problem, "info"))
+        else:
+            plan_id = info.plan_id
+            result.files += 1
+            for name, expected in sorted(info.checksums.items()):
+                path = current / name
+                result.files += 1
+                result.bytes += _size(path)
+                problem = checksum.problem(path, expected)
+                if problem is not None:
+                    result.damaged.append(Damage(str(path), problem, "rows" if name == info.rows_file else "index"))
+            if not info.checksums:
+                result.notes.append(f"{current.name} was built before checksums were recorded: its files are "
+                                    "not checked (the next build records them)")
+    plan = _plan_of(out, plan_id)
+    if plan is None:
+        result.notes.append("no stored vectors to check (none kept, or `embedctl cache prune --all` removed them)")
+    else:
+        result.job_id = plan.plan_id
+        store = plan.store
+        for number in sorted(store.complete()):
+            result.chunks += 1
+            result.bytes += _size(store.vectors_path(number)) + _size(store.rows_path(number))
+            for path, problem in store.verify(number):
+                result.damaged.append(Damage(str(path), problem, "chunk", number))
+        missing = [c.number for c in plan.corpus.chunks if c.number not in store.complete()]
+        if missing and plan_id == plan.plan_id:  # the current version was built from them: they are lost
+            for number in missing:
+                result.damaged.append(Damage(str(store.vectors_path(number)), "missing", "chunk", number))
+        elif missing:
+            result.notes.append(f"{len(missing)} chunks of job {plan.plan_id} are not stored yet")
+    result.seconds = round(time.perf_counter() - t0, 3)
+    return result
+
+
+def _plan_of(out: Path, plan_id: str | None) -> WorkPlan | None:
+    """The plan the current version was built from (the newest job when its info.json cannot tell)."""
+    candidates = [out / WORK / plan_id] if plan_id else []
+    with contextlib.suppress(StorageError):
+        candidates.append(state.resolve_work_dir(out))
+    for work_dir in candidates:
+        try:
+            return load_plan(work_dir)
+        except StorageError:
+            continue
+    return None
+
+
+def damaged_chunks(found: Check) -> list[int]:
+    return sorted({d.chunk for d in found.damaged if d.chunk is not None})
