@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS = ("throughput", "attention", "indexes", "shm_memory", "distributed", "reindex", "verify")
+BENCHMARKS = ("throughput", "attention", "indexes", "shm_memory", "distributed", "reindex", "verify", "segments")
 GPU_FILES = ("gpu.json", "gpu-stage.json", "gpu-compile.json")
 """Results of `python -m bench.gpu` (run on a CUDA host, copied here), shown in their own section."""
 
@@ -74,7 +74,7 @@ def main() -> None:
                 results[name] = {**earlier[name], "reused_from_earlier_run": True}
             continue
         print(f"running bench.{name} ...", file=sys.stderr, flush=True)
-        results[name] = run(name, ["--plots", str(out)] if name == "indexes" else [])
+        results[name] = run(name, ["--plots", str(out)] if name in ("indexes", "segments") else [])
     (out / "results.json").write_text(json.dumps(results, indent=2))
     gpu = {name: json.loads((out / name).read_text()) for name in GPU_FILES if (out / name).exists()}
     report, summary = render(results, out, gpu)
@@ -173,8 +173,17 @@ def render(results: dict, out: Path, gpu: dict | None = None) -> tuple[str, list
         elif name == "distributed":
             summary.append(f"- distributed / embedded texts/s: {r['ratio']} (`python -m bench.distributed`)")
         else:
+            fresh = r.get("against_fresh_build", {})
             summary.append(f"- re-index unchanged / full {r['unchanged_over_full']}, 1% changed / full "
-                           f"{r['changed_over_full']} (`python -m bench.reindex`)")
+                           f"{r['changed_over_full']}; against a fresh build: {fresh.get('lost', '-')} ids lost, "
+                           f"{fresh.get('duplicated', '-')} duplicated, same top 10 in "
+                           f"{fresh.get('same_top10_share', {}).get('hnsw', '-')} of queries "
+                           f"(`python -m bench.reindex`)")
+    g = results.get("segments")
+    if g and "error" not in g:
+        seg_lines, seg_summary = render_segments(g)
+        lines += seg_lines
+        summary += seg_summary
     v = results.get("verify")
     if v and "error" not in v:
         lines += render_verify(v)
@@ -190,6 +199,59 @@ def render(results: dict, out: Path, gpu: dict | None = None) -> tuple[str, list
         if "error" in r:
             summary.append(f"- {name}: not measured ({r['error']})")
     return "\n".join(lines), summary
+
+
+def render_segments(g: dict) -> tuple[list[str], list[str]]:
+    """The section of `python -m bench.segments`."""
+    lines, summary = ["## Segments", f"`{g['command']}` ({g['cpus']} CPUs)", ""], []
+    if "choose" in g:
+        c = g["choose"]
+        lines += [f"Segment size ({c['vectors']} MiniLM vectors of {c['dim']} dims, HNSW M=32, efConstruction 200; "
+                  "search: one query over all segments, efSearch 64):", "",
+                  table(c["rows"], ["segment_rows", "segments", "build_s_per_1k_rows", "search_p50_ms"]), ""]
+    if "deleted" in g:
+        d = g["deleted"]
+        rows = [{"dim": dim, "recall 1 segment": d["single_segment"]["dims"][dim]["recall@10_vs_exact"],
+                 "recall 5 segments, 10% deleted": d["five_segments"]["dims"][dim]["recall@10_vs_exact"],
+                 "search p50 ratio": d["p50_ratio_five_over_single"][dim]["search_p50"],
+                 "query p50 ratio (with lookup)": d["p50_ratio_five_over_single"][dim]["query_p50"]}
+                for dim in d["single_segment"]["dims"]]
+        lines += [f"Five segments with 10% of their rows deleted vs one segment of the same {d['rows'] * 9 // 10} "
+                  f"rows ({d['queries']} queries; recall@10 vs exact search at the default efSearch; p50 of the "
+                  "index search, and of the whole search with the id and text lookup):", "",
+                  table(rows, list(rows[0])), "", "![recall by dim](segments_recall.png)", ""]
+        worst = min(r["recall 5 segments, 10% deleted"] for r in rows)
+        ratio = max(r["query p50 ratio (with lookup)"] for r in rows)
+        summary.append(f"- 5 segments, 10% deleted: recall@10 vs exact >= {worst} at every dim, query p50 "
+                       f"{ratio}x one segment's (`python -m bench.segments`)")
+    if "nightly" in g:
+        n = g["nightly"]
+        lines += [f"{n['nights']} nightly runs, each changing 1% of {n['rows']} texts: a run takes a median "
+                  f"{n['median_night_over_full']} (at most {n['max_night_over_full']}) of the first, full one "
+                  f"({n['full_seconds']} s); at most {n['max_segments']} segments and {n['max_deleted_share']:.1%} "
+                  f"deleted rows; recall@10 vs exact never below {n['min_recall@10']}.", "",
+                  table([{k: (v if not isinstance(v, dict) else min(v.values())) for k, v in r.items()}
+                         for r in n["runs"]], ["night", "seconds", "segments", "segments_built", "rows_embedded",
+                                               "rows_rewritten", "deleted_share", "recall@10"]), "",
+                  "![nightly runs](segments_nightly.png)", ""]
+        summary.append(f"- {n['nights']} nights of 1% changes: median run {n['median_night_over_full']} of a full "
+                       f"index, <= {n['max_segments']} segments, <= {n['max_deleted_share']:.1%} deleted, recall@10 "
+                       f">= {n['min_recall@10']} (`python -m bench.segments`)")
+    if "scaling" in g:
+        x = g["scaling"]
+        lines += [f"Build stage on Celery ({x['rows']} rows, {x['segments']} segments, {x['pieces']} pieces, chunks "
+                  f"embedded beforehand): one single-thread worker process vs two, seconds per run "
+                  f"{x['build_seconds']}: **{x['speedup_two_processes']}x**.", ""]
+        summary.append(f"- build stage, 2 worker processes / 1: {x['speedup_two_processes']}x "
+                       "(`python -m bench.segments`)")
+    if "memory" in g:
+        m = g["memory"]
+        lines += [f"One build task (a segment of {m['rows']} rows, {m['dim']} dims, `hnsw`): peak RSS grew "
+                  f"{m['measured_bytes_per_row']} bytes a row; documented {m['documented_bytes_per_row']}: "
+                  f"**{m['measured_over_documented']}** of it (goal: at most 1.5).", ""]
+        summary.append(f"- build task memory: {m['measured_over_documented']} of the documented bytes per row "
+                       "(`python -m bench.segments`)")
+    return lines, summary
 
 
 def render_verify(v: dict) -> list[str]:

@@ -72,7 +72,7 @@ def main() -> None:
               "chunk_rows": args.chunk_rows, "model": args.model, "cpus": os.cpu_count(),
               "embedded_texts_per_s": round(e_rate, 1), "distributed_texts_per_s": round(d_rate, 1),
               "ratio": round(d_rate / e_rate, 3), "embedded_total_s": embedded["seconds"],
-              "distributed_total_s": distributed["follow_seconds"]}
+              "distributed_total_s": distributed["seconds"]}
     if args.json:
         print(json.dumps(result, indent=2))
         return

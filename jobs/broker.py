@@ -43,7 +43,9 @@ BUILD_QUEUE = "embedctl.build"
 """Queue of the index building and scheduled-run tasks (CPU)."""
 
 EMBED_TASK = "embedctl.embed_chunk"
-BUILD_TASK = "embedctl.build_index"
+BUILD_TASK = "embedctl.build_index"  # plans a version's build, queues its pieces
+SEGMENT_TASK = "embedctl.build_segment"  # one index file of one segment and dim
+PUBLISH_TASK = "embedctl.publish"
 RUN_JOB_TASK = "embedctl.run_job"
 
 BROKER_ENV = ("EMBEDCTL_BROKER_URL", "CELERY_BROKER_URL")
@@ -182,8 +184,8 @@ def celery_config(settings: Settings) -> dict:
                         Queue(settings.build_queue, routing_key=settings.build_queue)),
         "task_default_queue": settings.embed_queue,
         "task_routes": {EMBED_TASK: {"queue": settings.embed_queue},
-                        BUILD_TASK: {"queue": settings.build_queue},
-                        RUN_JOB_TASK: {"queue": settings.build_queue}},
+                        **{task: {"queue": settings.build_queue}
+                           for task in (BUILD_TASK, SEGMENT_TASK, PUBLISH_TASK, RUN_JOB_TASK)}},
         "task_track_started": True,
         "broker_connection_retry_on_startup": True,
         "worker_hijack_root_logger": False,

@@ -16,6 +16,8 @@ from embedctl.jobs import lifecycle, locks, state
 from embedctl.jobs.broker import (
     BUILD_TASK,
     EMBED_TASK,
+    PUBLISH_TASK,
+    SEGMENT_TASK,
     Settings,
     check_broker,
     clean,
@@ -25,7 +27,7 @@ from embedctl.jobs.broker import (
 )
 from embedctl.jobs.report import RunReport, read_report
 from embedctl.jobs.spec import JobSpec
-from embedctl.pipeline.errors import BrokerError, EmbedctlError
+from embedctl.pipeline.errors import BrokerError, EmbedctlError, StorageError
 from embedctl.pipeline.work import ProgressFactory, missing_chunks, no_progress
 
 LOG = logging.getLogger(__name__)
@@ -167,26 +169,18 @@ class Watchdog:
         plan = self.run.plan
         now = time.time()
         idle = now - max(self.started, state.latest_activity(plan)) > self.stall
-        missing = missing_chunks(plan)
-        if missing:
-            todo = {state.chunk_name(k): k for k in missing}
-            task, queue = EMBED_TASK, self.settings.embed_queue
-        elif state.published_version(plan) is None:
-            todo = {"build": None}
-            task, queue = BUILD_TASK, self.settings.build_queue
-        else:
-            return []
+        due, queue = self._due()
         stale = []
-        for what in todo:
+        for what, task, args in due:
             age = state.heartbeat_age(plan, what)
             dead = (age is not None and age > self.stall) or (age is None and idle)
             if dead and now - self.requeued.get(what, 0) > self.stall:
-                stale.append(what)
+                stale.append((what, task, args))
         if not stale:
             return []
-        work_dir = str(plan.work_dir)
-        queued = {tuple(args) for args in queued_args(self.settings, queue, task) if args and args[0] == work_dir}
-        stale = [w for w in stale if (work_dir, todo[w]) not in queued and (work_dir,) not in queued]
+        queued = {(task, tuple(args)) for task in {t for _, t, _ in stale}
+                  for args in queued_args(self.settings, queue, task)}
+        stale = [(w, t, a) for w, t, a in stale if (t, tuple(a)) not in queued]
         if not stale:
             return []
         app = self._app = self._app or sender(self.settings)
@@ -196,11 +190,33 @@ class Watchdog:
             raise JobFailed(f"job {plan.plan_id} stalled: {exc}. The job stays on disk: start a worker and run "
                             "the same command again") from None
         with app.producer_or_acquire() as producer:
-            for what in stale:
-                args = (work_dir,) if todo[what] is None else (work_dir, todo[what])
+            for what, task, args in stale:
                 app.send_task(task, args, producer=producer)
                 self.requeued[what] = now
+        names = [w for w, _, _ in stale]
         LOG.warning("job %s: %s made no progress for %.0f s (a worker died?): re-queued", plan.plan_id,
-                    ", ".join(stale[:5]) + (f" and {len(stale) - 5} more" if len(stale) > 5 else ""), self.stall)
-        return stale
+                    ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else ""), self.stall)
+        return names
 
+    def _due(self) -> tuple[list[tuple[str, str, tuple]], str]:
+        """The work the job waits for now, as (heartbeat name, task, args), and the queue it goes to."""
+        from embedctl.pipeline.compose import latest_build
+
+        plan = self.run.plan
+        work_dir = str(plan.work_dir)
+        missing = missing_chunks(plan)
+        if missing:
+            return [(state.chunk_name(k), EMBED_TASK, (work_dir, k)) for k in missing], self.settings.embed_queue
+        if state.published_version(plan) is not None:
+            return [], self.settings.build_queue
+        try:
+            build = latest_build(plan)
+        except StorageError:
+            build = None  # a plan cut short: planning again makes it anew
+        if build is None:
+            due = [("build", BUILD_TASK, (work_dir,))]
+        elif build.missing():
+            due = [(f"piece-{s}-{d}", SEGMENT_TASK, (work_dir, build.key, s, d)) for s, d in build.missing()]
+        else:
+            due = [("publish", PUBLISH_TASK, (work_dir, build.key))]
+        return due, self.settings.build_queue

@@ -72,7 +72,7 @@ def plan_job(spec: JobSpec) -> WorkPlan:
         batch_tokens=spec.batch_tokens, document_prefix=profile.document_prefix(spec.instruction, fmt),
         query_prefix=profile.query_prefix(spec.query_instruction, fmt), dims=tuple(dims),
         hnsw_m=spec.hnsw_m, ef_construction=spec.ef_construction, ef_search=spec.ef_search,
-        index_type=spec.index_type, instruction_format=fmt, compile=spec.compile)
+        index_type=spec.index_type, instruction_format=fmt, segment_rows=spec.segment_rows, compile=spec.compile)
 
 
 def _validated_fingerprint(spec: JobSpec) -> str | None:
@@ -150,8 +150,8 @@ def begin(spec: JobSpec, mode: str, settings: Settings | None = None, job: str |
 
 
 def begin_plan(plan: WorkPlan, mode: str, settings: Settings | None = None, job: str | None = None,
-               keep: int | None = None, rebuild: bool = False) -> Run:
-    """Take the output folder of `plan` for a new run (see `begin`); `rebuild`: publish a new version even when
+               keep: int | None = None, force: bool = False) -> Run:
+    """Take the output folder of `plan` for a new run (see `begin`); `force`: publish a new version even when
     the current one was built from this plan (what a repair does)."""
     out = Path(plan.out)
     run_id = new_run_id()
@@ -170,7 +170,7 @@ def begin_plan(plan: WorkPlan, mode: str, settings: Settings | None = None, job:
         record = state.RunRecord(run_id=run_id, mode=mode, started=state.now(), started_ts=time.time(),
                                  lease=lease.ref, job=job, keep=keep,
                                  broker=settings.masked_broker if settings and mode != "embedded" else None)
-        run = Run(record, plan, lease, settings, up_to_date=None if rebuild else state.published_version(plan))
+        run = Run(record, plan, lease, settings, up_to_date=None if force else state.published_version(plan))
         if run.up_to_date is None:
             state.write_run(plan, record)
             history.record(out, {"run_id": run_id, "job": job, "job_id": plan.plan_id, "mode": mode,
@@ -287,26 +287,43 @@ def discard_chunks(run: Run, chunks: list[int]) -> None:
     LOG.info("run %s: discarded damaged chunks %s", run.run_id, chunks)
 
 
-def publish(run: Run, progress: ProgressFactory = no_progress) -> RunReport:
-    """Build the new version from the complete chunks, swap it in, apply retention, and end the run."""
+def publish(run: Run, progress: ProgressFactory = no_progress, forced: frozenset[str] = frozenset(),
+            rebuild: bool = False) -> RunReport:
+    """Build the new version in this process (plan, every piece, publish), swap it in, apply retention, and end
+    the run. `forced` / `rebuild`: segments to rewrite, or none to keep (a repair)."""
     from embedctl.pipeline.build import build_and_publish
 
+    info, target, build = build_and_publish(run.plan, progress, before_publish=_guard(run), forced=forced,
+                                            rebuild=rebuild)
+    return _published(run, target.name, info, build)
+
+
+def _guard(run: Run) -> Callable[[], None]:
     def still_ours() -> None:
         if not run.renew():
             raise Superseded(f"run {run.run_id} lost {run.plan.out} to a newer run; it does not publish")
 
-    info, target = build_and_publish(run.plan, progress, before_publish=still_ours)
-    return _published(run, target.name, info.rows)
+    return still_ours
 
 
-def _published(run: Run, version: str, rows: int) -> RunReport:
+def _published(run: Run, version: str, info, build) -> RunReport:
+    """After the swap: the report, retention (versions, then the segments no kept version uses), the work of
+    superseded plans, and the end of the run."""
+    from embedctl.pipeline.compose import remove_builds, segments_in_use
+    from embedctl.pipeline.segments import collect_garbage
+
     plan = run.plan
     report = _report(run, "published", version=version, path=str(Path(plan.out) / versions.VERSIONS / version),
-                     rows_indexed=rows, rows_deleted=_rows_deleted(plan, version))
+                     rows_indexed=info.rows, rows_deleted=_rows_deleted(plan, version), segments=len(info.segments),
+                     segments_built=len(build.new) if build else 0, rows_rewritten=build.rows_rewritten if build else 0)
     keep = run.record.keep
     if keep:
         report.versions_removed = versions.prune(plan.out, keep)
     remove_stale_work(plan, run.lease_seconds)
+    remove_builds(plan)
+    used = versions.segments_of_kept_versions(plan.out)
+    if used is not None:
+        collect_garbage(plan.out, used | segments_in_use(plan.work_dir.parent))
     return end(run, report)
 
 
@@ -329,21 +346,20 @@ def remove_stale_work(plan: WorkPlan, idle: float) -> list[str]:
 
 def _rows_deleted(plan: WorkPlan, version: str) -> int:
     """Ids of the version published before `version` that the new one no longer has."""
-    import pyarrow.parquet as pq
-
-    from embedctl.pipeline.manifest import read_info
+    import pyarrow.compute as pc
 
     older = [p for p in versions.version_dirs(plan.out) if p.name < version]
     if not older:
         return 0
-    new = Path(plan.out) / versions.VERSIONS / version
     try:
-        before = set(pq.read_table(older[-1] / read_info(older[-1]).rows_file, columns=["id"]).column("id")
-                     .to_pylist())
+        before = versions.live_ids(older[-1])
     except (OSError, ValueError, StorageError):
         return 0  # the previous version is damaged: nothing to compare with
-    after = set(pq.read_table(new / read_info(new).rows_file, columns=["id"]).column("id").to_pylist())
-    return len(before - after)
+    after = versions.live_ids(Path(plan.out) / versions.VERSIONS / version)
+    if not len(before) or before.type != after.type:
+        return len(before)
+    kept = pc.sum(pc.is_in(before, value_set=after)).as_py() or 0
+    return len(before) - int(kept)
 
 
 # -- the worker side ----------------------------------------------------------------------------------------------
@@ -390,50 +406,126 @@ def run_chunk(work_dir: Path, number: int, encoder_for: Callable[[WorkPlan], obj
     return {**summary, "build_due": not missing_chunks(plan)}
 
 
-def run_build(work_dir: Path, settings: Settings) -> dict:
-    """Build and publish a complete job (what the Celery build task runs), one build of a plan at a time.
+def _build_lease(run: Run, settings: Settings) -> locks.RedisLease:
+    return locks.RedisLease(settings, locks.build_key(run.plan.out, run.plan.plan_id),
+                            json.dumps(locks.holder_record(run.run_id, "celery", run.record.job)))
 
-    Returns `{"status": "busy", "retry_in": s}` while another build of the plan holds its lease (the task
-    retries: a build whose worker died frees the lease within `lease_seconds`).
-    """
+
+def run_build(work_dir: Path, settings: Settings) -> dict:
+    """Plan the build of a complete job (what the Celery build task runs): returns the pieces to queue, one per
+    new segment and dim (`{"status": "building", "key": ..., "pieces": [[segment, dim], ...]}`), or publishes at
+    once when none is missing. One planner of a job at a time: `{"status": "busy", "retry_in": s}` while another
+    holds the job's build lease (a planner whose worker died frees it within `lease_seconds`)."""
+    from embedctl.pipeline.build import plan_build
+
     try:
         run = Run.load(work_dir, settings)
     except Superseded as exc:
         LOG.info("build: %s; nothing to do", exc)
         return {"status": "superseded"}
     plan = run.plan
-    published = state.published_version(plan)
-    if published and run.ended:
-        return {"status": "up-to-date", "version": published[0]}
-    build_lease = locks.RedisLease(settings, locks.build_key(plan.out, plan.plan_id),
-                                   json.dumps(locks.holder_record(run.run_id, "celery", run.record.job)))
-    if not build_lease.acquire():
+    if run.ended:
+        return {"status": "ended"}
+    lease = _build_lease(run, settings)
+    if not lease.acquire():
         return {"status": "busy", "retry_in": max(1.0, settings.lease_seconds / 3)}
     beat = _beat(run, "build")
-
-    def beat_both() -> bool:
-        return build_lease.renew() and beat()
-
     try:
-        if published:  # the swap happened but the worker died before the report: finish the run
-            report = _published(run, published[0], published[1])
-        else:
-            beat_both()
-            with locks.keep_alive(beat_both, run.lease_seconds / 3, f"build of {plan.plan_id}"):
-                report = publish(run)
+        beat()
+        with locks.keep_alive(lambda: lease.renew() and beat(), run.lease_seconds / 3, f"build of {plan.plan_id}"):
+            build = plan_build(plan)
+        missing = build.missing()
+        if not missing:
+            return _publish_task(run, build)
+        return {"status": "building", "key": build.key, "pieces": [list(p) for p in missing]}
     except DamagedChunks as damaged:  # embed them again: the last of them queues the build again
         LOG.warning("%s: queueing them again", damaged)
         discard_chunks(run, damaged.chunks)
         return {"status": "re-embedding", "chunks": damaged.chunks}
+    except EmbedctlError as exc:
+        _fail_build(run, f"build: {exc}")
+        raise
+    finally:
+        state.end_heartbeat(plan, "build")
+        lease.release()
+
+
+def run_piece(work_dir: Path, key: str, segment: str, dim: int, settings: Settings) -> dict:
+    """Build one index piece (a segment's index of one dim) of a job (what the Celery segment task runs); returns
+    `publish_due` when it was the last piece (counted on disk)."""
+    from embedctl.pipeline.build import build_piece
+    from embedctl.pipeline.compose import load_build
+
+    try:
+        run = Run.load(work_dir, settings)
+        build = load_build(run.plan, key)
+    except (Superseded, StorageError) as exc:
+        LOG.info("segment %s, dim %d: %s; nothing to do", segment, dim, exc)
+        return {"status": "superseded"}
+    what = f"piece-{segment}-{dim}"
+    beat = _beat(run, what)
+    beat()
+    try:
+        with locks.keep_alive(beat, run.lease_seconds / 3, f"{what} of {run.plan.plan_id}"):
+            build_piece(run.plan, build, segment, dim)
+    except EmbedctlError as exc:
+        _fail_build(run, f"segment {segment}, dim {dim}: {exc}")
+        raise
+    finally:
+        state.end_heartbeat(run.plan, what)
+    return {"status": "built", "segment": segment, "dim": dim, "publish_due": not build.missing()}
+
+
+def run_publish(work_dir: Path, key: str, settings: Settings) -> dict:
+    """Publish a job whose pieces are all built (what the Celery publish task runs), once."""
+    from embedctl.pipeline.compose import load_build
+
+    try:
+        run = Run.load(work_dir, settings)
+        build = load_build(run.plan, key)
+    except (Superseded, StorageError) as exc:
+        LOG.info("publish: %s; nothing to do", exc)
+        return {"status": "superseded"}
+    if run.ended:
+        return {"status": "ended"}
+    lease = _build_lease(run, settings)
+    if not lease.acquire():
+        return {"status": "busy", "retry_in": max(1.0, settings.lease_seconds / 3)}
+    try:
+        return _publish_task(run, build)
+    finally:
+        lease.release()
+
+
+def _publish_task(run: Run, build) -> dict:
+    """Publish under the job's build lease (held by the caller), finishing a publish whose worker died between the
+    swap and the report."""
+    from embedctl.pipeline.build import publish as publish_version
+    from embedctl.pipeline.manifest import read_info
+
+    plan = run.plan
+    beat = _beat(run, "publish")
+    try:
+        published = state.published_version(plan)
+        if published:
+            current = versions.current_version(plan.out)
+            report = _published(run, published[0], read_info(current), None)
+        else:
+            beat()
+            with locks.keep_alive(beat, run.lease_seconds / 3, f"publish of {plan.plan_id}"):
+                info, target = publish_version(plan, build, before_publish=_guard(run))
+            report = _published(run, target.name, info, build)
     except Superseded as exc:
         fail(run, str(exc))
         return {"status": "superseded"}
     except EmbedctlError as exc:
-        message = f"build: {exc}"
-        state.record_failure(plan, "build", message)
-        fail(run, message)
+        _fail_build(run, f"publish: {exc}")
         raise
     finally:
-        state.end_heartbeat(plan, "build")
-        build_lease.release()
+        state.end_heartbeat(plan, "publish")
     return {"status": "published", "version": report.version, "rows": report.rows_indexed}
+
+
+def _fail_build(run: Run, message: str) -> None:
+    state.record_failure(run.plan, "build", message)
+    fail(run, message)

@@ -49,6 +49,9 @@ class RunReport:
     embed_seconds: float | None = None  # start of the run to its last chunk written
     rows_per_second: float | None = None  # rows_embedded / embed_seconds
     versions_removed: list[str] = field(default_factory=list)  # retention
+    segments: int = 0  # segments of the version
+    segments_built: int = 0  # new segments this run built (the others are kept from the previous version)
+    rows_rewritten: int = 0  # live rows the merge policy moved out of rewritten segments
     reason: str | None = None  # why a run was skipped or up to date
     error: str | None = None  # why a run failed
     skipped: list[dict] = field(default_factory=list)  # the first 1,000 skipped rows: row, id, reason

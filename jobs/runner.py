@@ -12,7 +12,7 @@ from pathlib import Path
 from embedctl.jobs import lifecycle, state
 from embedctl.jobs.report import RunReport
 from embedctl.jobs.spec import JobSpec
-from embedctl.jobs.verify import Check, check, damaged_chunks
+from embedctl.jobs.verify import Check, check, damaged_chunks, damaged_segments, version_damaged
 from embedctl.pipeline import work
 from embedctl.pipeline.cache import EmbeddingCache
 from embedctl.pipeline.corpus import iter_chunks
@@ -66,22 +66,25 @@ def repair(out: Path, progress: ProgressFactory = no_progress, threads: int | No
                           f"version was built ({changed[0][1]}); run `embedctl index CORPUS --out {out}` to index "
                           "the corpus as it is now")
     previous = state.read_run(plan)
-    run = lifecycle.begin_plan(plan, "embedded", keep=previous.keep if previous else None, rebuild=True)
+    run = lifecycle.begin_plan(plan, "embedded", keep=previous.keep if previous else None, force=True)
     lifecycle.discard_chunks(run, chunks)
-    return found, _complete(run, progress, lambda: load_job_encoder(plan, threads, shm), overlap=True)
+    return found, _complete(run, progress, lambda: load_job_encoder(plan, threads, shm), overlap=True,
+                            forced=damaged_segments(found), rebuild=version_damaged(found))
 
 
-def _complete(run: lifecycle.Run, progress: ProgressFactory, encoder, overlap: bool) -> RunReport:
-    """Embed the run's missing chunks, build and publish; ends the run however it goes."""
+def _complete(run: lifecycle.Run, progress: ProgressFactory, encoder, overlap: bool,
+              forced: frozenset[str] = frozenset(), rebuild: bool = False) -> RunReport:
+    """Embed the run's missing chunks, build and publish; ends the run however it goes. `forced` / `rebuild`:
+    segments of the current version to rewrite, or none to keep (a repair)."""
     try:
         _embed_missing(run, progress, encoder, overlap)
         try:
-            return lifecycle.publish(run, progress)
+            return lifecycle.publish(run, progress, forced, rebuild)
         except DamagedChunks as damaged:  # the stored vectors are the source of truth: embed those chunks again
             LOG.warning("%s: embedding them again", damaged)
             lifecycle.discard_chunks(run, damaged.chunks)
             _embed_missing(run, progress, encoder, overlap)
-            return lifecycle.publish(run, progress)
+            return lifecycle.publish(run, progress, forced, rebuild)
     except EmbedctlError as exc:
         lifecycle.fail(run, str(exc))
         raise

@@ -16,6 +16,7 @@ from embedctl.pipeline.defaults import (
     DEFAULT_ID_COLUMN,
     DEFAULT_KEEP_VERSIONS,
     DEFAULT_MODEL,
+    DEFAULT_SEGMENT_ROWS,
     DEFAULT_TEXT_COLUMN,
     DTYPE_NAMES,
     INDEX_TYPES,
@@ -55,6 +56,7 @@ class JobSpec:
     ef_search: int = DEFAULT_EF_SEARCH
     keep: int = DEFAULT_KEEP_VERSIONS
     index_type: str = "hnsw"
+    segment_rows: int = DEFAULT_SEGMENT_ROWS
     compile: bool = False
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -66,7 +68,7 @@ class JobSpec:
             if not isinstance(value, str) or not value.strip():
                 raise ConfigError(f"{name} must be a non-empty string, got {value!r}")
         for name, low in (("chunk_rows", 1), ("batch_tokens", 1), ("max_length", 2), ("threads", 1),
-                          ("hnsw_m", 2), ("ef_construction", 1), ("ef_search", 1), ("keep", 1)):
+                          ("hnsw_m", 2), ("ef_construction", 1), ("ef_search", 1), ("keep", 1), ("segment_rows", 1)):
             value = getattr(self, name)
             if value is None and name in ("batch_tokens", "max_length", "threads"):
                 continue

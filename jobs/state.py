@@ -23,10 +23,10 @@ from pathlib import Path
 
 from embedctl.jobs.locks import LeaseRef
 from embedctl.jobs.report import read_report
-from embedctl.pipeline import checksum, versions
+from embedctl.pipeline import versions
 from embedctl.pipeline.errors import StorageError
 from embedctl.pipeline.fsutil import read_json, write_json
-from embedctl.pipeline.manifest import read_info
+from embedctl.pipeline.manifest import damaged_files, read_info
 from embedctl.pipeline.plan import PLAN_FILE, WORK, WorkPlan, load_plan
 
 LOG = logging.getLogger(__name__)
@@ -177,11 +177,10 @@ def published_version(plan: WorkPlan) -> tuple[str, int] | None:
         return None
     if info.index_key != plan.index_key:
         return None
-    for name, expected in info.checksums.items():  # sizes only: a full check reads every file (embedctl verify)
-        problem = checksum.size_problem(current / name, expected)
-        if problem is not None:
-            LOG.warning("%s is damaged (%s): building a new version", current / name, problem)
-            return None
+    damaged = damaged_files(current, info)  # sizes only: a full check reads every file (embedctl verify)
+    if damaged:
+        LOG.warning("%s is damaged (%s): building a new version", damaged[0][1], damaged[0][2])
+        return None
     return current.name, info.rows
 
 

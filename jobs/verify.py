@@ -23,8 +23,9 @@ class Damage:
 
     path: str
     problem: str
-    kind: str  # info | current | rows | index | chunk
+    kind: str  # info | current | deletions | rows | index | chunk
     chunk: int | None = None
+    segment: str | None = None
 
 
 @dataclass
@@ -82,14 +83,14 @@ def check(out: Path) -> Check:
         else:
             plan_id = info.plan_id
             result.files += 1
-            for name, expected in sorted(info.checksums.items()):
-                path = current / name
-                result.files += 1
-                result.bytes += _size(path)
-                problem = checksum.problem(path, expected)
-                if problem is not None:
-                    result.damaged.append(Damage(str(path), problem, "rows" if name == info.rows_file else "index"))
-            if not info.checksums:
+            for name, expected in sorted(info.checksums.items()):  # the version's own files: deletion sets
+                _check_file(result, current / name, expected, "deletions")
+            for ref in info.segments:
+                folder = ref.folder(out)
+                for name, expected in sorted(ref.files.items()):
+                    _check_file(result, folder / name, expected, "rows" if name == "rows.parquet" else "index",
+                                ref.id)
+            if not any(ref.files.get(name) for ref in info.segments for name in ref.files):
                 result.notes.append(f"{current.name} was built before checksums were recorded: its files are "
                                     "not checked (the next build records them)")
     plan = _plan_of(out, plan_id)
@@ -113,6 +114,14 @@ def check(out: Path) -> Check:
     return result
 
 
+def _check_file(result: Check, path: Path, expected: dict, kind: str, segment: str | None = None) -> None:
+    result.files += 1
+    result.bytes += _size(path)
+    problem = checksum.problem(path, expected)
+    if problem is not None:
+        result.damaged.append(Damage(str(path), problem, kind, segment=segment))
+
+
 def _plan_of(out: Path, plan_id: str | None) -> WorkPlan | None:
     """The plan the current version was built from (the newest job when its info.json cannot tell)."""
     candidates = [out / WORK / plan_id] if plan_id else []
@@ -128,3 +137,14 @@ def _plan_of(out: Path, plan_id: str | None) -> WorkPlan | None:
 
 def damaged_chunks(found: Check) -> list[int]:
     return sorted({d.chunk for d in found.damaged if d.chunk is not None})
+
+
+def damaged_segments(found: Check) -> frozenset[str]:
+    """Segments with a damaged rows or index file: a repair rewrites them from the stored vectors."""
+    return frozenset(d.segment for d in found.damaged if d.segment is not None)
+
+
+def version_damaged(found: Check) -> bool:
+    """Whether the version's own records (info.json, `current`, a deletion set) are damaged: a repair then builds
+    every segment anew from the stored vectors."""
+    return any(d.kind in ("info", "current", "deletions") for d in found.damaged)

@@ -1,8 +1,10 @@
-"""Build and publish: the indexes of a complete plan go into a new version folder, then `current` is swapped.
+"""Build and publish: a version's new segments are built from the stored vectors, then the version (its segments
+and deletion sets) is published by swapping `current`.
 
 The full-dim vectors in the chunk store are the source of truth: every index (the full dim and each Matryoshka
-slice, re-normalised) is derived from them, never by running the model again. A failed build removes its
-folder and leaves the previous version current.
+slice, re-normalised) is derived from them, never by running the model again. A build is a plan
+(`pipeline.compose`), pieces (one index file of one segment and dim; any process, any host, in any order) and a
+publish; every step is idempotent, and a failed build leaves the previous version current.
 """
 
 from __future__ import annotations
@@ -10,90 +12,149 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-
 from embedctl.pipeline import versions
+from embedctl.pipeline.compose import BuildPlan, PlanRows, compose, gather_rows, gather_vectors, plan_rows
 from embedctl.pipeline.errors import CorpusError, StorageError
-from embedctl.pipeline.index import (
-    ROWS_FILE,
-    build_hnsw,
-    index_file,
-    slice_normalise,
-    write_index,
-    write_rows,
+from embedctl.pipeline.manifest import (
+    CorpusInfo,
+    SegmentRef,
+    VersionInfo,
+    damaged_files,
+    read_info,
+    write_deletions,
+    write_info,
 )
-from embedctl.pipeline.manifest import CorpusInfo, VersionInfo, write_info
+from embedctl.pipeline.merge import MergePolicy
 from embedctl.pipeline.plan import WorkPlan
+from embedctl.pipeline.segments import ROWS_FILE, build_index_file, index_file, segment_dir, write_rows
 from embedctl.pipeline.vectors import DamagedChunks
 from embedctl.pipeline.work import ProgressFactory, chunk_reports, missing_chunks, no_progress
 
 LOG = logging.getLogger(__name__)
 
 
-def build_and_publish(plan: WorkPlan, progress: ProgressFactory = no_progress,
-                      before_publish: Callable[[], None] | None = None) -> tuple[VersionInfo, Path]:
-    """Build the indexes of a complete plan into a new version folder and publish it; returns (info, folder).
+def policy_of(plan: WorkPlan) -> MergePolicy:
+    return MergePolicy(segment_rows=plan.segment_rows)
 
-    `before_publish` runs just before the swap and may raise to stop it (the run lifecycle checks that the run
-    still owns the output folder).
-    """
+
+def plan_build(plan: WorkPlan, forced: frozenset[str] = frozenset(), rebuild: bool = False) -> BuildPlan:
+    """The build plan of a complete job's next version (checking every stored chunk first: the vectors are the
+    source of truth, never built from when damaged). `forced`: segments of the current version to rewrite;
+    `rebuild`: keep none of them."""
     missing = missing_chunks(plan)
     if missing:
         raise StorageError(f"cannot build: {len(missing)} chunks are not embedded yet (first: {missing[0]}); "
                            "run the job again to finish them")
-    t0 = time.perf_counter()
-    damage = plan.store.damaged()  # the stored vectors are the source of truth: never build from a damaged one
+    damage = plan.store.damaged()
     if damage:
         raise DamagedChunks(damage, f"`embedctl verify {plan.out} --repair`")
-    store = plan.store
-    numbers = [c.number for c in plan.corpus.chunks]
-    rows = pa.concat_tables([store.read_rows(k) for k in numbers], promote_options="permissive")
-    n = rows.num_rows
-    if n == 0:
-        raise CorpusError(f"nothing to index: all {plan.corpus.rows} texts of the corpus are null or empty")
-    vectors = np.empty((n, plan.dim), dtype=np.float16)
-    pos = 0
-    for k in numbers:
-        part = store.read_vectors(k)
-        vectors[pos:pos + len(part)] = part
-        pos += len(part)
-    dtypes = sorted({d for r in chunk_reports(plan) for d in r.get("dtypes", [])})
-    build = versions.new_build_dir(plan.out)
+    base = None if rebuild else versions.current_version(plan.out)
     try:
-        checksums = {ROWS_FILE: write_rows(rows, build / ROWS_FILE)}
-        timings = {}
-        for dim in plan.dims:
-            t_dim = time.perf_counter()
-            with progress(f"index {dim}d", n, "vec", 0) as update:
-                index = build_hnsw(slice_normalise(vectors, dim), plan.hnsw_m, plan.ef_construction,
-                                   plan.ef_search, update, plan.index_type)
-            checksums[index_file(dim)] = write_index(index, build / index_file(dim))
-            del index
-            timings[str(dim)] = round(time.perf_counter() - t_dim, 3)
+        base_info = read_info(base) if base is not None else None
+    except StorageError as exc:
+        LOG.warning("%s: building every segment anew", exc)
+        base, base_info = None, None
+    if base_info is not None:
+        damaged = damaged_files(base, base_info)  # sizes only: missing or cut files (verify reads them all)
+        if any(ref is None for ref, _path, _problem in damaged):
+            LOG.warning("%s: building every segment anew", "; ".join(f"{p}: {m}" for _r, p, m in damaged))
+            base, base_info = None, None
+        for ref, path, problem in damaged:
+            if ref is not None and ref.id not in forced:
+                LOG.warning("%s is damaged (%s): rewriting segment %s from the stored vectors", path, problem, ref.id)
+                forced = forced | {ref.id}
+    build = compose(plan, base, base_info, policy_of(plan), forced)
+    if not build.new and not build.kept:
+        raise CorpusError(f"nothing to index: all {plan.corpus.rows} texts of the corpus are null or empty")
+    return build
+
+
+def build_piece(plan: WorkPlan, build: BuildPlan, segment: str, dim: int, rows: PlanRows | None = None,
+                progress: ProgressFactory = no_progress) -> None:
+    """Build one index file of one new segment (and the segment's rows file, when no piece wrote it yet).
+
+    Idempotent: a piece already done is skipped; files are written atomically. Memory: the segment's full-dim
+    float16 vectors, their float32 slice and the index (see README, "Segments")."""
+    if build.done(segment, str(dim)) is not None:
+        return
+    rows = rows or plan_rows(plan)
+    sources = build.sources(segment)
+    folder = segment_dir(plan.out, segment)
+    if build.done(segment, "rows") is None:
+        build.mark_done(segment, "rows", write_rows(folder, gather_rows(plan, rows, sources)))
+    vectors = gather_vectors(plan, rows, sources)
+    with progress(f"index {dim}d {segment}", len(sources), "vec", 0) as update:
+        written = build_index_file(folder, dim, vectors, plan.hnsw_m, plan.ef_construction, plan.ef_search,
+                                   plan.index_type, update)
+    build.mark_done(segment, str(dim), written)
+
+
+def build_pieces(plan: WorkPlan, build: BuildPlan, progress: ProgressFactory = no_progress) -> None:
+    """Every missing piece, in turn, in this process (the embedded runner; FAISS uses all threads)."""
+    missing = build.missing()
+    if missing:
+        rows = plan_rows(plan)
+        for segment, dim in missing:
+            build_piece(plan, build, segment, dim, rows, progress)
+
+
+def publish(plan: WorkPlan, build: BuildPlan,
+            before_publish: Callable[[], None] | None = None) -> tuple[VersionInfo, Path]:
+    """Write the version of a complete build (its manifest and deletion sets) and swap `current` to it; returns
+    (info, folder). `before_publish` runs just before the swap and may raise to stop it (the run lifecycle checks
+    that the run still owns the output folder)."""
+    t0 = time.perf_counter()
+    missing = build.missing()
+    if missing:
+        raise StorageError(f"cannot publish: {len(missing)} index pieces are not built yet (first: segment "
+                           f"{missing[0][0]}, dim {missing[0][1]}); run the job again to finish them")
+    dtypes = sorted({d for r in chunk_reports(plan) for d in r.get("dtypes", [])})
+    folder = versions.new_build_dir(plan.out)
+    try:
+        segments, checksums = [], {}
+        for kept in build.kept:
+            ref, files = write_deletions(folder, SegmentRef(**kept.ref), build.deletions(kept.ref["id"]))
+            segments.append(ref)
+            checksums.update(files)
+        for new in build.new:
+            files = {ROWS_FILE: build.done(new.id, "rows"),
+                     **{index_file(d): build.done(new.id, str(d)) for d in build.dims}}
+            segments.append(SegmentRef(id=new.id, rows=new.rows, files=files))
         info = VersionInfo(
             created=datetime.now(UTC).isoformat(timespec="seconds"),
             model=plan.model, model_path=plan.model_path, model_fingerprint=plan.model_fingerprint,
             model_type=plan.model_type, pooling=plan.pooling, dim=plan.dim,
             dtype="+".join(dtypes) or plan.dtype, max_length=plan.max_length,
             instruction_format=plan.instruction_format, document_prefix=plan.document_prefix,
-            query_prefix=plan.query_prefix, dims=tuple(plan.dims), rows=n,
-            files={str(d): index_file(d) for d in plan.dims}, rows_file=ROWS_FILE,
+            query_prefix=plan.query_prefix, dims=tuple(plan.dims), rows=sum(s.live for s in segments),
             hnsw={"m": plan.hnsw_m, "ef_construction": plan.ef_construction, "ef_search": plan.ef_search},
             index_type=plan.index_type,
             corpus=CorpusInfo(source=plan.corpus.source, fingerprint=plan.corpus.fingerprint,
                               rows=plan.corpus.rows, text_column=plan.corpus.text_column,
                               id_column=plan.corpus.id_column, files=len(plan.corpus.files)),
-            index_key=plan.index_key, build_seconds=timings, checksums=checksums)
-        write_info(build, info)
+            index_key=plan.index_key, segments=tuple(segments), segment_key=build.segment_key,
+            segment_rows=plan.segment_rows, checksums=checksums)
+        write_info(folder, info)
         if before_publish is not None:
             before_publish()
-        target = versions.publish(plan.out, build)
+        target = versions.publish(plan.out, folder)
     except BaseException:
-        versions.discard(build)
+        versions.discard(folder)
         raise
-    LOG.info("published %s (%d rows, dims %s) in %.1fs", target, n, plan.dims, time.perf_counter() - t0)
-    return info, target
+    LOG.info("published %s (%d rows in %d segments) in %.1fs", target, info.rows, len(segments),
+             time.perf_counter() - t0)
+    return replace(info), target
+
+
+def build_and_publish(plan: WorkPlan, progress: ProgressFactory = no_progress,
+                      before_publish: Callable[[], None] | None = None, forced: frozenset[str] = frozenset(),
+                      rebuild: bool = False) -> tuple[VersionInfo, Path, BuildPlan]:
+    """Plan, build every piece in this process, publish; returns (info, folder, the build plan)."""
+    build = plan_build(plan, forced, rebuild)
+    build_pieces(plan, build, progress)
+    info, target = publish(plan, build, before_publish)
+    return info, target, build

@@ -57,3 +57,10 @@ INDEX_TYPES = ("hnsw", "hnsw-sqfp16", "hnsw-sq8")
 
 INSTRUCTION_FORMATS = ("qwen3", "raw")
 """`qwen3`: `Instruct: {task}\nQuery:` before the text; `raw`: the instruction itself is the prefix."""
+
+DEFAULT_SEGMENT_ROWS = 500_000
+"""Rows per index segment (`--segment-rows`): the unit of an index build task and of a re-index. Measured
+(`python -m bench.segments`): search time grows about linearly with the number of segments while build time per
+row barely depends on segment size, so segments are as large as a build task's memory allows on a common build
+host: at the reference model's 2560 dims, 500,000 rows take 12.2 GiB for the full-dim piece (two tasks fit in
+32 GB). See README, "Segments"."""

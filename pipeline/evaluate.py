@@ -2,7 +2,8 @@
 
 Queries come from a Parquet file (a query text column and the id of its relevant row). Exact search is a
 brute-force inner product over the vectors each index stores (its HNSW storage), so "exact" and "HNSW" differ
-only by the graph search; the benchmark and `embedctl eval` use this same code.
+only by the graph search; both search every segment of the version, without its deleted rows. The benchmark and
+`embedctl eval` use this same code.
 """
 
 from __future__ import annotations
@@ -11,18 +12,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pyarrow.parquet as pq
 
 from embedctl.pipeline.errors import ConfigError, CorpusError
-from embedctl.pipeline.index import IndexReader, slice_normalise
+from embedctl.pipeline.index import IndexReader
 
 
 @dataclass
 class QuerySet:
     texts: list[str]
-    relevant: np.ndarray  # index positions of the relevant rows (-1: not in the index)
+    relevant: np.ndarray  # keys of the relevant rows (`row_keys`; -1: not in the index)
 
 
 def load_queries(path: Path, query_column: str, relevant_column: str, reader: IndexReader,
@@ -38,14 +38,26 @@ def load_queries(path: Path, query_column: str, relevant_column: str, reader: In
                               "choose it with --query-column / --relevant-column")
     if limit:
         table = table.slice(0, limit)
-    ids = pq.read_table(reader.dir / reader.info.rows_file, columns=["id"]).column("id").to_pylist()
-    position = {str(i): n for n, i in enumerate(ids)}
+    position = {}
+    for base, segment in zip(_bases(reader), reader.segments, strict=True):
+        live = np.ones(segment.ref.rows, dtype=bool)
+        live[segment.deleted] = False
+        position.update({str(i): base + n for n, i in enumerate(segment.ids()) if live[n]})
     texts = table.column(query_column).to_pylist()
     relevant = np.array([position.get(str(r), -1) for r in table.column(relevant_column).to_pylist()], np.int64)
     keep = [i for i, (t, r) in enumerate(zip(texts, relevant, strict=True)) if t and r >= 0]
     if not keep:
         raise CorpusError(f"none of the relevant ids in {str(path)!r} is in the index; is it the right index?")
     return QuerySet([texts[i] for i in keep], relevant[keep])
+
+
+def _bases(reader: IndexReader) -> np.ndarray:
+    """The key of each segment's first row: a row's key is its segment's base plus its position."""
+    return np.concatenate([[0], np.cumsum([s.ref.rows for s in reader.segments])[:-1]]).astype(np.int64)
+
+
+def _keys(reader: IndexReader, segments: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    return np.where(positions >= 0, _bases(reader)[segments] + positions, -1)
 
 
 def _metrics(found: np.ndarray, relevant: np.ndarray, ks: tuple[int, ...]) -> dict:
@@ -63,21 +75,20 @@ def evaluate(reader: IndexReader, query_vectors: np.ndarray, queries: QuerySet, 
     if not ks or min(ks) <= 0:
         raise ConfigError(f"-k values must be positive, got {ks!r}")
     k = max(ks)
+    ef = max(ef or reader.info.hnsw["ef_search"], k)  # HNSW returns at most efSearch hits
     results = {}
     for dim in dims or reader.dims:
-        index = reader.index(dim)
-        q = slice_normalise(query_vectors, dim)
-        hnsw = faiss.downcast_index(index)
-        hnsw.hnsw.efSearch = max(ef or reader.info.hnsw["ef_search"], k)  # HNSW returns at most efSearch hits
+        reader.load(dim)
         t0 = time.perf_counter()
-        _, approx = index.search(q, k)
+        _, segments, positions = reader.search_positions(query_vectors, k, dim, ef)
         seconds = time.perf_counter() - t0
-        storage = faiss.downcast_index(hnsw.storage)
-        _, exact = storage.search(q, k)  # brute force over the same stored vectors
+        approx = _keys(reader, segments, positions)
+        _, segments, positions = reader.search_positions(query_vectors, k, dim, exact=True)  # brute force
+        exact = _keys(reader, segments, positions)
         agreement = float(np.mean([len(set(a) & set(e)) / k for a, e in zip(approx, exact, strict=True)]))
         results[str(dim)] = {"exact": _metrics(exact, queries.relevant, ks),
                              "hnsw": _metrics(approx, queries.relevant, ks),
                              f"hnsw_recall@{k}_vs_exact": round(agreement, 4),
-                             "ef_search": hnsw.hnsw.efSearch,
-                             "hnsw_ms_per_query": round(1000 * seconds / len(q), 4)}
+                             "ef_search": ef,
+                             "hnsw_ms_per_query": round(1000 * seconds / len(query_vectors), 4)}
     return {"index": str(reader.dir), "queries": len(queries.texts), "k": list(ks), "dims": results}

@@ -1,23 +1,26 @@
-"""FAISS HNSW indexes for the full dim and Matryoshka slices, built from the chunk store, and searched.
+"""FAISS HNSW indexes for the full dim and Matryoshka slices, and search across a version's segments.
 
 Every sliced index is derived from the full-dim vectors (first d dims, re-normalised), never by running the
-model again. Index positions are row numbers of `rows.parquet` (columns `row`, `id`, `text`) in the same
-version folder, so a search maps to corpus ids and texts; each `index-<dim>.faiss` opens with plain
-`faiss.read_index`.
+model again. Within a segment, index position i is row i of the segment's `rows.parquet` (`row`, `id`, `text`),
+so a search maps to corpus ids and texts; each `index-<dim>.faiss` opens with plain `faiss.read_index`. A search
+of a version searches every segment of the dim, skips the rows the version deleted inside FAISS (an ID selector in
+the search parameters, so each segment still returns its k best live rows) and merges the top k.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import math
+import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embedctl.pipeline.checksum import checksum
@@ -25,20 +28,14 @@ from embedctl.pipeline.checksum import verify as verify_checksum
 from embedctl.pipeline.defaults import INDEX_TYPES
 from embedctl.pipeline.errors import ConfigError
 from embedctl.pipeline.fsutil import atomic_write
-from embedctl.pipeline.manifest import read_info
+from embedctl.pipeline.manifest import SegmentRef, VersionInfo, read_deletions, read_info
+from embedctl.pipeline.segments import ROWS_FILE, ROWS_GROUP, deletions_bitmap, index_file
 from embedctl.pipeline.versions import resolve_index_dir
 
 LOG = logging.getLogger(__name__)
 
-ROWS_FILE = "rows.parquet"
-ROWS_GROUP = 16384
-"""Row group size of rows.parquet: a query reads only the groups of its hits."""
 ADD_BATCH = 8192
 """Vectors added to an HNSW index per call (the progress step)."""
-
-
-def index_file(dim: int) -> str:
-    return f"index-{dim}.faiss"
 
 
 def slice_normalise(vectors: np.ndarray, dim: int) -> np.ndarray:
@@ -91,11 +88,6 @@ def write_index(index: faiss.Index, path: Path) -> dict:
     return checksum(atomic_write(path, lambda tmp: _faiss_write(index, tmp)))
 
 
-def write_rows(table: pa.Table, path: Path) -> dict:
-    """Write rows.parquet (row, id, text) atomically, in small row groups for lookups; returns its checksum."""
-    return checksum(atomic_write(path, lambda tmp: pq.write_table(table, tmp, row_group_size=ROWS_GROUP)))
-
-
 @dataclass
 class Hit:
     """One search result."""
@@ -109,77 +101,166 @@ class Hit:
         return {"id": self.id, "score": self.score, "text": self.text, "row": self.row}
 
 
-class IndexReader:
-    """A published index version: its info, its per-dim FAISS indexes (memory-mapped) and its rows.
+class SegmentReader:
+    """One segment of a version: its rows, its deletion set as a FAISS ID selector, its indexes (memory-mapped).
 
-    Every file is checked against the checksum info.json recorded for it before it is first used (the rows file
-    when the reader opens, an index file when its dim is first searched): a damaged file is never searched. With
-    `verify=False` the checks are skipped (`--no-verify`: `python -m bench.verify` measures what they cost).
-    """
+    Files are checked against their recorded checksums before first use (unless `verify` is False)."""
 
-    def __init__(self, path: Path, verify: bool = True):
-        self.dir = resolve_index_dir(path)
-        self.info = read_info(self.dir)
+    def __init__(self, version_dir: Path, info: VersionInfo, ref: SegmentRef, verify: bool = True):
+        self.ref = ref
+        self.out = Path(version_dir).parent.parent
+        self.folder = ref.folder(self.out)
         self.verify = verify
+        self._remedy = f"nothing was read from it; repair the index with `embedctl verify {self.out} --repair`"
+        self.deleted = read_deletions(version_dir, info, ref, check=verify)
+        self._bitmap = deletions_bitmap(self.deleted, ref.rows) if len(self.deleted) else None
+        self._rows = pq.ParquetFile(self._checked(ROWS_FILE))
+        self._rows_lock = threading.Lock()  # one reader of the rows file at a time (a server searches in threads)
         self._indexes: dict[int, faiss.Index] = {}
-        self._rows = pq.ParquetFile(self._checked(self.info.rows_file))
 
     def _checked(self, name: str) -> Path:
-        path = self.dir / name
+        path = self.folder / name
         if self.verify:
-            out = self.dir.parent.parent
-            verify_checksum(path, self.info.checksums.get(name),
-                            f"nothing was read from it; repair the index with `embedctl verify {out} --repair`")
+            verify_checksum(path, self.ref.files.get(name), self._remedy)
         return path
-
-    @property
-    def dims(self) -> list[int]:
-        return list(self.info.dims)
 
     def index(self, dim: int) -> faiss.Index:
         """The index of `dim`, memory-mapped (IO_FLAG_MMAP_IFC maps the HNSW graph instead of reading it)."""
-        if dim not in self.dims:
-            raise ConfigError(f"--dim {dim} is not indexed here; choose one of {', '.join(map(str, self.dims))}")
         if dim not in self._indexes:
-            path = str(self._checked(self.info.files[str(dim)]))
+            path = str(self._checked(index_file(dim)))
             try:
                 self._indexes[dim] = faiss.read_index(path, faiss.IO_FLAG_MMAP_IFC)
             except RuntimeError:
                 self._indexes[dim] = faiss.read_index(path)
         return self._indexes[dim]
 
-    def lookup(self, positions: Sequence[int]) -> list[tuple[object, str, int]]:
-        """(id, text, corpus row) of index positions, reading only the row groups that hold them."""
+    def params(self, ef: int | None = None, exact: bool = False) -> faiss.SearchParameters | None:
+        """Search parameters that skip the deleted rows (and set efSearch for HNSW)."""
+        params = faiss.SearchParameters() if exact else faiss.SearchParametersHNSW()
+        if not exact and ef is not None:
+            params.efSearch = int(ef)
+        if self._bitmap is not None:
+            params.sel = faiss.IDSelectorBitmap(self.ref.rows, faiss.swig_ptr(self._bitmap))
+        return params
+
+    def search(self, queries: np.ndarray, k: int, dim: int, ef: int, exact: bool = False):
+        """(scores, positions) of the k best live rows of this segment for each query (positions -1: none).
+
+        Deleted rows are skipped inside FAISS. HNSW then walks through deleted rows too, so efSearch grows with the
+        deleted share (ef x rows / live rows), and a query that still comes back short of min(k, live rows) is
+        answered by exact search over the segment's stored vectors."""
+        index = self.index(dim)
+        kk = min(k, max(self.ref.rows, 1))
+        storage = faiss.downcast_index(faiss.downcast_index(index).storage)
+        if exact:
+            return storage.search(queries, kk, params=self.params(exact=True))
+        live = self.ref.rows - len(self.deleted)
+        scaled = min(self.ref.rows, math.ceil(ef * self.ref.rows / max(live, 1)))
+        scores, positions = index.search(queries, kk, params=self.params(scaled))
+        short = (positions >= 0).sum(axis=1) < min(kk, live)
+        if short.any():
+            scores[short], positions[short] = storage.search(queries[short], kk, params=self.params(exact=True))
+        return scores, positions
+
+    def lookup(self, positions: Sequence[int]) -> dict[int, tuple[object, str, int]]:
+        """position -> (id, text, corpus row), reading only the row groups that hold them."""
         wanted = sorted({int(p) for p in positions if p >= 0})
-        groups = sorted({p // ROWS_GROUP for p in wanted})
         found: dict[int, tuple[object, str, int]] = {}
-        for g in groups:
-            table = self._rows.read_row_group(g, columns=["row", "id", "text"])
+        for g in sorted({p // ROWS_GROUP for p in wanted}):
+            with self._rows_lock:
+                table = self._rows.read_row_group(g, columns=["row", "id", "text"])
             base = g * ROWS_GROUP
             rows, ids, texts = (table.column(c).to_pylist() for c in ("row", "id", "text"))
             for p in wanted:
                 if base <= p < base + table.num_rows:
                     found[p] = (ids[p - base], texts[p - base], rows[p - base])
-        return [found[int(p)] for p in positions if p >= 0]
+        return found
 
-    def search(self, queries: np.ndarray, k: int, dim: int | None = None, ef: int | None = None) -> list[list[Hit]]:
-        """Search full-dim normalised query vectors at `dim` (sliced and re-normalised) with efSearch `ef`.
+    def ids(self) -> list:
+        """The ids of the segment's rows, by position (deleted ones included)."""
+        with self._rows_lock:
+            return self._rows.read(columns=["id"]).column("id").to_pylist()
 
-        efSearch is raised to `k` when it is below (HNSW returns at most efSearch hits)."""
+
+class IndexReader:
+    """A published index version: its info and its segments (each with rows, deletions and per-dim indexes).
+
+    Every file is checked against the checksum info.json recorded for it before it is first used (the rows and
+    deletion files when the reader opens, an index file when its dim is first searched): a damaged file is never
+    searched. With `verify=False` the checks are skipped (`--no-verify`: `python -m bench.verify` measures what
+    they cost).
+    """
+
+    def __init__(self, path: Path, verify: bool = True):
+        self.dir = resolve_index_dir(path)
+        self.info = read_info(self.dir)
+        self.verify = verify
+        self.segments = [SegmentReader(self.dir, self.info, ref, verify) for ref in self.info.segments]
+
+    @property
+    def dims(self) -> list[int]:
+        return list(self.info.dims)
+
+    def _dim(self, dim: int | None) -> int:
+        dim = dim or self.dims[0]
+        if dim not in self.dims:
+            raise ConfigError(f"--dim {dim} is not indexed here; choose one of {', '.join(map(str, self.dims))}")
+        return dim
+
+    def load(self, dim: int | None = None) -> None:
+        """Open the indexes of `dim` (every dim when None) in every segment (checking them)."""
+        for d in [self._dim(dim)] if dim else self.dims:
+            for segment in self.segments:
+                segment.index(d)
+
+    def search_positions(self, queries: np.ndarray, k: int, dim: int | None = None, ef: int | None = None,
+                         exact: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(scores, segment numbers, positions) of the k best live rows over all segments, best first.
+
+        `queries`: full-dim normalised vectors, sliced and re-normalised to `dim`. efSearch is at least k (HNSW
+        returns at most efSearch hits); `exact` searches the stored vectors by brute force instead."""
         if k <= 0:
             raise ConfigError(f"-k must be > 0, got {k!r}")
         if ef is not None and ef <= 0:
             raise ConfigError(f"--ef must be > 0, got {ef!r}")
-        dim = dim or self.dims[0]
-        index = self.index(dim)
-        hnsw = faiss.downcast_index(index).hnsw
-        hnsw.efSearch = max(ef or self.info.hnsw["ef_search"], k)
+        dim = self._dim(dim)
+        ef = max(ef or self.info.hnsw["ef_search"], k)
+        q = slice_normalise(queries, dim)
+        parts = _map(lambda seg: seg.search(q, k, dim, ef, exact), self.segments)
+        scores = np.concatenate([p[0] for p in parts], axis=1)
+        positions = np.concatenate([p[1] for p in parts], axis=1)
+        segment = np.concatenate([np.full(p[1].shape, n, np.int64) for n, p in enumerate(parts)], axis=1)
+        scores = np.where(positions >= 0, scores, -np.inf)
+        best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        take = np.take_along_axis
+        return take(scores, best, 1), take(segment, best, 1), take(positions, best, 1)
+
+    def search(self, queries: np.ndarray, k: int, dim: int | None = None, ef: int | None = None) -> list[list[Hit]]:
+        """The k best live rows for each query, with their ids and texts."""
         t0 = time.perf_counter()
-        scores, positions = index.search(slice_normalise(queries, dim), k)
-        LOG.debug("searched %d queries at dim %d in %.1f ms", len(queries), dim, 1000 * (time.perf_counter() - t0))
-        results = []
-        for qs, qp in zip(scores, positions, strict=True):
-            looked = self.lookup(qp)
-            results.append([Hit(id=i, score=float(s), text=t, row=r)
-                            for (i, t, r), s in zip(looked, qs[qp >= 0], strict=True)])
-        return results
+        scores, segments, positions = self.search_positions(queries, k, dim, ef)
+        LOG.debug("searched %d queries in %.1f ms", len(queries), 1000 * (time.perf_counter() - t0))
+        looked = [seg.lookup(positions[segments == n]) for n, seg in enumerate(self.segments)]
+        return [[Hit(id=i, score=float(s), text=t, row=r)
+                 for s, n, p in zip(qs, qn, qp, strict=True) if p >= 0
+                 for i, t, r in [looked[n][int(p)]]]
+                for qs, qn, qp in zip(scores, segments, positions, strict=True)]
+
+
+_POOL: list[ThreadPoolExecutor] = []
+
+
+def _map(fn, items: list) -> list:
+    """`fn` over the segments, in threads when there are several (FAISS releases the GIL while it searches); one
+    pool per process, made on first use and kept (making threads per query costs more than a small search)."""
+    if len(items) <= 1:
+        return [fn(x) for x in items]
+    if not _POOL:
+        _POOL.append(ThreadPoolExecutor(_threads(), thread_name_prefix="embedctl-search"))
+    return list(_POOL[0].map(fn, items))
+
+
+def _threads() -> int:
+    import os
+
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)

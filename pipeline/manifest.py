@@ -1,21 +1,28 @@
 """`info.json`: what a published index version holds and how it was made (the one owner of that file).
 
-Every reader (`embedctl info`, `query`, `eval`, the run lifecycle, `cache prune`) goes through `read_info`, which
-turns a missing, unreadable or damaged file into one StorageError line naming the file and the remedy.
+A version is a list of segments (`pipeline.segments`), each with the version's own deletion set: the positions of
+the segment's rows that this version no longer holds (a file of the version folder, `deleted-<segment>.npy`).
+`info.json` records every file a reader opens with its size and checksum, and a checksum of its own contents.
+
+Every reader (`embedctl info`, `query`, `eval`, the run lifecycle, `verify`, `cache prune`) goes through
+`read_info`, which turns a missing, unreadable or damaged file into one line naming the file and the remedy.
+Format 1 (one flat version folder, before segments) is read as one segment at the version's root.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from embedctl.pipeline.checksum import DamagedFile, digest_bytes
-from embedctl.pipeline.fsutil import read_json, write_json
+import numpy as np
+
+from embedctl.pipeline.checksum import DamagedFile, digest_bytes, size_problem, verify
+from embedctl.pipeline.fsutil import atomic_write, read_json, write_json
 
 INFO = "info.json"
-FORMAT = 1
-"""Version of the info.json layout this embedctl writes and reads."""
+FORMAT = 2
+"""Version of the info.json layout this embedctl writes (it reads 1 and 2)."""
 
 
 @dataclass(frozen=True)
@@ -28,6 +35,25 @@ class CorpusInfo:
     text_column: str
     id_column: str | None
     files: int
+
+
+@dataclass(frozen=True)
+class SegmentRef:
+    """A segment as one version uses it."""
+
+    id: str
+    rows: int  # rows in the segment: its index positions 0..rows-1
+    files: dict  # file name (rows.parquet, index-<dim>.faiss) -> {"bytes": n, "xxh3_128": hex}
+    deleted: int = 0  # positions this version no longer holds
+    deletions: str | None = None  # the file of those positions in the version folder (int64 .npy)
+    path: str | None = None  # where its files are, relative to the output folder (default: segments/<id>)
+
+    @property
+    def live(self) -> int:
+        return self.rows - self.deleted
+
+    def folder(self, out: Path) -> Path:
+        return Path(out) / (self.path or f"segments/{self.id}")
 
 
 @dataclass(frozen=True)
@@ -47,15 +73,16 @@ class VersionInfo:
     document_prefix: str
     query_prefix: str
     dims: tuple[int, ...]
-    rows: int
-    files: dict[str, str]  # dim -> index file name
-    rows_file: str
+    rows: int  # live rows, over all segments
     hnsw: dict  # m, ef_construction, ef_search
     index_type: str
     corpus: CorpusInfo
     index_key: dict  # what a job must match to be up to date with this version
+    segments: tuple[SegmentRef, ...] = ()
+    segment_key: str = ""  # what a segment must match to be reused by the next build (`pipeline.compose`)
+    segment_rows: int = 0
     build_seconds: dict = field(default_factory=dict)
-    checksums: dict = field(default_factory=dict)  # file name -> {"bytes": n, "xxh3_128": hex}
+    checksums: dict = field(default_factory=dict)  # the version folder's own files (deletion sets)
     format: int = FORMAT
 
     @property
@@ -68,22 +95,36 @@ class VersionInfo:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> VersionInfo:
+    def from_dict(cls, data: dict, version_dir: Path | None = None) -> VersionInfo:
         if not isinstance(data, dict):
             raise ValueError("not a JSON object")
-        if data.get("format") != FORMAT:
-            raise ValueError(f"format {data.get('format')!r}, this embedctl reads format {FORMAT}")
+        if data.get("format") not in (1, FORMAT):
+            raise ValueError(f"format {data.get('format')!r}, this embedctl reads formats 1 and {FORMAT}")
         if "digest" in data and data["digest"] != _digest(data):
             raise ValueError("its contents changed since it was written (checksum mismatch)")
+        if data["format"] == 1:
+            data = _from_format_1(data, version_dir)
         names = {f.name for f in fields(cls)}
-        missing = sorted(n for n in names - set(data) if n not in ("build_seconds", "instruction_format", "checksums"))
+        optional = {"build_seconds", "instruction_format", "checksums", "segments", "segment_key", "segment_rows"}
+        missing = sorted(n for n in names - set(data) if n not in optional)
         if missing:
             raise ValueError(f"no {missing[0]!r}")
         values = {k: v for k, v in data.items() if k in names}
         values.setdefault("instruction_format", "qwen3")
         values["dims"] = tuple(int(d) for d in values["dims"])
         values["corpus"] = CorpusInfo(**values["corpus"])
+        values["segments"] = tuple(SegmentRef(**s) for s in values.get("segments", ()))
         return cls(**values)
+
+
+def _from_format_1(data: dict, version_dir: Path | None) -> dict:
+    """A format-1 version (one flat folder) as one segment at the version's root."""
+    name = Path(version_dir).name if version_dir else ""
+    files = {data["rows_file"]: data.get("checksums", {}).get(data["rows_file"], {})}
+    files.update({f: data.get("checksums", {}).get(f, {}) for f in data["files"].values()})
+    segment = {"id": f"{name}-flat", "rows": data["rows"], "files": files, "path": f"versions/{name}"}
+    return {**{k: v for k, v in data.items() if k not in ("files", "rows_file", "checksums")},
+            "segments": [segment], "format": FORMAT}
 
 
 def read_info(version_dir: Path) -> VersionInfo:
@@ -92,7 +133,7 @@ def read_info(version_dir: Path) -> VersionInfo:
     out = Path(version_dir).parent.parent
     remedy = f"repair the index with `embedctl verify {out} --repair`, or point `current` at an earlier version"
     try:
-        return VersionInfo.from_dict(read_json(path))
+        return VersionInfo.from_dict(read_json(path), version_dir)
     except FileNotFoundError:
         raise DamagedFile(path, "missing", remedy) from None
     except OSError as exc:
@@ -112,3 +153,52 @@ def write_info(version_dir: Path, info: VersionInfo) -> Path:
     """Write info.json into a version folder being built (atomically), with the checksum of its contents."""
     data = info.to_dict()
     return write_json(Path(version_dir) / INFO, {**data, "digest": _digest(data)})
+
+
+def deletions_file(segment_id: str) -> str:
+    return f"deleted-{segment_id}.npy"
+
+
+def write_deletions(version_dir: Path, segment: SegmentRef, deleted: np.ndarray) -> tuple[SegmentRef, dict]:
+    """Write a version's deletion set of `segment` (sorted positions); returns the segment as the version uses it
+    and the file's checksum (none written when nothing is deleted)."""
+    from embedctl.pipeline.checksum import checksum
+
+    deleted = np.unique(np.asarray(deleted, dtype=np.int64))
+    if not len(deleted):
+        return replace(segment, deleted=0, deletions=None), {}
+    name = deletions_file(segment.id)
+
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.save(fh, deleted, allow_pickle=False)
+
+    path = atomic_write(Path(version_dir) / name, save)
+    return replace(segment, deleted=len(deleted), deletions=name), {name: checksum(path)}
+
+
+def read_deletions(version_dir: Path, info: VersionInfo, segment: SegmentRef, check: bool = True) -> np.ndarray:
+    """The positions of `segment` that the version deleted (checked against their checksum)."""
+    if not segment.deletions:
+        return np.zeros(0, dtype=np.int64)
+    path = Path(version_dir) / segment.deletions
+    if check:
+        verify(path, info.checksums.get(segment.deletions),
+               f"repair the index with `embedctl verify {Path(version_dir).parent.parent} --repair`")
+    deleted = np.load(path, allow_pickle=False)
+    if deleted.dtype != np.int64 or len(deleted) != segment.deleted:
+        raise DamagedFile(path, "not the deletion set the version recorded",
+                          f"repair the index with `embedctl verify {Path(version_dir).parent.parent} --repair`")
+    return deleted
+
+
+def damaged_files(version: Path, info: VersionInfo) -> list[tuple[SegmentRef | None, Path, str]]:
+    """(segment or None for the version's own files, path, problem) of the files of a version that are missing or
+    of another size than recorded (a cheap check: no file is read)."""
+    found = [(None, version / name, p) for name, expected in info.checksums.items()
+             if (p := size_problem(version / name, expected))]
+    out = Path(version).parent.parent
+    for ref in info.segments:
+        found += [(ref, ref.folder(out) / name, p) for name, expected in ref.files.items()
+                  if (p := size_problem(ref.folder(out) / name, expected))]
+    return found

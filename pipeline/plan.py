@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from embedctl.pipeline.corpus import CorpusPlan
+from embedctl.pipeline.defaults import DEFAULT_SEGMENT_ROWS
 from embedctl.pipeline.errors import ConfigError, StorageError
 from embedctl.pipeline.fsutil import read_json, write_json
 from embedctl.pipeline.vectors import ChunkStore
@@ -69,6 +70,7 @@ class WorkPlan:
     ef_search: int
     index_type: str = "hnsw"
     instruction_format: str = "qwen3"  # how the prefixes above were made from instructions (qwen3 | raw)
+    segment_rows: int = DEFAULT_SEGMENT_ROWS  # the most rows an index segment holds (a build setting)
     compile: bool = False  # run the model through torch.compile (speed only: not part of the plan id)
 
     @property

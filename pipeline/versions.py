@@ -132,3 +132,39 @@ def resolve_index_dir(path: Path) -> Path:
         raise IndexNotFoundError(f"{str(path)!r} holds no published index yet; run `embedctl index CORPUS --out "
                                  f"{path}` (or wait for the running job to finish)")
     return version
+
+
+def live_ids(version_dir: Path):
+    """The ids a version holds (live rows of all its segments), as one Arrow array."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from embedctl.pipeline.manifest import read_deletions, read_info
+
+    info = read_info(version_dir)
+    out = Path(version_dir).parent.parent
+    parts = []
+    for ref in info.segments:
+        ids = pq.read_table(ref.folder(out) / "rows.parquet", columns=["id"]).column("id").combine_chunks()
+        deleted = read_deletions(version_dir, info, ref)
+        if len(deleted):
+            live = np.ones(ref.rows, dtype=bool)
+            live[deleted] = False
+            ids = ids.filter(pa.array(live))
+        parts.append(ids)
+    return pa.concat_arrays(parts) if parts else pa.array([], pa.string())
+
+
+def segments_of_kept_versions(out: Path) -> set[str] | None:
+    """The segment ids the versions in `out` use (None when one of them cannot be read: keep everything)."""
+    from embedctl.pipeline.errors import StorageError
+    from embedctl.pipeline.manifest import read_info
+
+    found: set[str] = set()
+    for path in version_dirs(out):
+        try:
+            found.update(s.id for s in read_info(path).segments)
+        except StorageError:
+            return None
+    return found

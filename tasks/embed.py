@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from embedctl.jobs import lifecycle
-from embedctl.jobs.broker import BUILD_TASK, EMBED_TASK, RUN_JOB_TASK
+from embedctl.jobs.broker import BUILD_TASK, EMBED_TASK, PUBLISH_TASK, RUN_JOB_TASK, SEGMENT_TASK
 from embedctl.tasks.app import app, settings
 from embedctl.tasks.worker import worker_cache, worker_encoder
 
@@ -27,12 +27,33 @@ def embed_chunk(self, work_dir: str, number: int) -> dict:
 
 @app.task(bind=True, name=BUILD_TASK, max_retries=None)
 def build_index(self, work_dir: str) -> dict:
-    """Build and publish the indexes of a complete job; retried while another build of it holds the lease."""
+    """Plan the build of a complete job and queue its pieces (one task per new segment and dim, on any host);
+    retried while another planner of the job holds its lease."""
     result = lifecycle.run_build(Path(work_dir), settings())
     if result["status"] == "busy":
         raise self.retry(countdown=result["retry_in"])
     for number in result.get("chunks", []):  # damaged chunks, discarded: embedded again
         embed_chunk.apply_async((work_dir, number))
+    for segment, dim in result.get("pieces", []):
+        build_segment.apply_async((work_dir, result["key"], segment, dim))
+    return {k: v for k, v in result.items() if k != "pieces"} | {"pieces": len(result.get("pieces", []))}
+
+
+@app.task(bind=True, name=SEGMENT_TASK)
+def build_segment(self, work_dir: str, key: str, segment: str, dim: int) -> dict:
+    """Build one segment's index of one dim; the last piece of the job (counted on disk) queues the publish."""
+    result = lifecycle.run_piece(Path(work_dir), key, segment, dim, settings())
+    if result.get("publish_due"):
+        publish.apply_async((work_dir, key))
+    return result
+
+
+@app.task(bind=True, name=PUBLISH_TASK, max_retries=None)
+def publish(self, work_dir: str, key: str) -> dict:
+    """Publish a job whose pieces are built; retried while another publish of it holds the job's lease."""
+    result = lifecycle.run_publish(Path(work_dir), key, settings())
+    if result["status"] == "busy":
+        raise self.retry(countdown=result["retry_in"])
     return result
 
 

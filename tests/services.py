@@ -24,6 +24,28 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.1) -> N
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def mount_tmpfs(path: Path, size: str, *options: str) -> bool:
+    """Mount a tmpfs of `size` at `path` (a small disk to fill); False where that cannot be done (not root)."""
+    import shutil
+
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join((f"size={size}", "mode=0700", *options)), "tmpfs",
+                           str(path)], capture_output=True).returncode == 0
+
+
+def stop_group(proc: subprocess.Popen | None, timeout: float = 30) -> None:
+    """SIGTERM to a process started with start_new_session=True and its group; SIGKILL after `timeout`."""
+    if proc and proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=20)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -116,9 +138,5 @@ class Worker:
             self.proc.wait(timeout=20)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stop_group(self.proc)
+

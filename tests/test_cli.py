@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from embedctl.jobs.cli import main
+from tests import indexfiles
 
 EMBEDCTL = str(Path(sys.executable).parent / "embedctl")
 
@@ -47,7 +48,9 @@ def test_info_json_describes_the_index(built):
     assert result.exit_code == 0
     info = json.loads(result.stdout)
     assert info["model"] == "minilm" and info["dims"] == [384, 256, 128] and info["rows"] == 600
-    assert info["version"] == "v000001" and Path(info["paths"]["384"]).is_file()
+    [segment] = info["paths"]["segments"]
+    assert info["version"] == "v000001" and Path(segment["files"]["index-384.faiss"]).is_file()
+    assert segment["rows"] == 600 and segment["deleted"] == 0
     human = invoke("info", out)
     assert "minilm" in human.stdout and "v000001" in human.stdout
 
@@ -225,5 +228,5 @@ def test_interrupted_run_resumes_with_only_missing_chunks(tmp_path, sample_corpu
     assert report["chunks_done_before"] == complete
     assert report["chunks_embedded"] == 20 - complete
     assert report["rows_indexed"] == 3000
-    ids = pq.read_table(out / "current" / "rows.parquet").column("id").to_pylist()
+    ids = indexfiles.live_ids(out)
     assert sorted(ids) == sorted(pq.read_table(sample_corpus).column("id").to_pylist())

@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from embedctl.jobs.cli import main
+from tests import indexfiles
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +62,11 @@ def test_quantised_indexes_are_smaller_plain_faiss_and_still_find_rows(indexes, 
     sizes = {}
     row = pq.read_table(sample_slice).slice(9, 1).to_pylist()[0]
     for kind, path in indexes.items():
-        index = faiss.read_index(str(path / "current" / "index-384.faiss"))
+        [file] = indexfiles.segment_files(path, "index-384.faiss")
+        index = faiss.read_index(str(file))
         assert index.ntotal == 600
         assert type(faiss.downcast_index(index)).__name__ == ("IndexHNSWFlat" if kind == "hnsw" else "IndexHNSWSQ")
-        sizes[kind] = (path / "current" / "index-384.faiss").stat().st_size
+        sizes[kind] = file.stat().st_size
         hits = json.loads(CliRunner().invoke(main, ["query", str(path), row["text"], "-k", "1", "--json"]).stdout)
         assert hits[0]["id"] == row["id"]
         assert json.loads(CliRunner().invoke(main, ["info", str(path), "--json"]).stdout)["index_type"] == kind

@@ -17,6 +17,8 @@ import pytest
 from click.testing import CliRunner
 
 from embedctl.jobs.cli import main
+from tests import indexfiles
+from tests.services import mount_tmpfs
 
 HOWS = ("truncated", "garbled", "deleted", "unreadable")
 QUERY = "a domestic animal that barks"
@@ -133,10 +135,17 @@ def test_a_garbled_chunk_is_not_reused_by_the_embedding_cache(index_copy, sample
 
 # -- the published version ---------------------------------------------------------------------------------------
 
+def _version_file(out: Path, name: str) -> Path:
+    if name == "info.json":
+        return indexfiles.current(out) / name
+    [path] = indexfiles.segment_files(out, name)
+    return path
+
+
 @pytest.mark.parametrize("how", HOWS)
 @pytest.mark.parametrize("name", ["index-128.faiss", "index-384.faiss", "rows.parquet", "info.json"])
 def test_a_damaged_version_file_is_never_searched_and_verify_repair_restores_it(name, how, index_copy, pristine):
-    path = index_copy / "versions" / "v000001" / name
+    path = _version_file(index_copy, name)
     damage(path, how)
     dim = "128" if name == "index-128.faiss" else "384"
     one_line_error(invoke("query", index_copy, QUERY, "--dim", dim), str(path))
@@ -149,15 +158,36 @@ def test_a_damaged_version_file_is_never_searched_and_verify_repair_restores_it(
     repaired = invoke("verify", index_copy, "--repair", "--quiet")
     assert repaired.exit_code == 0, repaired.output
     assert "repaired: published v000002" in repaired.stdout and "0 rows embedded again" in repaired.stdout
+    assert invoke("verify", index_copy).exit_code == 0
     assert _hits(index_copy) == pristine[1]
 
 
+@pytest.mark.parametrize("how", HOWS)
+def test_a_damaged_deletion_set_is_never_searched_and_verify_repair_restores_it(how, index_copy, sample_slice,
+                                                                              tmp_path):
+    table = pq.read_table(sample_slice)
+    changed = tmp_path / "changed.parquet"
+    pq.write_table(table.slice(0, 590), changed)  # 10 rows deleted: the version's deletion set
+    assert invoke("index", changed, "--out", index_copy, "--model", "minilm", "--chunk-rows", 200, "--dims", 128,
+                  "--quiet").exit_code == 0
+    [path] = indexfiles.current(index_copy).glob("deleted-*.npy")
+    expected = _hits(index_copy)
+    damage(path, how)
+    one_line_error(invoke("query", index_copy, QUERY), str(path))
+    checked = invoke("verify", index_copy, "--json")
+    assert [d["path"] for d in json.loads(checked.stdout)["check"]["damaged"]] == [str(path)]
+    repaired = invoke("verify", index_copy, "--repair", "--quiet")
+    assert repaired.exit_code == 0 and "repaired: published v000003" in repaired.stdout, repaired.output
+    assert _hits(index_copy) == expected and len(indexfiles.live_ids(index_copy)) == 590
+
+
 def test_a_truncated_index_makes_the_next_run_build_a_new_version(index_copy, sample_slice, caplog):
-    damage(index_copy / "versions" / "v000001" / "index-384.faiss", "truncated")
+    damage(_version_file(index_copy, "index-384.faiss"), "truncated")
     result = invoke("index", sample_slice, "--out", index_copy, "--model", "minilm", "--chunk-rows", 200, "--dims",
                     128, "--quiet")
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("published v000002") and "building a new version" in caplog.text
+    assert "rewriting segment" in caplog.text and invoke("verify", index_copy).exit_code == 0
 
 
 def test_a_dangling_current_is_one_line(index_copy):
@@ -234,17 +264,9 @@ def test_a_full_disk_at_any_write_is_one_line_and_the_published_version_stays(ta
     assert invoke("verify", index_copy).exit_code == 0
 
 
-def _mount_tmpfs(path: Path, size: str, *options: str) -> bool:
-    path.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() != 0 or not shutil.which("mount"):
-        return False
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join((f"size={size}", *options)), "tmpfs", str(path)],
-                          capture_output=True).returncode == 0
-
-
 def test_a_real_full_disk_during_the_index_build(tmp_path, sample_slice, pristine):
     disk = tmp_path / "disk"
-    if not _mount_tmpfs(disk, "8m"):
+    if not mount_tmpfs(disk, "8m"):
         pytest.skip("mounting a tmpfs needs root and mount(8)")
     try:
         out = disk / "idx"
@@ -264,7 +286,7 @@ def test_a_real_full_disk_during_the_index_build(tmp_path, sample_slice, pristin
 
 def test_a_read_only_output_folder_is_one_line(tmp_path, sample_slice, pristine):
     disk = tmp_path / "ro"
-    if not _mount_tmpfs(disk, "16m"):
+    if not mount_tmpfs(disk, "16m"):
         pytest.skip("mounting a tmpfs needs root and mount(8)")
     try:
         shutil.copytree(pristine[0], disk / "idx", symlinks=True)

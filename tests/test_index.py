@@ -10,9 +10,10 @@ import pytest
 from embedctl.jobs.runner import run_embedded
 from embedctl.jobs.spec import JobSpec
 from embedctl.pipeline import versions
-from embedctl.pipeline.errors import ConfigError
+from embedctl.pipeline.errors import ConfigError, StorageError
 from embedctl.pipeline.index import IndexReader, slice_normalise
 from embedctl.pipeline.plan import WORK, index_dims
+from tests import indexfiles
 
 
 def test_slice_is_normalised_prefix():
@@ -55,13 +56,15 @@ def test_index_files_are_plain_formats_and_slices_derive_from_full_vectors(tmp_p
     assert {(s["id"], s["reason"]) for s in report["skipped"]} == {("doc-10", "null"), ("doc-20", "empty")}
     version = versions.current_version(out)
     assert version.name == "v000001" and (out / "current").is_symlink()
-    rows = pq.read_table(version / "rows.parquet")  # plain pyarrow
+    [rows_file] = indexfiles.segment_files(out, "rows.parquet")  # a corpus that fits one segment
+    rows = pq.read_table(rows_file)  # plain pyarrow
     assert rows.num_rows == 88 and "doc-10" not in rows.column("id").to_pylist()
     chunk_dir = out / WORK / report["job_id"] / "chunks"
     full = np.concatenate([np.load(chunk_dir / f"chunk-{k:06d}.npy") for k in range(4)])  # plain numpy
     assert full.dtype == np.float16 and full.shape == (88, 64)
     for dim in (64, 32, 16):
-        index = faiss.read_index(str(version / f"index-{dim}.faiss"))  # plain faiss
+        [index_path] = indexfiles.segment_files(out, f"index-{dim}.faiss")
+        index = faiss.read_index(str(index_path))  # plain faiss
         assert index.ntotal == 88 and index.d == dim
         stored = np.stack([index.reconstruct(i) for i in range(88)])
         assert np.allclose(stored, slice_normalise(full, dim), atol=1e-6)
@@ -84,24 +87,37 @@ def test_search_maps_rows_to_ids_and_texts(tmp_path, small_corpus, tiny_qwen3):
 
 def test_failed_build_leaves_previous_version_current(tmp_path, small_corpus, tiny_qwen3, monkeypatch):
     import embedctl.pipeline.build
+    import embedctl.pipeline.segments
 
     out = tmp_path / "out"
     run_embedded(_spec(small_corpus, out, tiny_qwen3))
     before = IndexReader(out)
     calls = []
 
-    def failing_write(index, path):
-        calls.append(path)
-        if len(calls) == 2:
-            raise OSError(28, "No space left on device", str(path))
-        faiss.write_index(index, str(path))
+    real = embedctl.pipeline.segments.build_index_file
 
-    monkeypatch.setattr(embedctl.pipeline.build, "write_index", failing_write)
-    with pytest.raises(OSError, match="No space left"):
+    def failing_build(folder, dim, *args, **kwargs):
+        calls.append(dim)
+        if len(calls) == 2:
+            raise StorageError("no space left on the device of index-32.faiss")
+        return real(folder, dim, *args, **kwargs)
+
+    monkeypatch.setattr(embedctl.pipeline.build, "build_index_file", failing_build)
+    with pytest.raises(StorageError, match="no space left"):
         run_embedded(_spec(small_corpus, out, tiny_qwen3, hnsw_m=16))  # new index settings: rebuild
     assert versions.current_version(out).name == "v000001"
-    assert [p.name for p in (out / "versions").iterdir()] == ["v000001"]  # the half-built version is gone
+    assert [p.name for p in (out / "versions").iterdir()] == ["v000001"]  # no half-built version
     assert IndexReader(out).info == before.info
+    built = []
+
+    def counting_build(folder, dim, *args, **kwargs):
+        built.append(dim)
+        return real(folder, dim, *args, **kwargs)
+
+    monkeypatch.setattr(embedctl.pipeline.build, "build_index_file", counting_build)
+    again = run_embedded(_spec(small_corpus, out, tiny_qwen3, hnsw_m=16))
+    assert again.version == "v000002" and again.segments_built == 1
+    assert built == [32, 16]  # the re-run built only the pieces the failed run had not: 64 was done
 
 
 def test_publish_swaps_atomically_and_readers_keep_their_version(tmp_path, small_corpus, tiny_qwen3):
@@ -110,5 +126,5 @@ def test_publish_swaps_atomically_and_readers_keep_their_version(tmp_path, small
     reader_v1 = IndexReader(out)
     report = run_embedded(_spec(small_corpus, out, tiny_qwen3, dims=(16,)))
     assert report.version == "v000002" and report.rows_embedded == 0  # vectors reused
-    assert reader_v1.dir.name == "v000001" and reader_v1.index(32).ntotal == 88
+    assert reader_v1.dir.name == "v000001" and reader_v1.segments[0].index(32).ntotal == 88
     assert IndexReader(out).dims == [64, 16]

@@ -35,7 +35,8 @@ def test_hnsw_recall_at_10_vs_exact_on_wordnet(tmp_path, wordnet_glosses, wordne
         exact = faiss.IndexFlatIP(dim)
         exact.add(slice_normalise(full, dim))
         _, truth = exact.search(slice_normalise(qvec, dim), 10)
-        index = reader.index(dim)
+        [segment] = reader.segments  # 20,000 rows: one segment
+        index = segment.index(dim)
         assert faiss.downcast_index(index).hnsw.efSearch == DEFAULT_EF_SEARCH
         _, found = index.search(slice_normalise(qvec, dim), 10)
         recalls[dim] = np.mean([len(set(t) & set(f)) / 10 for t, f in zip(truth, found, strict=True)])

@@ -18,6 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from embedctl.jobs.report import field_names
+from embedctl.pipeline import versions
+from tests import indexfiles
 from tests.services import ROOT, wait_until
 
 EMBEDCTL = str(Path(sys.executable).parent / "embedctl")
@@ -36,18 +38,16 @@ def _one_line_error(result: subprocess.CompletedProcess, code: int = 1) -> str:
 
 
 def _ids(out: Path) -> list:
-    return pq.read_table(out / "current" / "rows.parquet", columns=["id"]).column("id").to_pylist()
+    return indexfiles.live_ids(out)
 
 
 def _assert_every_id_once(out: Path, corpus: Path) -> None:
-    import faiss
-
     ids = _ids(out)
     expected = pq.read_table(corpus, columns=["id"]).column("id").to_pylist()
     assert len(ids) == len(set(ids)) == len(expected) and set(ids) == set(expected)
     info = json.loads((out / "current" / "info.json").read_text())
     for dim in info["dims"]:
-        assert faiss.read_index(str(out / "current" / f"index-{dim}.faiss")).ntotal == len(expected)
+        assert indexfiles.live_count(out, dim) == len(expected)
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +126,7 @@ def test_two_runs_of_different_corpora_on_one_out(celery_env, start_worker, samp
     assert again.returncode == 0, again.stderr
     assert "published v000002" in again.stdout
     _assert_every_id_once(out, sample_corpus)
-    assert len(pq.read_table(out / "versions" / "v000001" / "rows.parquet").column("id")) == 6000
+    assert len(versions.live_ids(out / "versions" / "v000001")) == 6000
 
 
 def test_a_spec_file_with_two_jobs_on_one_out_is_refused(tmp_path, sample_slice):
@@ -162,10 +162,11 @@ def test_both_pool_children_killed_during_the_build_then_it_publishes(celery_env
     worker = start_worker(EMBEDCTL_MODEL="minilm", EMBEDCTL_LEASE_SECONDS="4")
     out = tmp_path / "o"
     follower = subprocess.Popen([EMBEDCTL, "index", str(doubled_sample), "--out", str(out), "--model", "minilm",
-                                 "--chunk-rows", "1500", "--ef-construction", "400", "--quiet", "--json",
+                                 "--chunk-rows", "1500", "--segment-rows", "3000", "--ef-construction", "400",
+                                 "--quiet", "--json",
                                  "--broker", env["EMBEDCTL_BROKER_URL"]], env=env, cwd=ROOT,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_until(lambda: any(out.glob("work/*/running/build.json")), 300, "the build to start")
+    wait_until(lambda: any(out.glob("work/*/running/piece-*.json")), 300, "a segment build to start")
     children = worker.children()
     assert len(children) == 2
     for pid in children:
@@ -176,7 +177,7 @@ def test_both_pool_children_killed_during_the_build_then_it_publishes(celery_env
     assert report["status"] == "published" and report["version"] == "v000001"
     _assert_every_id_once(out, doubled_sample)
     log = worker.text()
-    assert "WorkerLostError" in log and "embedctl.build_index" in log
+    assert "WorkerLostError" in log and "embedctl.build_segment" in log
 
 
 @pytest.mark.slow
@@ -289,7 +290,7 @@ def test_a_corpus_replaced_during_a_distributed_job_fails_and_the_rerun_indexes_
     again = subprocess.run(args + ["--json"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr
     _assert_every_id_once(out, corpus)
-    rows = pq.read_table(out / "current" / "rows.parquet").to_pydict()
+    rows = pa.concat_tables(pq.read_table(p) for p in indexfiles.segment_files(out, "rows.parquet")).to_pydict()
     expected = dict(zip(reordered.column("id").to_pylist(), reordered.column("text").to_pylist(), strict=True))
     assert all(expected[i] == t for i, t in zip(rows["id"], rows["text"], strict=True))
     assert rows["row"] == sorted(rows["row"]) and rows["id"][0] == reordered.column("id")[0].as_py()

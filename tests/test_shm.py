@@ -22,6 +22,7 @@ from embedctl.pipeline.encoder import load_encoder
 from embedctl.pipeline.models import ModelRef
 from embedctl.shm_loader.errors import SegmentError
 from embedctl.shm_loader.segment import attach, list_segments, publish, release, segment_name
+from tests.services import mount_tmpfs
 from tests.shm_worker import TEXTS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,15 +126,9 @@ def test_wrong_dtype_or_format_is_refused(tiny_qwen3, shm_dir):
         attach(tiny_qwen3, torch.bfloat16)
 
 
-def _mount_tmpfs(path: Path, size: str) -> bool:
-    path.mkdir(parents=True, exist_ok=True)
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
-                          capture_output=True).returncode == 0
-
-
 def test_too_small_shm_gives_one_line_with_the_remedy(minilm_path, tmp_path, monkeypatch):
     small = tmp_path / "small-shm"
-    if not _mount_tmpfs(small, "4m"):
+    if not mount_tmpfs(small, "4m"):
         pytest.skip("cannot mount a tmpfs here (needs root); the size check is the same code either way")
     try:
         monkeypatch.setenv("EMBEDCTL_SHM_DIR", str(small))

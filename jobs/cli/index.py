@@ -56,6 +56,8 @@ from embedctl.pipeline.errors import EmbedctlError
       help="efSearch stored in the indexes (queries may override with --ef).")
 @env_option("--index-type", env="INDEX_TYPE", type=click.Choice(["hnsw", "hnsw-sqfp16", "hnsw-sq8"]), default="hnsw",
       show_default=True, help="Vector storage of the HNSW indexes: float32, float16 (1/2 the bytes), 8-bit (1/4).")
+@env_option("--segment-rows", env="SEGMENT_ROWS", type=int, default=defaults.DEFAULT_SEGMENT_ROWS,
+            show_default=True, help="The most rows an index segment holds: the unit of a build task and of a re-index.")
 @env_option("--keep", env="KEEP", type=int, default=defaults.DEFAULT_KEEP_VERSIONS, show_default=True,
       help="Index versions kept in --out (older ones are removed; the current one never).")
 @shm_option
@@ -69,8 +71,8 @@ def index(corpus: str, out: str, model: str, text_column: str, id_column: str, i
           query_instruction: str | None, instruction_format: str | None, dims: tuple[int, ...] | None,
           chunk_rows: int, batch_tokens: int | None,
           max_length: int | None, dtype: str, device: str, threads: int | None, compile_model: bool, hnsw_m: int,
-          ef_construction: int, ef_search: int, index_type: str, keep: int, shm: str, broker: str | None, detach: bool,
-          quiet: bool, as_json: bool) -> None:
+          ef_construction: int, ef_search: int, index_type: str, segment_rows: int, keep: int, shm: str,
+          broker: str | None, detach: bool, quiet: bool, as_json: bool) -> None:
     """Embed CORPUS (Parquet file, directory or glob) and publish FAISS HNSW indexes in --out.
 
     Re-running the same command resumes: complete chunks are not embedded again, and a job whose published
@@ -80,7 +82,8 @@ def index(corpus: str, out: str, model: str, text_column: str, id_column: str, i
                    instruction=instruction, query_instruction=query_instruction,
                    instruction_format=instruction_format, dims=dims, chunk_rows=chunk_rows,
                    batch_tokens=batch_tokens, max_length=max_length, dtype=dtype, device=device, threads=threads,
-                   hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search, index_type=index_type, keep=keep,
+                   hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search, index_type=index_type,
+                   segment_rows=segment_rows, keep=keep,
                    shm=shm, compile=compile_model)
     if detach and not broker:
         raise click.UsageError("--detach needs --broker (or EMBEDCTL_BROKER_URL): an embedded run cannot detach")

@@ -117,8 +117,10 @@ def info(index_dir: str, as_json: bool) -> None:
     """Describe the index published in INDEX_DIR: model, dims, rows, version, files."""
     version_dir = resolve_index_dir(Path(index_dir))
     info = read_info(version_dir)
-    data = {**info.to_dict(), "version": version_dir.name, "path": str(version_dir),
-            "paths": {"rows": str(version_dir / info.rows_file), **{d: str(version_dir / f) for d, f in info.files.items()}}}
+    out = version_dir.parent.parent
+    segments = [{"id": ref.id, "rows": ref.rows, "deleted": ref.deleted, "folder": str(ref.folder(out)),
+                 "files": {name: str(ref.folder(out) / name) for name in ref.files}} for ref in info.segments]
+    data = {**info.to_dict(), "version": version_dir.name, "path": str(version_dir), "paths": {"segments": segments}}
     if as_json:
         print_json(data)
         return
@@ -129,9 +131,11 @@ def info(index_dir: str, as_json: bool) -> None:
     click.echo(f"dims     {', '.join(map(str, info.dims))} ({info.index_type}, HNSW M={info.hnsw['m']}, "
                f"efConstruction={info.hnsw['ef_construction']}, efSearch={info.hnsw['ef_search']})")
     click.echo(f"query    instruction prefix {info.query_prefix!r} ({info.instruction_format} format)")
-    click.echo(f"files    {data['paths']['rows']}")
-    for dim in info.dims:
-        click.echo(f"         {data['paths'][str(dim)]}")
+    click.echo(f"segments {len(segments)}, at most {info.segment_rows or '-'} rows each")
+    for segment in segments[:10]:
+        click.echo(f"         {segment['folder']}: {segment['rows']} rows, {segment['deleted']} deleted")
+    if len(segments) > 10:
+        click.echo(f"         ... and {len(segments) - 10} more (--json lists them)")
 
 
 @click.command("eval")

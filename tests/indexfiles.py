@@ -1,0 +1,43 @@
+"""Where a published version's files are, for tests that open them as a user would (plain faiss, pyarrow)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from embedctl.pipeline import versions
+from embedctl.pipeline.manifest import read_deletions, read_info
+
+
+def current(out: Path) -> Path:
+    return versions.resolve_index_dir(Path(out))
+
+
+def segment_files(out: Path, name: str) -> list[Path]:
+    """The file `name` (rows.parquet, index-<dim>.faiss) of every segment of the current version."""
+    version = current(out)
+    return [ref.folder(Path(out)) / name for ref in read_info(version).segments]
+
+
+def live_ids(out: Path) -> list:
+    return versions.live_ids(current(out)).to_pylist()
+
+
+def live_count(out: Path, dim: int) -> int:
+    """Vectors the current version's `dim` indexes hold, less the ones it deleted (plain faiss.read_index)."""
+    import faiss
+
+    version = current(out)
+    info = read_info(version)
+    total = 0
+    for ref in info.segments:
+        index = faiss.read_index(str(ref.folder(Path(out)) / f"index-{dim}.faiss"))
+        total += index.ntotal - len(read_deletions(version, info, ref))
+    return total
+
+
+def deleted(out: Path) -> dict[str, np.ndarray]:
+    version = current(out)
+    info = read_info(version)
+    return {ref.id: read_deletions(version, info, ref) for ref in info.segments}
