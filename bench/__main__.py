@@ -18,7 +18,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS = ("throughput", "attention", "indexes", "shm_memory", "distributed", "reindex", "verify", "segments")
+BENCHMARKS = ("throughput", "attention", "indexes", "shm_memory", "distributed", "reindex", "verify", "segments",
+              "serve")
 GPU_FILES = ("gpu.json", "gpu-stage.json", "gpu-compile.json")
 """Results of `python -m bench.gpu` (run on a CUDA host, copied here), shown in their own section."""
 
@@ -74,7 +75,7 @@ def main() -> None:
                 results[name] = {**earlier[name], "reused_from_earlier_run": True}
             continue
         print(f"running bench.{name} ...", file=sys.stderr, flush=True)
-        results[name] = run(name, ["--plots", str(out)] if name in ("indexes", "segments") else [])
+        results[name] = run(name, ["--plots", str(out)] if name in ("indexes", "segments", "serve") else [])
     (out / "results.json").write_text(json.dumps(results, indent=2))
     gpu = {name: json.loads((out / name).read_text()) for name in GPU_FILES if (out / name).exists()}
     report, summary = render(results, out, gpu)
@@ -191,6 +192,20 @@ def render(results: dict, out: Path, gpu: dict | None = None) -> tuple[str, list
         summary.append(f"- checksums: {x['checksum_share_of_run']:.2%} of an index run of {x['rows']} rows; "
                        f"`embedctl verify` {v['verify']['command_wall_seconds']} s; `embedctl query` checked / "
                        f"--no-verify {v['query']['ratio']} (`python -m bench.verify`)")
+    s = results.get("serve")
+    if s and "error" not in s:
+        from bench.serve import render as render_serve
+
+        lines += ["## Serving", f"`{s['command']}`", "", *render_serve(s).splitlines()[1:], "",
+                  "![QPS and p99 by concurrency](serve.png)", ""]
+        t, m = s.get("throughput", {}), s.get("memory", {})
+        for peer, r in t.get(f"at_concurrency_{max(t.get('levels', [0]))}", {}).items():
+            summary.append(f"- serve at concurrency {max(t['levels'])}: {r['qps_ratio']}x {peer}'s requests/s, p99 "
+                           f"ratio {r['p99_ratio']} (`python -m bench.serve`)")
+        if m:
+            summary.append(f"- serve, {m['workers']} workers of the 4B width: PSS attached / loaded {m['pss_ratio']}; "
+                           f"start to first answer {m['first_answer_ratio']}, model load {m['worker_load_ratio']} "
+                           "(`python -m bench.serve`)")
     if gpu:
         gpu_lines, gpu_summary = render_gpu(gpu)
         lines += gpu_lines

@@ -33,3 +33,7 @@ class IndexNotFoundError(StorageError):
 
 class BrokerError(EmbedctlError):
     """The Celery broker cannot be reached or refused the connection."""
+
+
+class ServerError(EmbedctlError):
+    """An embedctl server cannot be reached or refused a request (`--server`)."""

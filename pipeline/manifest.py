@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from embedctl.pipeline.checksum import DamagedFile, digest_bytes, size_problem, verify
+from embedctl.pipeline.errors import StorageError
 from embedctl.pipeline.fsutil import atomic_write, read_json, write_json
 
 INFO = "info.json"
@@ -88,6 +89,12 @@ class VersionInfo:
     @property
     def plan_id(self) -> str:
         return self.index_key.get("plan_id", "")
+
+    def require_model(self, fingerprint: str, model: str, where: Path) -> None:
+        """Refuse (one line) to embed this index's queries with another model than the one that built it."""
+        if self.model_fingerprint != fingerprint:
+            raise StorageError(f"{where} was built with model {self.model!r}, not {model!r}: its queries must be "
+                               f"embedded by the model that built it; serve it with `--model {self.model}`")
 
     def to_dict(self) -> dict:
         data = asdict(self)

@@ -140,3 +140,46 @@ class Worker:
     def stop(self) -> None:
         stop_group(self.proc)
 
+
+class Server:
+    """`embedctl serve ...` in its own process group on a free port, logging to a file; ready once every worker
+    answered /health with 200."""
+
+    def __init__(self, args: list[str], env: dict, log: Path, cwd: Path, api_key: str | None = None,
+                 workers: int = 1):
+        self.port = free_port()
+        self.args = [*args, "--port", str(self.port), "--workers", str(workers)]
+        if api_key:
+            self.args += ["--api-key", api_key]
+        self.env, self.log, self.cwd, self.workers = env, Path(log), cwd, workers
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 180) -> Server:
+        import json
+        import urllib.request
+
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as fh:
+            self.proc = subprocess.Popen([str(Path(sys.executable).parent / "embedctl"), "serve", *self.args],
+                                         cwd=self.cwd, env=self.env, stdout=fh, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        ready: set[int] = set()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and len(ready) < self.workers:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=5) as response:
+                    ready.add(json.loads(response.read())["pid"])
+            except OSError:
+                time.sleep(0.2)
+        if len(ready) < self.workers:
+            raise RuntimeError(f"server not ready in {timeout}s:\n{self.text()[-3000:]}")
+        return self
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def stop(self) -> None:
+        stop_group(self.proc)

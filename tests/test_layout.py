@@ -95,7 +95,7 @@ def test_the_wheel_holds_one_top_level_package(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
     assert top == {"embedctl"}, top
-    for package in ("pipeline", "jobs", "jobs/cli", "tasks", "shm_loader"):
+    for package in ("pipeline", "jobs", "jobs/cli", "tasks", "shm_loader", "serve"):
         assert f"embedctl/{package}/__init__.py" in names
     metadata = next(n for n in names if n.endswith("METADATA"))
     requires = [line for line in zipfile.ZipFile(wheel).read(metadata).decode().splitlines()
@@ -104,9 +104,10 @@ def test_the_wheel_holds_one_top_level_package(tmp_path):
     assert demo and all("extra ==" in r for r in demo), demo  # the demo model is an optional extra only
 
 
-@pytest.mark.parametrize("args", [["--help"], ["index", "--help"], ["info", "{out}"], ["status", "{out}"],
+@pytest.mark.parametrize("args", [["--help"], ["index", "--help"], ["serve", "--help"], ["info", "{out}"], ["status", "{out}"],
                                   ["jobs", "list", "--jobs", "{jobs}"], ["shm", "status"], ["index"],
-                                  ["query"], ["nonsense-command"]])
+                                  ["query"], ["nonsense-command"],
+                                  ["query", "{out}", "dog", "--server", "http://127.0.0.1:9"]])
 def test_commands_that_need_no_model_import_no_heavy_library(args, tmp_path, sample_slice):
     out = tmp_path / "idx"
     if "{out}" in args:  # a real index to describe
@@ -123,7 +124,7 @@ def test_commands_that_need_no_model_import_no_heavy_library(args, tmp_path, sam
     imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
     assert imported, "no import timing: -X importtime did not run"
     assert not {m for m in imported if m.split(".")[0] in HEAVY}, sorted(m for m in imported if m.split(".")[0] in HEAVY)
-    expected_exit = 2 if argv in (["index"], ["query"], ["nonsense-command"]) else 0
+    expected_exit = 2 if argv in (["index"], ["query"], ["nonsense-command"]) else 1 if "--server" in argv else 0
     assert result.returncode == expected_exit, result.stdout + result.stderr[-2000:]
 
 

@@ -26,6 +26,8 @@ RUN_BY_TESTS = {  # block id -> the test that runs it
     "distributed": "test_distributed_example", "detached": "test_distributed_example",
     "jobs-toml": "test_scheduled_jobs", "jobs": "test_scheduled_jobs", "beat": "test_scheduled_jobs",
     "shm": "test_shared_memory_commands",
+    "serve": "test_serving", "serve-client-py": "test_serving", "serve-client": "test_serving",
+    "serve-search": "test_serving",
 }
 TRAP = "open({marker!r}, 'a').write(__name__ + '\\n')\nraise SystemExit('decoy imported')\n"
 
@@ -112,6 +114,21 @@ def test_scheduled_jobs(tour, redis_server, tmp_path):
     finally:
         beat.stop()
     assert "Traceback" not in beat.text()
+
+
+@pytest.mark.slow
+def test_serving(tour, tmp_path):
+    folder, env, _ = tour
+    readme.check(BLOCKS["tour-index"], folder, env)
+    server = readme.Background(BLOCKS["serve"], folder, env, tmp_path / "serve.log")
+    try:
+        server.wait_ready()
+        (folder / BLOCKS["serve-client-py"].options["file"]).write_text(BLOCKS["serve-client-py"].code)
+        readme.check(BLOCKS["serve-client"], folder, env)
+        readme.check(BLOCKS["serve-search"], folder, env)
+    finally:
+        server.stop()
+    assert "Traceback" not in server.text() and "my-secret-key" not in server.text()
 
 
 def test_shared_memory_commands(tour):

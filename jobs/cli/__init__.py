@@ -8,6 +8,7 @@ from embedctl.jobs.cli.common import setup_logging
 from embedctl.jobs.cli.index import index
 from embedctl.jobs.cli.jobs import cache, jobs
 from embedctl.jobs.cli.query import evaluate_cmd, info, query
+from embedctl.jobs.cli.serve import serve
 from embedctl.jobs.cli.shm import shm
 from embedctl.jobs.cli.status import status, worker
 from embedctl.jobs.cli.verify import verify
@@ -31,3 +32,4 @@ main.add_command(jobs)
 main.add_command(cache)
 main.add_command(evaluate_cmd)
 main.add_command(verify)
+main.add_command(serve)

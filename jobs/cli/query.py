@@ -59,6 +59,13 @@ def _read_queries(texts: tuple[str, ...], file: str | None) -> list[str]:
     return list(texts)
 
 
+def server_options(func):
+    """`--server URL` (EMBEDCTL_SERVER) and `--api-key` (EMBEDCTL_API_KEY): use a running `embedctl serve`."""
+    func = env_option("--api-key", env="API_KEY", default=None, help="The server's --api-key.")(func)
+    return env_option("--server", env="SERVER", default=None,
+                      help="URL of a running `embedctl serve` that serves this index: nothing is loaded here.")(func)
+
+
 @click.command()
 @click.argument("index_dir", type=click.Path(file_okay=False))
 @click.argument("texts", nargs=-1)
@@ -72,41 +79,57 @@ def _read_queries(texts: tuple[str, ...], file: str | None) -> list[str]:
 @env_option("--device", env="DEVICE", default="auto", show_default=True)
 @shm_option
 @no_verify_option
+@server_options
 @env_option("--json", "as_json", env="JSON", is_flag=True, help="Print a list of {id, score, text} per query.")
 @handle_errors
 def query(index_dir: str, texts: tuple[str, ...], k: int, dim: int | None, ef: int | None,
           query_instruction: str | None, file: str | None, device: str, shm: str, no_verify: bool,
-          as_json: bool) -> None:
-    """Search INDEX_DIR (an --out folder or a version folder) for TEXTS, embedded with the index's model."""
-    from embedctl.pipeline.index import IndexReader
+          server: str | None, api_key: str | None, as_json: bool) -> None:
+    """Search INDEX_DIR (an --out folder or a version folder) for TEXTS, embedded with the index's model.
 
+    With --server the search runs in a running `embedctl serve` that serves INDEX_DIR (named by its folder name)."""
     queries = _read_queries(texts, file)
-    reader = IndexReader(Path(index_dir), verify=not no_verify)
-    if dim is not None and dim not in reader.dims:
-        raise ConfigError(f"--dim {dim} is not indexed in {index_dir}; choose one of "
-                          f"{', '.join(map(str, reader.dims))}")
     if k <= 0:
         raise ConfigError(f"-k must be > 0, got {k!r}")
-    from embedctl.pipeline.encoder import load_encoder  # torch is imported only when a query is embedded
+    if server:
+        from embedctl.jobs.client import ServerClient
 
-    info = reader.info
-    encoder = load_encoder(_index_model(info), device=device, max_length=info.max_length, shm=shm)
-    vectors = encoder.encode(queries, prefix=_query_prefix(info, query_instruction)).vectors
-    results = reader.search(vectors, k=k, dim=dim, ef=ef)
+        answer = ServerClient(server, api_key).search(Path(index_dir).resolve().name, queries, k, dim, ef,
+                                                      query_instruction)
+        results = [item["hits"] for item in answer["data"]]
+    else:
+        results = [[hit.to_dict() for hit in hits]
+                   for hits in _search_here(index_dir, queries, k, dim, ef, query_instruction, device, shm, no_verify)]
     if as_json:
-        print_json([[hit.to_dict() for hit in hits] for hits in results] if file or len(queries) > 1
-                   else [hit.to_dict() for hit in results[0]])
+        print_json(results if file or len(queries) > 1 else results[0])
         return
     width = shutil.get_terminal_size((110, 20)).columns
     for text, hits in zip(queries, results, strict=True):
         if len(queries) > 1:
             click.echo(f"\nquery: {text}")
-        id_width = max([len(str(h.id)) for h in hits] + [2])
+        id_width = max([len(str(h["id"])) for h in hits] + [2])
         click.echo(f"{'rank':>4}  {'score':>6}  {'id':<{id_width}}  text")
         for rank, hit in enumerate(hits, 1):
             room = max(width - id_width - 18, 20)
-            shown = hit.text if len(hit.text) <= room else hit.text[:room - 1] + "…"
-            click.echo(f"{rank:>4}  {hit.score:6.4f}  {hit.id!s:<{id_width}}  {shown}")
+            shown = hit["text"] if len(hit["text"]) <= room else hit["text"][:room - 1] + "…"
+            click.echo(f"{rank:>4}  {hit['score']:6.4f}  {hit['id']!s:<{id_width}}  {shown}")
+
+
+def _search_here(index_dir: str, queries: list[str], k: int, dim: int | None, ef: int | None,
+                 query_instruction: str | None, device: str, shm: str, no_verify: bool):
+    """Load the index and its model in this process and search."""
+    from embedctl.pipeline.index import IndexReader
+
+    reader = IndexReader(Path(index_dir), verify=not no_verify)
+    if dim is not None and dim not in reader.dims:
+        raise ConfigError(f"--dim {dim} is not indexed in {index_dir}; choose one of "
+                          f"{', '.join(map(str, reader.dims))}")
+    from embedctl.pipeline.encoder import load_encoder  # torch is imported only when a query is embedded
+
+    info = reader.info
+    encoder = load_encoder(_index_model(info), device=device, max_length=info.max_length, shm=shm)
+    vectors = encoder.encode(queries, prefix=_query_prefix(info, query_instruction)).vectors
+    return reader.search(vectors, k=k, dim=dim, ef=ef)
 
 
 @click.command()
@@ -152,13 +175,16 @@ def info(index_dir: str, as_json: bool) -> None:
 @env_option("--device", env="DEVICE", default="auto", show_default=True)
 @shm_option
 @no_verify_option
+@server_options
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @handle_errors
 def evaluate_cmd(index_dir: str, queries_path: str, query_column: str, relevant_column: str, ks: str,
                  ef: int | None, limit: int | None, query_instruction: str | None, device: str, shm: str,
-                 no_verify: bool, as_json: bool) -> None:
-    """Recall@k and MRR of INDEX_DIR on labelled queries, per dim, exact search vs HNSW."""
-    from embedctl.pipeline.encoder import load_encoder
+                 no_verify: bool, server: str | None, api_key: str | None, as_json: bool) -> None:
+    """Recall@k and MRR of INDEX_DIR on labelled queries, per dim, exact search vs HNSW.
+
+    With --server the queries are embedded by a running `embedctl serve` of the index's model (no model is loaded
+    here; the index is searched here, exactly and with HNSW)."""
     from embedctl.pipeline.evaluate import evaluate, load_queries
     from embedctl.pipeline.index import IndexReader
 
@@ -169,9 +195,22 @@ def evaluate_cmd(index_dir: str, queries_path: str, query_column: str, relevant_
     reader = IndexReader(Path(index_dir), verify=not no_verify)
     queries = load_queries(Path(queries_path), query_column, relevant_column, reader, limit=limit)
     info = reader.info
-    encoder = load_encoder(_index_model(info), device=device, max_length=info.max_length, shm=shm)
-    result = evaluate(reader, encoder.encode(queries.texts, prefix=_query_prefix(info, query_instruction)).vectors,
-                      queries, cutoffs, ef=ef)
+    prefix = _query_prefix(info, query_instruction)
+    if server:
+        from embedctl.jobs.client import ServerClient
+
+        client = ServerClient(server, api_key)
+        served = client.model()
+        if served.get("fingerprint") != info.model_fingerprint:
+            raise ConfigError(f"the server at {server} serves {served.get('id')!r}, but {index_dir} was built with "
+                              f"{info.model!r}; evaluate against a server of that model")
+        vectors = client.embed(queries.texts, served["id"], prefix)
+    else:
+        from embedctl.pipeline.encoder import load_encoder
+
+        encoder = load_encoder(_index_model(info), device=device, max_length=info.max_length, shm=shm)
+        vectors = encoder.encode(queries.texts, prefix=prefix).vectors
+    result = evaluate(reader, vectors, queries, cutoffs, ef=ef)
     if as_json:
         print_json(result)
         return

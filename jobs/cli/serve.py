@@ -1,0 +1,134 @@
+"""`embedctl serve`: check the settings, publish the weights to shared memory, start the server process.
+
+Like `embedctl worker`, this command checks what it can in one line each (model, index folders, port), publishes
+the model's weights once for the host, then replaces itself with `python -P -m embedctl.serve`, which starts the
+worker processes fresh: none inherits this process's torch state, and each attaches to the published weights.
+The settings travel as JSON in EMBEDCTL_SERVE_CONFIG (read back by `embedctl.serve.config.ServeConfig`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+import click
+
+from embedctl.jobs.cli.common import env_option, handle_errors, shm_option
+from embedctl.pipeline.errors import ConfigError, ModelError
+from embedctl.pipeline.manifest import read_info
+from embedctl.pipeline.versions import resolve_index_dir
+
+
+def _check_port(host: str, port: int) -> None:
+    if not 0 < port < 65536:
+        raise ConfigError(f"--port must be between 1 and 65535, got {port}")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port or --host") \
+                from None
+
+
+@click.command()
+@click.argument("index_dirs", nargs=-1, type=click.Path(file_okay=False))
+@env_option("--model", "-m", env="MODEL", default=None,
+            help="The model to serve (alias, folder or hub id); clients name it as `model` [default: the model "
+                 "that built the first index]. Every index must be built with it.")
+@env_option("--workers", "-w", env="WORKERS", type=int, default=None,
+            help="Worker processes [default: one per GPU, else 1 using every core].")
+@env_option("--host", env="HOST", default="127.0.0.1", show_default=True,
+            help="Address to listen on (0.0.0.0 for every interface: set --api-key then).")
+@env_option("--port", "-p", env="PORT", type=int, default=8000, show_default=True)
+@env_option("--api-key", env="API_KEY", default=None,
+            help="Require `Authorization: Bearer KEY` on every route but /health.")
+@env_option("--device", env="DEVICE", default="auto", show_default=True)
+@env_option("--dtype", env="DTYPE", default="auto", show_default=True)
+@shm_option
+@env_option("--threads", env="THREADS", type=int, default=None,
+            help="Torch threads per worker [default: the cores shared out among the workers].")
+@env_option("--batch-tokens", env="BATCH_TOKENS", type=int, default=None,
+            help="Token budget of one model call [default: the encoder's, 1024 on CPU, 32768 on CUDA].")
+@env_option("--batch-wait-ms", env="BATCH_WAIT_MS", type=float, default=2.0, show_default=True,
+            help="How long a batch's first request waits for others while clients are concurrent.")
+@env_option("--max-queue", env="MAX_QUEUE", type=int, default=256, show_default=True,
+            help="Requests waiting for the model per worker before the server answers 429.")
+@env_option("--max-body", env="MAX_BODY", type=int, default=4 * 1024 * 1024, show_default=True,
+            help="Largest request body in bytes (413 above it).")
+@env_option("--max-inputs", env="MAX_INPUTS", type=int, default=2048, show_default=True,
+            help="Most texts in one request.")
+@env_option("--cache", env="CACHE", type=int, default=16384, show_default=True,
+            help="Recent (text, instruction) embeddings kept per worker (0: no cache).")
+@env_option("--no-verify", env="NO_VERIFY", is_flag=True,
+            help="Do not check index files against their checksums when (re)loading them.")
+@handle_errors
+def serve(index_dirs: tuple[str, ...], model: str | None, workers: int | None, host: str, port: int,
+          api_key: str | None, device: str, dtype: str, shm: str, threads: int | None, batch_tokens: int | None,
+          batch_wait_ms: float, max_queue: int, max_body: int, max_inputs: int, cache: int,
+          no_verify: bool) -> None:
+    """Serve MODEL over HTTP (OpenAI's /v1/embeddings) and search INDEX_DIRS (/v1/search, by folder name).
+
+    Routes: POST /v1/embeddings, POST /v1/search, GET /v1/models, GET /health, GET /metrics (Prometheus).
+    """
+    from embedctl.pipeline.models import resolve_model
+
+    for name, value, low in (("--workers", workers, 1), ("--threads", threads, 1), ("--batch-tokens", batch_tokens, 1),
+                             ("--max-queue", max_queue, 1), ("--max-body", max_body, 1),
+                             ("--max-inputs", max_inputs, 1), ("--cache", cache, 0), ("--batch-wait-ms",
+                                                                                          batch_wait_ms, 0)):
+        if value is not None and value < low:
+            raise ConfigError(f"{name} must be >= {low}, got {value}")
+    infos = [read_info(resolve_index_dir(Path(f))) for f in index_dirs]  # one line when one is not published
+    if model is None:
+        if not infos:
+            raise click.UsageError("give --model MODEL, or index folders whose model is served")
+        model = infos[0].model  # as it was named at index time; its folder when that name no longer resolves
+        try:
+            ref = resolve_model(model)
+        except ModelError:
+            model = infos[0].model_path
+    ref = resolve_model(model)
+    fingerprint = ref.fingerprint
+    names = {}
+    for folder, info in zip(map(Path, index_dirs), infos, strict=True):
+        info.require_model(fingerprint, model, folder)
+        name = folder.resolve().name
+        if name in names:
+            raise ConfigError(f"two indexes are named {name!r} ({names[name]} and {folder}); serve folders with "
+                              "different names")
+        names[name] = folder
+    _check_port(host, port)
+    if api_key is not None and not api_key.strip():
+        raise ConfigError("--api-key is empty; give a key or leave the option out")
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        click.echo(f"warning: listening on {host} without --api-key: anyone who reaches this host can use it",
+                   err=True)
+
+    from embedctl.pipeline.encoder import resolve_device, resolve_dtype
+    from embedctl.pipeline.models import read_profile
+    from embedctl.shm_loader.segment import publish
+
+    dev = resolve_device(device)
+    gpus = __import__("torch").cuda.device_count() if dev.type == "cuda" and dev.index is None else 0
+    if shm != "off":
+        result = publish(read_profile(ref.path).transformer_path, resolve_dtype(dtype, dev))
+        click.echo(("published " if result["published"] else "attaching to ") + result["name"], err=True)
+    config = {"model": model, "indexes": [str(Path(f).resolve()) for f in index_dirs],
+              "workers": workers or gpus or 1, "host": host, "port": port, "api_key": api_key, "device": device,
+              "dtype": dtype, "shm": shm, "threads": threads, "batch_tokens": batch_tokens,
+              "batch_wait_ms": batch_wait_ms, "max_queue": max_queue, "max_body": max_body,
+              "max_inputs": max_inputs, "cache": cache, "verify": not no_verify}
+    click.echo(f"serving {model} on http://{host}:{port} with {config['workers']} worker(s); indexes: "
+               f"{', '.join(names) or 'none'}", err=True)
+    env = dict(os.environ, EMBEDCTL_SERVE_CONFIG=json.dumps(config))
+    env.pop("EMBEDCTL_API_KEY", None)  # the key travels in the config only
+    argv = [sys.executable, "-P", "-m", "embedctl.serve"]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # exec: the server starts fresh, without the torch state this process created while publishing
+    os.execvpe(argv[0], argv, env)

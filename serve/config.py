@@ -1,0 +1,66 @@
+"""The settings of `embedctl serve`, in one typed object.
+
+The CLI builds it from its options (each also an `EMBEDCTL_*` variable) and hands it to the server process as JSON
+in `EMBEDCTL_SERVE_CONFIG`; every worker process reads it back from there (uvicorn starts workers by spawning a
+fresh interpreter, so the environment is the one channel they all share).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+ENV = "EMBEDCTL_SERVE_CONFIG"
+
+DEFAULT_PORT = 8000
+DEFAULT_MAX_QUEUE = 256
+"""Requests waiting for the model per worker before the server answers 429."""
+DEFAULT_MAX_BODY = 4 * 1024 * 1024
+"""Largest request body in bytes (413 above it): 2,048 texts of 2 KB."""
+DEFAULT_MAX_INPUTS = 2048
+"""Most texts in one request (OpenAI's own limit)."""
+DEFAULT_BATCH_WAIT_MS = 2.0
+"""How long the first request of a batch waits for others while clients are concurrent (serve.batcher)."""
+DEFAULT_CACHE = 16384
+"""(text, instruction) embeddings kept per worker (16,384 x 2560 dims x 4 bytes = 160 MiB at the reference model)."""
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model: str  # --model as given (alias, folder or hub id): the name clients send as `model`
+    indexes: tuple[str, ...] = ()  # index folders (an --out folder each), served by folder name
+    workers: int = 1
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    api_key: str | None = field(default=None, repr=False)
+    device: str = "auto"
+    dtype: str = "auto"
+    shm: str = "auto"
+    threads: int | None = None  # torch threads per worker (default: the cores divided among the workers)
+    batch_tokens: int | None = None  # token budget of one batch (default: the encoder's for the device)
+    batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS
+    max_queue: int = DEFAULT_MAX_QUEUE
+    max_body: int = DEFAULT_MAX_BODY
+    max_inputs: int = DEFAULT_MAX_INPUTS
+    cache: int = DEFAULT_CACHE
+    verify: bool = True  # check index files against their checksums when (re)loading them
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "indexes": list(self.indexes)})
+
+    @classmethod
+    def from_json(cls, text: str) -> ServeConfig:
+        data = json.loads(text)
+        return cls(**{**data, "indexes": tuple(data.get("indexes", ()))})
+
+    @classmethod
+    def from_env(cls) -> ServeConfig:
+        text = os.environ.get(ENV)
+        if not text:
+            raise RuntimeError(f"{ENV} is not set: start the server with `embedctl serve`")
+        return cls.from_json(text)
+
+    def torch_threads(self, cores: int) -> int:
+        """Threads each worker's model uses: --threads, else the cores shared out among the workers."""
+        return self.threads or max(1, cores // max(1, self.workers))

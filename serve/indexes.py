@@ -1,0 +1,100 @@
+"""The indexes a server searches, each followed across re-indexes.
+
+An index is an `--out` folder named by its folder name. Each request asks for the reader of the version that
+`current` points to now: when a re-index has swapped `current`, the first request after the swap opens the new
+version (its files checked, its indexes memory-mapped) and later ones use it; requests already searching keep
+the reader they hold, whose files stay readable while it is open (memory maps and open files survive a removal
+by retention). A new version that cannot be opened is logged and the previous one stays served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from embedctl.pipeline.errors import ConfigError, EmbedctlError
+from embedctl.pipeline.index import IndexReader
+from embedctl.pipeline.versions import resolve_index_dir
+
+LOG = logging.getLogger(__name__)
+
+
+class UnknownIndex(ConfigError):
+    """A request names an index the server does not serve."""
+
+
+@dataclass
+class ServedIndex:
+    name: str
+    out: Path
+    verify: bool
+    reader: IndexReader | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    model: tuple[str, str] | None = None  # (fingerprint, name) of the served model: every version must match it
+    reloads: int = 0
+    failed: str | None = None  # the version that could not be opened (not retried until current moves again)
+
+    def open(self) -> IndexReader:
+        reader = IndexReader(self.out, verify=self.verify)
+        if self.model is not None:
+            reader.info.require_model(*self.model, self.out)
+        reader.load()  # every dim of every segment, checked and mapped before the first search
+        return reader
+
+    async def current(self) -> IndexReader:
+        """The reader of the version `current` points to (opening it on first use after a swap)."""
+        try:
+            now = resolve_index_dir(self.out)
+        except EmbedctlError:
+            now = None  # current is being swapped or was removed: keep serving what is open
+        if self.reader is not None and (now is None or now == self.reader.dir or str(now) == self.failed):
+            return self.reader
+        async with self.lock:
+            if self.reader is None or (now is not None and now != self.reader.dir and str(now) != self.failed):
+                try:
+                    reader = await asyncio.to_thread(self.open)
+                except EmbedctlError as exc:
+                    if self.reader is None:
+                        raise
+                    LOG.error("index %s: cannot open %s (%s); still serving %s", self.name, now, exc,
+                              self.reader.dir.name)
+                    self.failed = str(now)
+                else:
+                    if self.reader is not None:
+                        LOG.info("index %s: now serving %s (was %s)", self.name, reader.dir.name,
+                                 self.reader.dir.name)
+                        self.reloads += 1
+                    self.reader, self.failed = reader, None
+        return self.reader
+
+
+class ServedIndexes:
+    """Index folders by name, checked at start-up against the served model."""
+
+    def __init__(self, folders: list[Path] | tuple[str, ...], verify: bool = True):
+        self.by_name: dict[str, ServedIndex] = {}
+        for folder in map(Path, folders):
+            name = folder.resolve().name
+            if name in self.by_name:
+                raise ConfigError(f"two indexes are named {name!r} ({self.by_name[name].out} and {folder}); serve "
+                                  "folders with different names")
+            self.by_name[name] = ServedIndex(name, folder, verify)
+
+    def names(self) -> list[str]:
+        return list(self.by_name)
+
+    def get(self, name: str) -> ServedIndex:
+        try:
+            return self.by_name[name]
+        except KeyError:
+            served = ", ".join(self.by_name) or "none"
+            raise UnknownIndex(f"no index named {name!r} is served here (served: {served})") from None
+
+    async def load(self, fingerprint: str, model: str) -> None:
+        """Open every index (refused when another model built it)."""
+        for index in self.by_name.values():
+            index.model = (fingerprint, model)
+            await index.current()
+
