@@ -261,7 +261,8 @@ def render_segments(g: dict) -> tuple[list[str], list[str]]:
                        "(`python -m bench.segments`)")
     if "memory" in g:
         m = g["memory"]
-        lines += [f"One build task (a segment of {m['rows']} rows, {m['dim']} dims, `hnsw`): peak RSS grew "
+        lines += [(f"`{m['command']}`, {m['measured_utc']} UTC: " if "command" in m else "") +
+                  f"one build task (a segment of {m['rows']} rows, {m['dim']} dims, `hnsw`): peak RSS grew "
                   f"{m['measured_bytes_per_row']} bytes a row; documented {m['documented_bytes_per_row']}: "
                   f"**{m['measured_over_documented']}** of it (goal: at most 1.5).", ""]
         summary.append(f"- build task memory: {m['measured_over_documented']} of the documented bytes per row "

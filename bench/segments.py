@@ -251,7 +251,7 @@ def memory(work: Path, rows: int) -> dict:
     build = plan_build(plan)
     [segment] = build.new
     code = f"""
-import json, resource
+import json
 from pathlib import Path
 from embedctl.pipeline.build import build_piece
 from embedctl.pipeline.compose import load_build
@@ -259,9 +259,15 @@ from embedctl.pipeline.plan import load_plan
 import embedctl.pipeline.index, embedctl.pipeline.segments, faiss, numpy, pyarrow.parquet
 plan = load_plan(Path({str(plan.work_dir)!r}))
 build = load_build(plan, {build.key!r})
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def status(field):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+# the peak RSS of a process survives exec (Linux keeps the parent's at fork): reset it, then measure from here
+Path("/proc/self/clear_refs").write_text("5")
+before = status("VmRSS")
 build_piece(plan, build, {segment.id!r}, plan.dim)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+after = status("VmHWM")
 assert build.done({segment.id!r}, str(plan.dim)) is not None
 print(json.dumps({{"baseline_bytes": before * 1024, "peak_growth_bytes": (after - before) * 1024}}))
 """

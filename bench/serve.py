@@ -282,7 +282,7 @@ def memory(args, work: Path) -> dict:
                 all_ready = time.perf_counter() - t0
                 workers = _workers_of(process.proc.pid)
                 ready = [line for line in process.text().splitlines() if " ready in " in line]
-                model_s = [float(line.split(" model ")[1].split("s")[0]) for line in ready]
+                model_s = [float(line.split(" tokenizer and weights ")[1].split("s")[0]) for line in ready]
                 imports_s = [float(line.split("(imports ")[1].split("s")[0]) for line in ready]
                 result[mode] = {"first_answer_s": round(first, 2), "all_ready_s": round(all_ready, 2),
                                 "worker_load_s": round(sum(model_s) / max(len(model_s), 1), 2),
@@ -402,8 +402,9 @@ def _render_memory(m: dict) -> list[str]:
                   f"- PSS of the workers: attached {m['attached']['pss_mib']} MiB vs loaded {m['loaded']['pss_mib']} "
                   f"MiB: **{m['pss_ratio']}**",
                   f"- start of `embedctl serve` to the first answer: attached {m['attached']['first_answer_s']} s vs "
-                  f"loaded {m['loaded']['first_answer_s']} s: **{m['first_answer_ratio']}**; a worker's model load "
-                  f"(after its imports of torch and transformers, {m['attached']['worker_imports_s']} s): "
+                  f"loaded {m['loaded']['first_answer_s']} s: **{m['first_answer_ratio']}**; a worker's tokenizer and "
+                  f"weights (after its imports of torch, transformers and the model's code, "
+                  f"{m['attached']['worker_imports_s']} s): "
                   f"{m['attached']['worker_load_s']} vs {m['loaded']['worker_load_s']} s, **{m['worker_load_ratio']}**"]
 
 

@@ -74,11 +74,12 @@ glosses average about 80 characters; longer texts cost more)."""
 
 def build_bytes_per_row(full_dim: int, dim: int, hnsw_m: int, index_type: str = "hnsw") -> int:
     """Memory one index build task needs per row of its segment, in bytes (`python -m bench.segments` measures it):
-    the segment's full-dim float16 vectors (2 x full dim), their float32 slice (4 x dim), the index's copy of it
-    (4 x dim flat, 2 x dim sqfp16, 1 x dim sq8), the HNSW graph (2 x M neighbours of 4 bytes on level 0, about
-    1/M of that above), and the row itself (`ROW_OVERHEAD_BYTES`)."""
+    the segment's full-dim float16 vectors twice (2 x full dim gathered, 2 x full dim of the memory-mapped chunk
+    files they are read from, which count in the process's RSS while read), their float32 slice (4 x dim), the
+    index's copy of it (4 x dim flat, 2 x dim sqfp16, 1 x dim sq8), the HNSW graph (2 x M neighbours of 4 bytes on
+    level 0, about 1/M of that above), and the row itself (`ROW_OVERHEAD_BYTES`)."""
     storage = {"hnsw": 4 * dim, "hnsw-sqfp16": 2 * dim, "hnsw-sq8": dim}[index_type]
-    return 2 * full_dim + 4 * dim + storage + int(8 * hnsw_m * (1 + 1 / hnsw_m)) + ROW_OVERHEAD_BYTES
+    return 4 * full_dim + 4 * dim + storage + int(8 * hnsw_m * (1 + 1 / hnsw_m)) + ROW_OVERHEAD_BYTES
 
 
 def is_built(folder: Path, dims: Iterable[int]) -> bool:
