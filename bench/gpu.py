@@ -127,6 +127,42 @@ def compare_compiled(encoder, corpora: dict[str, list[str]]) -> dict:
     return out
 
 
+def compare_packing(encoder, corpora: dict[str, list[str]], folder: Path) -> dict:
+    """Packed batches (no padding, variable-length attention) vs padded ones on the same texts and budget:
+    texts/s, padding, cosine between the two, and the bf16 packed vectors against an fp32 padded reference on 200
+    texts of each corpus."""
+    import torch
+
+    from embedctl.pipeline.encoder import load_encoder
+    from embedctl.pipeline.models import ModelRef
+
+    out, vectors = {}, {}
+    for name, texts in corpora.items():
+        row = {}
+        for packed in (False, True):
+            encoder.packed = packed
+            encoder.encode(texts[:256])  # warm-up of this path's kernels
+            encoder.padded_tokens = 0
+            result, wall = timed(lambda texts=texts: encoder.encode(texts))
+            key = "packed" if packed else "padded"
+            row[f"{key}_texts_per_s"] = round(len(texts) / wall, 1)
+            row[f"{key}_tokens_run"] = encoder.padded_tokens
+            vectors[(name, key)] = result.vectors
+        row["packed_over_padded"] = round(row["packed_texts_per_s"] / row["padded_texts_per_s"], 3)
+        row["cos_packed_vs_padded_min"] = round(float((vectors[(name, "packed")] * vectors[(name, "padded")]).sum(1)
+                                                      .min()), 5)
+        out[name] = row
+    encoder.packed = True
+    reference = load_encoder(ModelRef("fp32", folder), device="cuda", dtype="fp32", shm="off", packed=False)
+    for name, texts in corpora.items():
+        ref = reference.encode(texts[:200]).vectors
+        ours = encoder.encode(texts[:200]).vectors
+        out[name]["cos_bf16_packed_vs_fp32_min"] = round(float((ref * ours).sum(1).min()), 5)
+    del reference
+    torch.cuda.empty_cache()
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--glosses", type=Path, default=GLOSSES)
@@ -134,8 +170,9 @@ def main() -> None:
     parser.add_argument("--long", type=int, default=2000)
     parser.add_argument("--layers", type=int, default=SHAPE_4B["layers"])
     parser.add_argument("--stage-rows", type=int, default=40_000)
-    parser.add_argument("--parts", default="sweep,stage,compile",
-                        help="comma-separated: sweep (vs sentence-transformers, budgets), stage, compile")
+    parser.add_argument("--parts", default="sweep,stage,compile,packing",
+                        help="comma-separated: sweep (vs sentence-transformers, budgets), stage, compile, packing "
+                             "(packed vs padded batches)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     import torch
@@ -200,18 +237,20 @@ def main() -> None:
     stage_result = stage(encoder, folder, args.glosses, min(args.stage_rows, len(glosses)), tmp) \
         if "stage" in parts else {}
     compiled = compare_compiled(encoder, corpora) if "compile" in parts else {}
+    packing = compare_packing(encoder, corpora, folder) if "packing" in parts else {}
     result = {"command": "python -m bench.gpu " + " ".join(sys.argv[1:]), "device": torch.cuda.get_device_name(),
               "measured_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
               "torch": torch.__version__, "cpus": os.cpu_count(), "layers": args.layers,
               "model_build_s": round(built_s, 1), "rows": rows, "ratios": ratios, "ceiling": ceiling,
-              "activation_peak_mib": memory, "stage": stage_result, "compile": compiled}
+              "activation_peak_mib": memory, "stage": stage_result, "compile": compiled,
+              "packing": packing}
     if args.json:
         print(json.dumps(result, indent=2))
         return
     print(f"# GPU throughput ({result['command']}) on {result['device']}")
     for r in rows:
         print(r)
-    for key in ("ratios", "ceiling", "activation_peak_mib", "stage", "compile"):
+    for key in ("ratios", "ceiling", "activation_peak_mib", "stage", "compile", "packing"):
         print(key, json.dumps(result[key]))
 
 

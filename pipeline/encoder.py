@@ -77,6 +77,13 @@ MAX_PADDING = 0.1
 """Share of padding a batch may reach once it holds a quarter of the budget; past it the batch is closed."""
 
 
+def packing_available() -> bool:
+    """Whether this torch build has variable-length attention (what packed batches run on CUDA)."""
+    from embedctl.pipeline.packing import _varlen_attn
+
+    return _varlen_attn() is not None
+
+
 def pack_batches(lengths: Sequence[int], budget: int, max_padding: float = MAX_PADDING) -> list[tuple[int, int]]:
     """Split texts sorted by descending length into [start, stop) batches whose padded size fits `budget`.
 
@@ -132,7 +139,8 @@ class Encoder:
     """A loaded model with its tokenizer, ready to embed texts."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, profile: ModelProfile, device: torch.device,
-                 max_length: int | None = None, batch_tokens: int | None = None, compile: bool = False):
+                 max_length: int | None = None, batch_tokens: int | None = None, compile: bool = False,
+                 packed: bool | None = None):
         self.model = model
         use_embedctl_attention(model)  # plain attention for short CPU sequences (pipeline/attention.py)
         if compile:
@@ -154,6 +162,9 @@ class Encoder:
             LOG.warning("--batch-tokens %d -> %d: the budget an earlier out-of-memory error left for this model",
                         self.batch_tokens, fits)
             self.batch_tokens = fits
+        # Packed batches (no padding, attention per sequence) on CUDA, where variable-length attention runs as one
+        # kernel; padded batches on CPU, where `bench.attention` measured the short-sequence kernels they use.
+        self.packed = device.type == "cuda" and packing_available() if packed is None else packed
         self.left_padding = profile.pooling == "last"
         self.eos_id = _eos_to_append(tokenizer) if profile.pooling == "last" else None
         self.pad_id = _pad_id(tokenizer)
@@ -222,7 +233,8 @@ class Encoder:
         # while the GPU runs batch k, and the one copy back at the end is the only wait.
         pooled, timer = [], _ForwardTimer(self.device)
         lengths = p.lengths[p.order]
-        batches, i = pack_batches(lengths, self.batch_tokens), 0
+        batch = self._batches
+        batches, i = batch(lengths, self.batch_tokens), 0
         with torch.inference_mode():
             while i < len(batches):
                 start, stop = batches[i]
@@ -230,7 +242,7 @@ class Encoder:
                     pooled.append(self._forward([p.ids[k] for k in p.order[start:stop]], timer))
                 except torch.OutOfMemoryError:
                     self._halve_budget(int(lengths[start]), stop - start)
-                    batches[i:] = [(start + a, start + b) for a, b in pack_batches(lengths[start:], self.batch_tokens)]
+                    batches[i:] = [(start + a, start + b) for a, b in batch(lengths[start:], self.batch_tokens)]
                     continue
                 if on_progress is not None:
                     on_progress(stop - start)
@@ -254,8 +266,23 @@ class Encoder:
         LOG.warning("out of memory on %s with a batch of %d x %d tokens: --batch-tokens %d -> %d for the rest of "
                     "this process's work with this model", self.device, count, longest, old, self.batch_tokens)
 
+    def _batches(self, lengths: np.ndarray, budget: int) -> list[tuple[int, int]]:
+        """Batches of the sorted lengths: padded ones within the budget, or packed ones of up to budget tokens."""
+        if self.packed:
+            from embedctl.pipeline.packing import pack_by_tokens
+
+            return pack_by_tokens(lengths, budget)
+        return pack_batches(lengths, budget)
+
     def _forward(self, seqs: list[list[int]], timer: _ForwardTimer) -> torch.Tensor:
-        """Pooled, L2-normalised float32 vectors of one padded batch (left on the device)."""
+        """Pooled, L2-normalised float32 vectors of one batch (left on the device)."""
+        if self.packed:
+            from embedctl.pipeline.packing import pack, packed_forward
+
+            packed = pack(seqs, self.device)
+            self.padded_tokens += int(packed.input_ids.shape[1])
+            with timer:
+                return packed_forward(self._module, packed, self.profile.pooling)
         width = max(len(s) for s in seqs)
         input_ids = np.full((len(seqs), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(seqs), width), dtype=np.int64)
@@ -416,8 +443,9 @@ def load_model(folder: Path, dtype: torch.dtype, device: torch.device, shm: str 
 
 def load_encoder(ref: ModelRef, device: str = "auto", dtype: str = "auto", max_length: int | None = None,
                  batch_tokens: int | None = None, shm: str = "auto", shm_dir: Path | None = None,
-                 compile: bool = False) -> Encoder:
-    """Load the model `ref` for embedding on `device` in `dtype` (attached from shared memory when published)."""
+                 compile: bool = False, packed: bool | None = None) -> Encoder:
+    """Load the model `ref` for embedding on `device` in `dtype` (attached from shared memory when published).
+    `packed`: packed batches (default: on CUDA where this torch has variable-length attention)."""
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     profile = read_profile(ref.path)
@@ -426,6 +454,6 @@ def load_encoder(ref: ModelRef, device: str = "auto", dtype: str = "auto", max_l
     LOG.info("loaded %s (%s, %s pooling, dim %d) on %s in %s from %s", ref.name, profile.model_type,
              profile.pooling, profile.dim, dev, dtype_name(torch_dtype), source)
     encoder = Encoder(model, tokenizer, profile, dev, max_length=max_length, batch_tokens=batch_tokens,
-                      compile=compile)
+                      compile=compile, packed=packed)
     encoder.source = source
     return encoder

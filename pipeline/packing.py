@@ -1,0 +1,187 @@
+"""Packed batches: the sequences of a batch concatenated into one row, with no padding.
+
+A packed batch is one row of `sum(lengths)` tokens, the position ids restarting at 0 for every sequence and the
+cumulative offsets `cu_seqlens` (0, l0, l0+l1, ...) marking where each sequence starts. Attention runs per
+sequence, never across: on CUDA through PyTorch's variable-length attention
+(`torch.nn.attention.varlen.varlen_attn`), elsewhere sequence by sequence (the CPU form is the test oracle of the
+packed path; CPU batches stay padded, where `bench.attention` measured the short-sequence kernels). Pooling reads
+each sequence's last token (`cu_seqlens[1:] - 1`), first token, or mean from the offsets.
+
+The attention function is registered with transformers' `AttentionInterface` under `PACKED_ATTENTION`, with a mask
+builder that builds no mask: the offsets travel to every attention call as the keyword arguments transformers
+already passes through its models for padding-free batches (`cu_seq_lens_q`, `cu_seq_lens_k`, `max_length_q`,
+`max_length_k`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+LOG = logging.getLogger(__name__)
+
+PACKED_ATTENTION = "embedctl_packed"
+"""Name of the packed attention implementation registered with transformers."""
+
+
+@dataclass
+class Packed:
+    """One packed batch (tensors on the target device)."""
+
+    input_ids: torch.Tensor  # (1, total) token ids of every sequence, one after the other
+    position_ids: torch.Tensor  # (1, total) 0..len-1 for each sequence
+    cu_seqlens: torch.Tensor  # (n + 1,) int32 offsets of the sequences
+    max_length: int  # the longest sequence
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.cu_seqlens[1:] - self.cu_seqlens[:-1]
+
+    def model_kwargs(self) -> dict:
+        """What the model's forward takes for a packed batch (passed through to every attention call)."""
+        return {"input_ids": self.input_ids, "position_ids": self.position_ids, "cu_seq_lens_q": self.cu_seqlens,
+                "cu_seq_lens_k": self.cu_seqlens, "max_length_q": self.max_length, "max_length_k": self.max_length,
+                "use_cache": False}
+
+
+def pack(sequences: list[list[int]], device: torch.device | str = "cpu") -> Packed:
+    """Concatenate token sequences (each at least one token) into one packed row."""
+    if not sequences or any(len(s) == 0 for s in sequences):
+        raise ValueError("pack() needs sequences of at least one token")
+    lengths = torch.tensor([len(s) for s in sequences], dtype=torch.int32)
+    cu = torch.zeros(len(sequences) + 1, dtype=torch.int32)
+    torch.cumsum(lengths, 0, out=cu[1:])
+    total = int(cu[-1])
+    ids = torch.tensor([t for s in sequences for t in s], dtype=torch.long).unsqueeze(0)
+    starts = torch.repeat_interleave(cu[:-1].long(), lengths.long())
+    positions = (torch.arange(total, dtype=torch.long) - starts).unsqueeze(0)
+    non_blocking = torch.device(device).type == "cuda"
+    return Packed(ids.to(device, non_blocking=non_blocking), positions.to(device, non_blocking=non_blocking),
+                  cu.to(device, non_blocking=non_blocking), int(lengths.max()))
+
+
+def pack_by_tokens(lengths, budget: int) -> list[tuple[int, int]]:
+    """(start, stop) groups of consecutive sequences (sorted by length, longest first) whose tokens sum to at most
+    `budget` (a longer sequence alone): a packed batch holds no padding, so the budget counts real tokens."""
+    batches, start, total = [], 0, 0
+    for i, n in enumerate(int(x) for x in lengths):
+        if i > start and total + n > budget:
+            batches.append((start, i))
+            start, total = i, 0
+        total += n
+    if len(lengths):
+        batches.append((start, len(lengths)))
+    return batches
+
+
+def pool_packed(hidden: torch.Tensor, cu_seqlens: torch.Tensor, pooling: str) -> torch.Tensor:
+    """(n, hidden) pooled vectors of a packed batch's hidden states (total, hidden) or (1, total, hidden):
+    the last token of each sequence (`last`), its first (`cls`) or the mean of its tokens (`mean`)."""
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    cu = cu_seqlens.long()
+    if pooling == "last":
+        return hidden[cu[1:] - 1].float()
+    if pooling == "cls":
+        return hidden[cu[:-1]].float()
+    if pooling == "mean":
+        sums = torch.zeros(len(cu), hidden.shape[-1], dtype=torch.float32, device=hidden.device)
+        sums[1:] = torch.cumsum(hidden.float(), dim=0)[cu[1:] - 1]
+        lengths = (cu[1:] - cu[:-1]).unsqueeze(1).float()
+        return (sums[1:] - sums[:-1]) / lengths
+    raise ValueError(f"pooling must be last, cls or mean, got {pooling!r}")
+
+
+def _varlen_attn():
+    """PyTorch's variable-length attention, or None where this build has none."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def per_sequence_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor,
+                           scaling: float, causal: bool) -> torch.Tensor:
+    """Attention of each sequence with itself over packed (1, heads, total, dim) tensors; returns (1, total,
+    heads, dim). Grouped key/value heads are expanded by SDPA's `enable_gqa`, without copies."""
+    outputs = []
+    bounds = cu_seqlens.tolist()
+    gqa = query.shape[1] != key.shape[1]
+    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+        q, k, v = (t[:, :, start:stop] for t in (query, key, value))
+        outputs.append(torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scaling,
+                                                                        enable_gqa=gqa))
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous()
+
+
+def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                             is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers attention function for packed batches (1, heads, total, dim): per sequence, never across."""
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None:
+        raise RuntimeError(f"{PACKED_ATTENTION} attention needs cu_seq_lens_q: run the model on a packed batch")
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    varlen = _varlen_attn() if query.device.type == "cuda" else None
+    if varlen is None:
+        return per_sequence_attention(query, key, value, cu, scale, causal), None
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # varlen_attn takes (total, heads, dim)
+    max_len = int(kwargs.get("max_length_q") or int((cu[1:] - cu[:-1]).max()))
+    out = varlen(q, *_varlen_kv(varlen, k, v, q.shape[1]), cu, cu, max_len, max_len, scale=scale,
+                 **_varlen_options(varlen, causal, k.shape[1] != q.shape[1]))
+    return out.unsqueeze(0), None
+
+
+def _varlen_kv(varlen, key: torch.Tensor, value: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key and value for varlen_attn: grouped heads as they are where it takes `enable_gqa`, else expanded."""
+    import inspect
+
+    if key.shape[1] == heads or "enable_gqa" in inspect.signature(varlen).parameters:
+        return key, value
+    groups = heads // key.shape[1]
+    return key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+
+
+def _varlen_options(varlen, causal: bool, gqa: bool) -> dict:
+    """The causal and grouped-query switches in the spelling of this torch build (`window_size=(-1, 0)` in the
+    newer builds, `is_causal` in the first ones)."""
+    import inspect
+
+    params = inspect.signature(varlen).parameters
+    options = {"enable_gqa": True} if gqa and "enable_gqa" in params else {}
+    if "window_size" in params:
+        options["window_size"] = (-1, 0) if causal else (-1, -1)
+    else:
+        options["is_causal"] = causal
+    return options
+
+
+def _no_mask(*args, **kwargs) -> None:
+    """The mask builder of packed attention: none (the offsets say where each sequence ends)."""
+    return None
+
+
+def register() -> str:
+    """Register packed attention (and its mask builder) with transformers; returns its name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    if PACKED_ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(PACKED_ATTENTION, packed_attention_forward)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, _no_mask)
+    return PACKED_ATTENTION
+
+
+def packed_forward(model: torch.nn.Module, packed: Packed, pooling: str) -> torch.Tensor:
+    """Pooled, L2-normalised float32 vectors of a packed batch: the model's attention is switched to packed
+    attention for the call and back afterwards."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(register())
+    try:
+        hidden = model(**packed.model_kwargs()).last_hidden_state
+    finally:
+        model.set_attn_implementation(previous)
+    return torch.nn.functional.normalize(pool_packed(hidden, packed.cu_seqlens, pooling), p=2, dim=1)
