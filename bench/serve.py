@@ -69,8 +69,8 @@ def peer_venv(name: str) -> Path:
 class Process:
     """A server process in its own group, logging to a file."""
 
-    def __init__(self, argv: list[str], env: dict, log: Path):
-        self.log = log
+    def __init__(self, argv: list[str], env: dict, log: Path, scratch: Path | None = None):
+        self.log, self.scratch = log, scratch  # scratch: a folder removed once the process stopped
         with open(log, "wb") as fh:
             self.proc = subprocess.Popen(argv, env=env, cwd=log.parent, stdout=fh, stderr=subprocess.STDOUT,
                                          start_new_session=True)
@@ -80,6 +80,8 @@ class Process:
 
     def stop(self) -> None:
         stop_group(self.proc)
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
 
 def _post(port: int, path: str, body: dict, timeout: float = 30) -> tuple[int, bytes]:
@@ -131,7 +133,7 @@ def start_peer(name: str, model: Path, threads: int, work: Path) -> tuple[Proces
         python = peer_venv("st")
         argv = [str(python), str(ROOT / "bench" / "peers" / "st_server.py"), str(model), str(port), str(threads)]
         served, path = "minilm", "/v1/embeddings"
-    process = Process(argv, env, work / f"{name}.log")
+    process = Process(argv, env, work / f"{name}.log", Path(env["EMBEDCTL_SHM_DIR"]) if name == "embedctl" else None)
     wait_answer(port, path, {"model": served, "input": ["warm up"]}, process)
     return process, port, path, served
 

@@ -10,6 +10,7 @@ the tokenizer does not append one).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -82,6 +83,22 @@ def packing_available() -> bool:
     from embedctl.pipeline.packing import _varlen_attn
 
     return _varlen_attn() is not None
+
+
+PACKING_MODES = ("off", "on", "auto")
+"""EMBEDCTL_PACKING: `off` (the default until `python -m bench.gpu --parts packing` has measured packed batches on a
+GPU), `on`, or `auto` (on CUDA where this torch has variable-length attention; CPU batches stay padded, where
+`bench.attention` measured the short-sequence kernels they use)."""
+
+
+def packing_mode(device: torch.device) -> bool:
+    """Whether an encoder on `device` runs packed batches (EMBEDCTL_PACKING, every process reads it)."""
+    mode = os.environ.get("EMBEDCTL_PACKING", "off").strip().lower() or "off"
+    if mode not in PACKING_MODES:
+        raise ConfigError(f"EMBEDCTL_PACKING must be one of {', '.join(PACKING_MODES)}, got {mode!r}")
+    if mode == "auto":
+        return device.type == "cuda" and packing_available()
+    return mode == "on"
 
 
 def pack_batches(lengths: Sequence[int], budget: int, max_padding: float = MAX_PADDING) -> list[tuple[int, int]]:
@@ -162,9 +179,8 @@ class Encoder:
             LOG.warning("--batch-tokens %d -> %d: the budget an earlier out-of-memory error left for this model",
                         self.batch_tokens, fits)
             self.batch_tokens = fits
-        # Packed batches (no padding, attention per sequence) on CUDA, where variable-length attention runs as one
-        # kernel; padded batches on CPU, where `bench.attention` measured the short-sequence kernels they use.
-        self.packed = device.type == "cuda" and packing_available() if packed is None else packed
+        # Packed batches (no padding, attention per sequence): see `packing_mode`.
+        self.packed = packing_mode(device) if packed is None else packed
         self.left_padding = profile.pooling == "last"
         self.eos_id = _eos_to_append(tokenizer) if profile.pooling == "last" else None
         self.pad_id = _pad_id(tokenizer)
@@ -445,7 +461,7 @@ def load_encoder(ref: ModelRef, device: str = "auto", dtype: str = "auto", max_l
                  batch_tokens: int | None = None, shm: str = "auto", shm_dir: Path | None = None,
                  compile: bool = False, packed: bool | None = None) -> Encoder:
     """Load the model `ref` for embedding on `device` in `dtype` (attached from shared memory when published).
-    `packed`: packed batches (default: on CUDA where this torch has variable-length attention)."""
+    `packed`: packed batches (default: EMBEDCTL_PACKING, see `packing_mode`)."""
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     profile = read_profile(ref.path)

@@ -206,7 +206,10 @@ def test_interrupted_run_resumes_with_only_missing_chunks(tmp_path, sample_corpu
     out = tmp_path / "idx"
     args = [EMBEDCTL, "index", str(sample_corpus), "--out", str(out), "--model", "minilm", "--chunk-rows", "150",
             "--dims", "128", "--threads", "1"]
-    proc = subprocess.Popen(args + ["--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT at its default in the child, as in a terminal: a test runner started in the background (`cmd &` in a
+    # script) ignores it, and Python then keeps ignoring it, so Ctrl-C would never reach the run
+    proc = subprocess.Popen(args + ["--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         done = list(out.glob("work/*/chunks/chunk-*.npy"))

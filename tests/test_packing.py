@@ -74,3 +74,18 @@ def test_per_sequence_attention_is_block_diagonal_attention(causal):
     full = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
                                                             attn_mask=mask, scale=8 ** -0.5)
     assert out.shape == (1, 12, 4, 8) and torch.allclose(out, full.transpose(1, 2), atol=1e-5)
+
+
+def test_embedctl_packing_chooses_the_batches(monkeypatch):
+    from embedctl.pipeline.encoder import packing_mode
+    from embedctl.pipeline.errors import ConfigError
+
+    cpu = torch.device("cpu")
+    assert packing_mode(cpu) is False  # off until measured on a GPU
+    monkeypatch.setenv("EMBEDCTL_PACKING", "on")
+    assert packing_mode(cpu) is True
+    monkeypatch.setenv("EMBEDCTL_PACKING", "auto")
+    assert packing_mode(cpu) is False  # auto packs on CUDA only
+    monkeypatch.setenv("EMBEDCTL_PACKING", "sometimes")
+    with pytest.raises(ConfigError, match="EMBEDCTL_PACKING must be one of off, on, auto"):
+        packing_mode(cpu)

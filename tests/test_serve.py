@@ -155,6 +155,19 @@ def test_bad_requests_get_the_right_status_in_openais_error_shape(served):
     assert status == 400 and "384, 128" in body["error"]["message"]
 
 
+def test_the_supervisor_loads_no_torch_and_each_worker_maps_the_shared_weights(served):
+    import psutil
+
+    server, _, env = served
+    maps = Path(f"/proc/{server.proc.pid}/maps").read_text()
+    assert "libtorch" not in maps and "libcuda" not in maps  # uvicorn's supervisor: it touches no CUDA
+    workers = [c for c in psutil.Process(server.proc.pid).children() if "spawn_main" in " ".join(c.cmdline())]
+    assert len(workers) == 2
+    segment = next(Path(env["EMBEDCTL_SHM_DIR"]).glob("embedctl-*"))
+    for worker in workers:  # attached, not loaded: the weights are the one published segment, mapped
+        assert str(segment) in Path(f"/proc/{worker.pid}/maps").read_text()
+
+
 def test_health_models_and_metrics(served):
     server, _, _ = served
     with urllib.request.urlopen(server.url + "/health", timeout=10) as response:  # no key needed
