@@ -15,6 +15,8 @@ already passes through its models for padding-free batches (`cu_seq_lens_q`, `cu
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 from dataclasses import dataclass
 
@@ -135,11 +137,15 @@ def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     return out.unsqueeze(0), None
 
 
+@functools.cache
+def _parameters(function) -> frozenset[str]:
+    """The parameter names of a function (read once: the attention runs in every layer of every batch)."""
+    return frozenset(inspect.signature(function).parameters)
+
+
 def _varlen_kv(varlen, key: torch.Tensor, value: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Key and value for varlen_attn: grouped heads as they are where it takes `enable_gqa`, else expanded."""
-    import inspect
-
-    if key.shape[1] == heads or "enable_gqa" in inspect.signature(varlen).parameters:
+    if key.shape[1] == heads or "enable_gqa" in _parameters(varlen):
         return key, value
     groups = heads // key.shape[1]
     return key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
@@ -148,9 +154,7 @@ def _varlen_kv(varlen, key: torch.Tensor, value: torch.Tensor, heads: int) -> tu
 def _varlen_options(varlen, causal: bool, gqa: bool) -> dict:
     """The causal and grouped-query switches in the spelling of this torch build (`window_size=(-1, 0)` in the
     newer builds, `is_causal` in the first ones)."""
-    import inspect
-
-    params = inspect.signature(varlen).parameters
+    params = _parameters(varlen)
     options = {"enable_gqa": True} if gqa and "enable_gqa" in params else {}
     if "window_size" in params:
         options["window_size"] = (-1, 0) if causal else (-1, -1)

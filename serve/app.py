@@ -48,6 +48,7 @@ class ServerState:
         self.profile = None
         self.error: str | None = None
         self.started = time.time()
+        self.model_names = {config.model, Path(config.model).name}  # what clients may send as `model`
         self.phases: dict[str, float] = {}  # seconds of each start-up step (logged when ready)
         self.device = None
         self.fingerprint = ""
@@ -65,11 +66,6 @@ class ServerState:
                            type="server_error", code="not_ready")
         return self.engine
 
-    def model_names(self) -> set[str]:
-        names = {self.config.model}
-        if self.profile is not None:
-            names.add(Path(self.config.model).name)
-        return names
 
     def _load_model(self) -> Engine:
         """The worker's encoder (in a thread: attaching or loading takes a while, /health answers meanwhile)."""
@@ -285,6 +281,11 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     async def api_error(request: Request, exc: ApiError):
         return _error_response(exc, request.url.path)
 
+    @app.exception_handler(Overloaded)
+    async def overloaded(request: Request, exc: Overloaded):
+        return _error_response(ApiError(429, f"the server is busy ({exc}); retry shortly", type="rate_limit_error",
+                                        code="overloaded"), request.url.path)
+
     @app.exception_handler(404)
     async def not_found(request: Request, exc):
         return _error_response(ApiError(404, f"no route {request.method} {request.url.path}; see the README's "
@@ -305,7 +306,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     async def embeddings(request: Request):
         req: EmbeddingRequest = await _parse(request, EmbeddingRequest)
         engine = state.require()
-        if req.model not in state.model_names():
+        if req.model not in state.model_names:
             raise ApiError(404, f"The model `{req.model}` does not exist: this server serves `{config.model}`",
                            param="model", code="model_not_found")
         if req.dimensions is not None and not 0 < req.dimensions <= engine.dim:
@@ -318,7 +319,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         if count > config.max_inputs:
             raise ApiError(400, f"{count} inputs in one request; at most {config.max_inputs} (--max-inputs)",
                            param="input")
-        try:
+        try:  # Overloaded becomes 429 in its handler
             if tokens_given:
                 if req.instruction or req.prefix:
                     raise ApiError(400, "`instruction` and `prefix` apply to texts, not to token ids",
@@ -336,9 +337,6 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
                 else:
                     prefix = state.profile.document_prefix(None)
                 result = await engine.embed_texts(texts, prefix)
-        except Overloaded as exc:
-            raise ApiError(429, f"the server is busy ({exc}); retry shortly", type="rate_limit_error",
-                           code="overloaded") from None
         except ConfigError as exc:
             raise ApiError(400, str(exc), param="input") from None
         vectors = result.vectors
@@ -377,11 +375,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
             from embedctl.pipeline.models import format_instruction
 
             prefix = format_instruction(req.instruction, info.instruction_format)
-        try:
-            embedded = await engine.embed_texts(queries, prefix)
-        except Overloaded as exc:
-            raise ApiError(429, f"the server is busy ({exc}); retry shortly", type="rate_limit_error",
-                           code="overloaded") from None
+        embedded = await engine.embed_texts(queries, prefix)
         results = await asyncio.to_thread(reader.search, embedded.vectors, req.k, req.dim, req.ef)
         metrics.TOKENS.labels("/v1/search").inc(embedded.tokens)
         return JSON({

@@ -96,8 +96,9 @@ class Engine:
             else:
                 out[i], n = hit
                 tokens += n
+        misses = sum(len(v) for v in missing.values())
         if self._on_cache is not None:
-            self._on_cache(len(texts) - sum(len(v) for v in missing.values()), sum(len(v) for v in missing.values()))
+            self._on_cache(len(texts) - misses, misses)
         if missing:
             unique = list(missing)
             if sum(map(len, unique)) <= INLINE_CHARS:  # a few short texts: a thread hop costs more
@@ -109,7 +110,7 @@ class Engine:
                 self.cache.put(key, (vector, len(seq)))
                 out[missing[key]] = vector
                 tokens += len(seq) * len(missing[key])
-        return Embedded(out, tokens, len(texts) - sum(len(v) for v in missing.values()))
+        return Embedded(out, tokens, len(texts) - misses)
 
     def check_tokens(self, sequences: list[list[int]]) -> list[list[int]]:
         """Token-id inputs as the model takes them: ids checked against the vocabulary, cut at max_length, the end

@@ -92,7 +92,9 @@ def serve(index_dirs: tuple[str, ...], model: str | None, workers: int | None, h
             ref = resolve_model(model)
         except ModelError:
             model = infos[0].model_path
-    ref = resolve_model(model)
+            ref = resolve_model(model)
+    else:
+        ref = resolve_model(model)
     fingerprint = ref.fingerprint
     names = {}
     for folder, info in zip(map(Path, index_dirs), infos, strict=True):
