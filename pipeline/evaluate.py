@@ -2,7 +2,8 @@
 
 Queries come from a Parquet file (a query text column and the id of its relevant row). Exact search is a
 brute-force inner product over the vectors each index stores (its HNSW storage), so "exact" and "HNSW" differ
-only by the graph search; both search every segment of the version, without its deleted rows. The benchmark and
+only by the graph search; both search every segment of the version, without its deleted rows. Exact search runs
+on the CPU or, with faiss-gpu, on the GPU (`pipeline.exact`); HNSW always runs on the CPU. The benchmark and
 `embedctl eval` use this same code.
 """
 
@@ -16,6 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from embedctl.pipeline.errors import ConfigError, CorpusError
+from embedctl.pipeline.exact import resolve_exact_device
 from embedctl.pipeline.index import IndexReader
 
 
@@ -70,10 +72,14 @@ def _metrics(found: np.ndarray, relevant: np.ndarray, ks: tuple[int, ...]) -> di
 
 
 def evaluate(reader: IndexReader, query_vectors: np.ndarray, queries: QuerySet, ks: tuple[int, ...] = (1, 10),
-             ef: int | None = None, dims: list[int] | None = None) -> dict:
-    """Recall@k and MRR per dim for exact search and HNSW; with HNSW's agreement with exact (recall vs exact)."""
+             ef: int | None = None, dims: list[int] | None = None, exact_device: str = "cpu") -> dict:
+    """Recall@k and MRR per dim for exact search and HNSW; with HNSW's agreement with exact (recall vs exact).
+
+    `exact_device` (auto|cpu|gpu) is where the exact search runs; the result records the device it resolved to and
+    the time of each search per query."""
     if not ks or min(ks) <= 0:
         raise ConfigError(f"-k values must be positive, got {ks!r}")
+    exact_device = resolve_exact_device(exact_device)
     k = max(ks)
     ef = max(ef or reader.info.hnsw["ef_search"], k)  # HNSW returns at most efSearch hits
     results = {}
@@ -83,12 +89,17 @@ def evaluate(reader: IndexReader, query_vectors: np.ndarray, queries: QuerySet, 
         _, segments, positions = reader.search_positions(query_vectors, k, dim, ef)
         seconds = time.perf_counter() - t0
         approx = _keys(reader, segments, positions)
-        _, segments, positions = reader.search_positions(query_vectors, k, dim, exact=True)  # brute force
+        t0 = time.perf_counter()
+        _, segments, positions = reader.search_positions(query_vectors, k, dim, exact=True,  # brute force
+                                                         exact_device=exact_device)
+        exact_seconds = time.perf_counter() - t0
         exact = _keys(reader, segments, positions)
         agreement = float(np.mean([len(set(a) & set(e)) / k for a, e in zip(approx, exact, strict=True)]))
         results[str(dim)] = {"exact": _metrics(exact, queries.relevant, ks),
                              "hnsw": _metrics(approx, queries.relevant, ks),
                              f"hnsw_recall@{k}_vs_exact": round(agreement, 4),
                              "ef_search": ef,
-                             "hnsw_ms_per_query": round(1000 * seconds / len(query_vectors), 4)}
-    return {"index": str(reader.dir), "queries": len(queries.texts), "k": list(ks), "dims": results}
+                             "hnsw_ms_per_query": round(1000 * seconds / len(query_vectors), 4),
+                             "exact_ms_per_query": round(1000 * exact_seconds / len(query_vectors), 4)}
+    return {"index": str(reader.dir), "queries": len(queries.texts), "k": list(ks), "exact_device": exact_device,
+            "dims": results}

@@ -4,7 +4,9 @@ Every sliced index is derived from the full-dim vectors (first d dims, re-normal
 model again. Within a segment, index position i is row i of the segment's `rows.parquet` (`row`, `id`, `text`),
 so a search maps to corpus ids and texts; each `index-<dim>.faiss` opens with plain `faiss.read_index`. A search
 of a version searches every segment of the dim, skips the rows the version deleted inside FAISS (an ID selector in
-the search parameters, so each segment still returns its k best live rows) and merges the top k.
+the search parameters, so each segment still returns its k best live rows) and merges the top k. Exact search (the
+baseline of `embedctl eval`) runs in FAISS on the CPU with the same selector, or on the GPU over the live rows in
+tiles (`pipeline.exact`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import faiss
 import numpy as np
 import pyarrow.parquet as pq
 
+from embedctl.pipeline import exact as exact_search
 from embedctl.pipeline.checksum import checksum
 from embedctl.pipeline.checksum import verify as verify_checksum
 from embedctl.pipeline.defaults import INDEX_TYPES
@@ -143,17 +146,21 @@ class SegmentReader:
             params.sel = faiss.IDSelectorBitmap(self.ref.rows, faiss.swig_ptr(self._bitmap))
         return params
 
-    def search(self, queries: np.ndarray, k: int, dim: int, ef: int, exact: bool = False):
+    def search(self, queries: np.ndarray, k: int, dim: int, ef: int, exact: bool = False,
+               exact_device: str = "cpu"):
         """(scores, positions) of the k best live rows of this segment for each query (positions -1: none).
 
         Deleted rows are skipped inside FAISS. HNSW then walks through deleted rows too, so efSearch grows with the
         deleted share (ef x rows / live rows), and a query that still comes back short of min(k, live rows) is
-        answered by exact search over the segment's stored vectors."""
+        answered by exact search over the segment's stored vectors. `exact` searches those vectors by brute force
+        on `exact_device`: `cpu` in FAISS with the deletion selector, `gpu` in tiles of live rows (`_tiled`)."""
         index = self.index(dim)
         kk = min(k, max(self.ref.rows, 1))
         storage = faiss.downcast_index(faiss.downcast_index(index).storage)
         if exact:
-            return storage.search(queries, kk, params=self.params(exact=True))
+            if exact_device == "cpu":
+                return storage.search(queries, kk, params=self.params(exact=True))
+            return self._tiled(storage, queries, kk, exact_device)
         live = self.ref.rows - len(self.deleted)
         scaled = min(self.ref.rows, math.ceil(ef * self.ref.rows / max(live, 1)))
         scores, positions = index.search(queries, kk, params=self.params(scaled))
@@ -161,6 +168,31 @@ class SegmentReader:
         if short.any():
             scores[short], positions[short] = storage.search(queries[short], kk, params=self.params(exact=True))
         return scores, positions
+
+    def _tiled(self, storage: faiss.Index, queries: np.ndarray, k: int, device: str) -> tuple[np.ndarray, np.ndarray]:
+        """Exact search of the stored vectors on `device` by `exact_search.knn_tiles`: each tile is a range of
+        positions, decoded to float32 (read in place for a flat storage), less its deleted rows; ids are segment
+        positions."""
+        search = exact_search.backend(device)
+        n, d = storage.ntotal, storage.d
+        rows = exact_search.default_tile_rows(d)
+        live = np.ones(n, dtype=bool)
+        live[self.deleted] = False
+        flat = None
+        if isinstance(storage, faiss.IndexFlat) and n:  # float32 already: a view, no copy
+            flat = faiss.rev_swig_ptr(storage.get_xb(), n * d).reshape(n, d)
+
+        def tiles():
+            for start in range(0, n, rows):
+                stop = min(start + rows, n)
+                block = flat[start:stop] if flat is not None else storage.reconstruct_n(start, stop - start)
+                keep = np.flatnonzero(live[start:stop])
+                if len(keep) == stop - start:
+                    yield block, np.arange(start, stop, dtype=np.int64)
+                else:
+                    yield block[keep], keep + start
+
+        return exact_search.knn_tiles(tiles(), queries, k, search, exact_search.k_limit(device))
 
     def lookup(self, positions: Sequence[int]) -> dict[int, tuple[object, str, int]]:
         """position -> (id, text, corpus row), reading only the row groups that hold them."""
@@ -214,11 +246,13 @@ class IndexReader:
                 segment.index(d)
 
     def search_positions(self, queries: np.ndarray, k: int, dim: int | None = None, ef: int | None = None,
-                         exact: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                         exact: bool = False,
+                         exact_device: str = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(scores, segment numbers, positions) of the k best live rows over all segments, best first.
 
         `queries`: full-dim normalised vectors, sliced and re-normalised to `dim`. efSearch is at least k (HNSW
-        returns at most efSearch hits); `exact` searches the stored vectors by brute force instead."""
+        returns at most efSearch hits); `exact` searches the stored vectors by brute force instead, on
+        `exact_device` (`cpu` or `gpu`: see `pipeline.exact.resolve_exact_device`)."""
         if k <= 0:
             raise ConfigError(f"-k must be > 0, got {k!r}")
         if ef is not None and ef <= 0:
@@ -226,7 +260,7 @@ class IndexReader:
         dim = self._dim(dim)
         ef = max(ef or self.info.hnsw["ef_search"], k)
         q = slice_normalise(queries, dim)
-        parts = _map(lambda seg: seg.search(q, k, dim, ef, exact), self.segments)
+        parts = _map(lambda seg: seg.search(q, k, dim, ef, exact, exact_device), self.segments)
         scores = np.concatenate([p[0] for p in parts], axis=1)
         positions = np.concatenate([p[1] for p in parts], axis=1)
         segment = np.concatenate([np.full(p[1].shape, n, np.int64) for n, p in enumerate(parts)], axis=1)

@@ -173,21 +173,26 @@ def info(index_dir: str, as_json: bool) -> None:
 @env_option("--query-instruction", env="QUERY_INSTRUCTION", default=None,
       help="Instruction for the queries [default: the one recorded in the index; '' for none].")
 @env_option("--device", env="DEVICE", default="auto", show_default=True)
+@env_option("--exact-device", env="EXACT_DEVICE", type=click.Choice(["auto", "cpu", "gpu"]), default="auto",
+            show_default=True, help="Where the exact search runs: the GPU through faiss-gpu (the gpu extra) or the "
+                                    "CPU; auto: the GPU when faiss-gpu sees one.")
 @shm_option
 @no_verify_option
 @server_options
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @handle_errors
 def evaluate_cmd(index_dir: str, queries_path: str, query_column: str, relevant_column: str, ks: str,
-                 ef: int | None, limit: int | None, query_instruction: str | None, device: str, shm: str,
-                 no_verify: bool, server: str | None, api_key: str | None, as_json: bool) -> None:
+                 ef: int | None, limit: int | None, query_instruction: str | None, device: str, exact_device: str,
+                 shm: str, no_verify: bool, server: str | None, api_key: str | None, as_json: bool) -> None:
     """Recall@k and MRR of INDEX_DIR on labelled queries, per dim, exact search vs HNSW.
 
     With --server the queries are embedded by a running `embedctl serve` of the index's model (no model is loaded
-    here; the index is searched here, exactly and with HNSW)."""
+    here; the index is searched here, exactly and with HNSW). The exact search runs on --exact-device."""
     from embedctl.pipeline.evaluate import evaluate, load_queries
+    from embedctl.pipeline.exact import resolve_exact_device
     from embedctl.pipeline.index import IndexReader
 
+    exact_device = resolve_exact_device(exact_device)  # a refused gpu fails before any index or model is loaded
     try:
         cutoffs = tuple(int(x) for x in ks.split(",") if x.strip())
     except ValueError:
@@ -210,12 +215,13 @@ def evaluate_cmd(index_dir: str, queries_path: str, query_column: str, relevant_
 
         encoder = load_encoder(_index_model(info), device=device, max_length=info.max_length, shm=shm)
         vectors = encoder.encode(queries.texts, prefix=prefix).vectors
-    result = evaluate(reader, vectors, queries, cutoffs, ef=ef)
+    result = evaluate(reader, vectors, queries, cutoffs, ef=ef, exact_device=exact_device)
     if as_json:
         print_json(result)
         return
     k = max(cutoffs)
     click.echo(f"{result['queries']} queries, {reader.dir.name} of {index_dir}")
+    click.echo("exact search on gpu (faiss-gpu)" if result["exact_device"] == "gpu" else "exact search on cpu")
     head = "  ".join(f"{'R@' + str(c):>7}" for c in cutoffs)
     click.echo(f"{'dim':>5}  {'search':<6} {head} {'MRR@' + str(k):>8}   HNSW vs exact")
     for dim, m in result["dims"].items():
