@@ -172,7 +172,8 @@ def main() -> None:
     parser.add_argument("--stage-rows", type=int, default=40_000)
     parser.add_argument("--parts", default="sweep,stage,compile,packing",
                         help="comma-separated: sweep (vs sentence-transformers, budgets), stage, compile, packing "
-                             "(packed vs padded batches)")
+                             "(packed vs padded batches), share (K = 1, 2, 4 processes on one GPU: memory and "
+                             "tokens/s with one shared copy vs a copy each, and an exporter killed; bench/share.py)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     import torch
@@ -238,19 +239,28 @@ def main() -> None:
         if "stage" in parts else {}
     compiled = compare_compiled(encoder, corpora) if "compile" in parts else {}
     packing = compare_packing(encoder, corpora, folder) if "packing" in parts else {}
+    shared = {}
+    if "share" in parts:
+        from bench.share import measure
+
+        del encoder  # the share rounds' processes load their own (or map the exporter's)
+        torch.cuda.empty_cache()
+        os.environ.setdefault("EMBEDCTL_SHM_DIR", str(tmp / "shm"))
+        Path(os.environ["EMBEDCTL_SHM_DIR"]).mkdir(exist_ok=True)
+        shared = measure(str(folder), "cuda:0", "bf16", corpora["glosses"][:5000], (1, 2, 4))
     result = {"command": "python -m bench.gpu " + " ".join(sys.argv[1:]), "device": torch.cuda.get_device_name(),
               "measured_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
               "torch": torch.__version__, "cpus": os.cpu_count(), "layers": args.layers,
               "model_build_s": round(built_s, 1), "rows": rows, "ratios": ratios, "ceiling": ceiling,
               "activation_peak_mib": memory, "stage": stage_result, "compile": compiled,
-              "packing": packing}
+              "packing": packing, "share": shared}
     if args.json:
         print(json.dumps(result, indent=2))
         return
     print(f"# GPU throughput ({result['command']}) on {result['device']}")
     for r in rows:
         print(r)
-    for key in ("ratios", "ceiling", "activation_peak_mib", "stage", "compile", "packing"):
+    for key in ("ratios", "ceiling", "activation_peak_mib", "stage", "compile", "packing", "share"):
         print(key, json.dumps(result[key]))
 
 

@@ -27,7 +27,7 @@ from embedctl.jobs.broker import Settings, lease_seconds
 from embedctl.jobs.report import RunReport, read_report, write_report
 from embedctl.jobs.spec import JobSpec
 from embedctl.pipeline import defaults, versions
-from embedctl.pipeline.errors import ConfigError, EmbedctlError, StorageError
+from embedctl.pipeline.errors import ConfigError, EmbedctlError, StorageError, WeightsLost
 from embedctl.pipeline.plan import WORK, WorkPlan, index_dims, load_plan
 from embedctl.pipeline.vectors import DamagedChunks
 from embedctl.pipeline.work import ProgressFactory, missing_chunks, no_progress
@@ -396,6 +396,8 @@ def run_chunk(work_dir: Path, number: int, encoder_for: Callable[[WorkPlan], obj
         with locks.keep_alive(beat, run.lease_seconds / 3, f"chunk {number} of {plan.plan_id}"):
             summary = embed_chunk(plan, number, lambda: encoder_for(plan), cache=cache_for(plan),
                                   stamp={"run_id": run.run_id})
+    except WeightsLost:
+        raise  # not a failure of the chunk: the caller retries it on the restarted exporter's weights
     except EmbedctlError as exc:
         message = f"chunk {number}: {exc}"
         state.record_failure(plan, what, message)

@@ -21,6 +21,7 @@ from embedctl.pipeline.defaults import (
     DTYPE_NAMES,
     INDEX_TYPES,
     INSTRUCTION_FORMATS,
+    compile_mode,
 )
 from embedctl.pipeline.errors import ConfigError
 
@@ -57,7 +58,7 @@ class JobSpec:
     keep: int = DEFAULT_KEEP_VERSIONS
     index_type: str = "hnsw"
     segment_rows: int = DEFAULT_SEGMENT_ROWS
-    compile: bool = False
+    compile: str = "auto"  # auto | on | off (true/false accepted: see defaults.compile_mode)
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -80,8 +81,7 @@ class JobSpec:
         if self.instruction_format not in (None, *INSTRUCTION_FORMATS):
             raise ConfigError(f"instruction_format must be one of {', '.join(INSTRUCTION_FORMATS)}, got "
                               f"{self.instruction_format!r}")
-        if not isinstance(self.compile, bool):
-            raise ConfigError(f"compile must be true or false, got {self.compile!r}")
+        object.__setattr__(self, "compile", compile_mode(self.compile))
         if self.index_type not in INDEX_TYPES:
             raise ConfigError(f"index_type must be one of {', '.join(INDEX_TYPES)}, got {self.index_type!r}")
         if self.shm not in ("auto", "require", "off"):

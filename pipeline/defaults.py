@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from embedctl.pipeline.errors import ConfigError
+
 DEFAULT_MODEL = "Qwen/Qwen3-Embedding-4B"
 """Model used when `--model` is not given: the reference model of embedctl."""
 
@@ -64,3 +66,19 @@ DEFAULT_SEGMENT_ROWS = 500_000
 row barely depends on segment size, so segments are as large as a build task's memory allows on a common build
 host: at the reference model's 2560 dims, 500,000 rows take 12.2 GiB for the full-dim piece (two tasks fit in
 32 GB). See README, "Segments"."""
+
+COMPILE_MODES = ("auto", "on", "off")
+"""`--compile`: `on` compiles from the first batch, `off` never, `auto` (the default) switches to the compiled model
+on CUDA once this process has spent `encoder.compile_after_seconds()` in eager forward passes (see
+`encoder.compile_due`)."""
+
+
+def compile_mode(value) -> str:
+    """`--compile` as one of COMPILE_MODES (true/false from job specs and older plans are on/off)."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    mode = str(value or "auto").strip().lower()
+    mode = {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}.get(mode, mode)
+    if mode not in COMPILE_MODES:
+        raise ConfigError(f"--compile must be one of {', '.join(COMPILE_MODES)}, got {value!r}")
+    return mode

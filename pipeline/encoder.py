@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from embedctl.pipeline.attention import use_embedctl_attention
-from embedctl.pipeline.defaults import DEFAULT_BATCH_TOKENS_CPU, DEFAULT_BATCH_TOKENS_CUDA
-from embedctl.pipeline.errors import ConfigError, ModelError
+from embedctl.pipeline.defaults import DEFAULT_BATCH_TOKENS_CPU, DEFAULT_BATCH_TOKENS_CUDA, compile_mode
+from embedctl.pipeline.errors import ConfigError, ModelError, WeightsLost
 from embedctl.pipeline.kernels import use_onednn_linear, use_pytorch_linear
 from embedctl.pipeline.models import ModelProfile, ModelRef, read_profile
 
@@ -71,6 +71,9 @@ def default_batch_tokens(device: torch.device) -> int:
     return DEFAULT_BATCH_TOKENS_CUDA if device.type == "cuda" else DEFAULT_BATCH_TOKENS_CPU
 
 
+_EAGER_SECONDS = "_embedctl_eager_seconds"
+"""Attribute of a model: forward seconds its encoders spent uncompiled in this process (`--compile auto`)."""
+
 _BUDGET_THAT_FITS = "_embedctl_budget_that_fits"
 """Attribute of a model: the token budget an out-of-memory error lowered it to (later encoders start there)."""
 
@@ -99,6 +102,38 @@ def packing_mode(device: torch.device) -> bool:
     if mode == "auto":
         return device.type == "cuda" and packing_available()
     return mode == "on"
+
+
+COMPILE_AFTER_SECONDS = 175.0
+"""Eager forward seconds after which `--compile auto` compiles: the compile time measured for the 4B shape on an
+H100 (174.6 s, bench-results/gpu-compile.json). Compiling then is the ski-rental rule: whatever the work left, the
+process spends at most twice the time the better choice in hindsight would have (compiled it ran 1.54-1.68x eager's
+speed, so a job of more than ~500 s of eager work gains from compiling at all)."""
+
+COMPILE_BACKEND = "inductor"
+"""The torch.compile backend (tests count graphs with a backend of their own)."""
+
+
+def compile_after_seconds() -> float:
+    """EMBEDCTL_COMPILE_AFTER (seconds of eager forward time before `--compile auto` compiles)."""
+    raw = os.environ.get("EMBEDCTL_COMPILE_AFTER", "").strip()
+    if not raw:
+        return COMPILE_AFTER_SECONDS
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if value < 0:
+        raise ConfigError(f"EMBEDCTL_COMPILE_AFTER must be a number of seconds >= 0, got {raw!r}")
+    return value
+
+
+def compile_due(mode: str, device: torch.device, eager_seconds: float, after: float) -> bool:
+    """Whether an encoder compiles now: `on` always; `auto` on CUDA once `after` seconds of eager forward time
+    have passed in this process (on CPU compiling was measured no faster); `off` never."""
+    if mode == "on":
+        return True
+    return mode == "auto" and device.type == "cuda" and eager_seconds >= after
 
 
 def pack_batches(lengths: Sequence[int], budget: int, max_padding: float = MAX_PADDING) -> list[tuple[int, int]]:
@@ -156,18 +191,20 @@ class Encoder:
     """A loaded model with its tokenizer, ready to embed texts."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, profile: ModelProfile, device: torch.device,
-                 max_length: int | None = None, batch_tokens: int | None = None, compile: bool = False,
+                 max_length: int | None = None, batch_tokens: int | None = None, compile: bool | str = "off",
                  packed: bool | None = None):
         self.model = model
         use_embedctl_attention(model)  # plain attention for short CPU sequences (pipeline/attention.py)
-        if compile:
-            use_pytorch_linear(model)  # inductor does its own fusion, from the model's own layers
-        else:
+        self.compile_mode = compile_mode(compile)
+        # Packed batches (no padding, attention per sequence): see `packing_mode`.
+        self.packed = packing_mode(device) if packed is None else packed
+        self._module = model
+        self.device = device
+        self._compile_if_due()
+        if self._module is model:
             use_onednn_linear(model)  # fused bias and GELU for fp32 on CPU (pipeline/kernels.py)
-        self._module = compiled(model) if compile else model
         self.tokenizer = tokenizer
         self.profile = profile
-        self.device = device
         self.max_length = int(max_length or profile.max_length)
         if self.max_length < 2:
             raise ConfigError(f"max_length must be >= 2, got {self.max_length!r}")
@@ -179,8 +216,6 @@ class Encoder:
             LOG.warning("--batch-tokens %d -> %d: the budget an earlier out-of-memory error left for this model",
                         self.batch_tokens, fits)
             self.batch_tokens = fits
-        # Packed batches (no padding, attention per sequence): see `packing_mode`.
-        self.packed = packing_mode(device) if packed is None else packed
         self.left_padding = profile.pooling == "last"
         self.eos_id = _eos_to_append(tokenizer) if profile.pooling == "last" else None
         self.pad_id = _pad_id(tokenizer)
@@ -194,6 +229,22 @@ class Encoder:
     @property
     def dim(self) -> int:
         return self.profile.dim
+
+    @property
+    def is_compiled(self) -> bool:
+        return self._module is not self.model
+
+    def _compile_if_due(self) -> None:
+        """Switch to the compiled model when `compile_due` says so (checked at creation and before each run)."""
+        if self.is_compiled or self.compile_mode == "off":
+            return
+        eager = getattr(self.model, _EAGER_SECONDS, 0.0)
+        if compile_due(self.compile_mode, self.device, eager, compile_after_seconds()):
+            if self.compile_mode == "auto":
+                LOG.info("compiling the model after %.0f s of eager forward passes (--compile auto; "
+                         "EMBEDCTL_COMPILE_AFTER)", eager)
+            use_pytorch_linear(self.model)  # inductor does its own fusion, from the model's own layers
+            self._module = compiled(self.model, static=self.packed)
 
     def tokenize(self, texts: Sequence[str]) -> tuple[list[list[int]], np.ndarray]:
         """Token ids of each text (special tokens included), cut at max_length; and which texts were cut."""
@@ -243,6 +294,7 @@ class Encoder:
     def run(self, prepared: Prepared, on_progress: Callable[[int], None] | None = None) -> Encoded:
         """The model side of `encode`: run the prepared texts in token-budget batches; vectors in input order."""
         p = prepared
+        self._compile_if_due()
         if not p.unique:
             return Encoded(np.zeros((len(p.inverse), self.dim), np.float32), np.zeros(len(p.inverse), bool), 0, 0)
         # Pooled vectors stay on the device until every batch is queued: on CUDA the host prepares batch k+1
@@ -254,6 +306,7 @@ class Encoder:
         with torch.inference_mode():
             while i < len(batches):
                 start, stop = batches[i]
+                self._check_weights()
                 try:
                     pooled.append(self._forward([p.ids[k] for k in p.order[start:stop]], timer))
                 except torch.OutOfMemoryError:
@@ -265,9 +318,25 @@ class Encoder:
                 i += 1
             out = np.empty((p.unique, self.dim), dtype=np.float32)
             out[p.order] = torch.cat(pooled).cpu().numpy()
-        self.forward_seconds += timer.seconds()
+        self._check_weights()  # an exporter gone during the last batches may have left garbage in them
+        seconds = timer.seconds()
+        self.forward_seconds += seconds
+        if not self.is_compiled:
+            object.__setattr__(self.model, _EAGER_SECONDS, getattr(self.model, _EAGER_SECONDS, 0.0) + seconds)
         return Encoded(vectors=out[p.inverse], truncated=p.truncated[p.inverse], tokens=int(p.lengths.sum()),
                        unique=p.unique)
+
+    def _check_weights(self) -> None:
+        """Raise WeightsLost when the exporter of the device weights this model maps has exited."""
+        lease = getattr(self.model, "_embedctl_lease", None)
+        if lease is None:
+            return
+        from embedctl.shm_loader.share import ExporterLost
+
+        try:
+            lease.check()
+        except ExporterLost as exc:
+            raise WeightsLost(str(exc)) from None
 
     def _halve_budget(self, longest: int, count: int) -> None:
         """After an out-of-memory error: halve the token budget for this and later batches (the work done is kept)."""
@@ -295,10 +364,12 @@ class Encoder:
         if self.packed:
             from embedctl.pipeline.packing import pack, packed_forward
 
-            packed = pack(seqs, self.device)
+            # compiled: every batch exactly the budget's tokens (one static shape; see pipeline/packing.py)
+            packed = pack(seqs, self.device, total=self.batch_tokens if self.is_compiled else None,
+                          pad_id=self.pad_id)
             self.padded_tokens += int(packed.input_ids.shape[1])
             with timer:
-                return packed_forward(self._module, packed, self.profile.pooling)
+                return packed_forward(self.model, packed, self.profile.pooling, self._module)
         width = max(len(s) for s in seqs)
         input_ids = np.full((len(seqs), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(seqs), width), dtype=np.int64)
@@ -354,17 +425,20 @@ class _ForwardTimer:
         return self.total
 
 
-def compiled(model: torch.nn.Module) -> torch.nn.Module:
+def compiled(model: torch.nn.Module, static: bool = False) -> torch.nn.Module:
     """`torch.compile(model)`, made once per model and kept on it (a worker builds an Encoder per task).
 
-    Compiling fuses the elementwise work between the matmuls (norms, rotary embeddings, activations); shapes vary
-    with every batch, hence `dynamic`. The first batches pay the compilation (minutes for a 4B model): worth it on
-    GPUs for long runs (`python -m bench.gpu`), not on CPU, where it was measured no faster.
+    Compiling fuses the elementwise work between the matmuls (norms, rotary embeddings, activations). Padded
+    batches vary in both dimensions with every batch, hence `dynamic=True`; packed batches (`static`) are padded to
+    the token budget, so only the sequence count varies (marked dynamic by `packed_forward`) and the matmuls see one
+    static shape. The first batches pay the compilation (minutes for a 4B model): worth it on GPUs for long runs
+    (`python -m bench.gpu`), not on CPU, where it was measured no faster.
     """
-    module = model.__dict__.get("_embedctl_compiled")
+    key = "_embedctl_compiled_static" if static else "_embedctl_compiled"
+    module = model.__dict__.get(key)
     if module is None:
-        module = torch.compile(model, dynamic=True)
-        object.__setattr__(model, "_embedctl_compiled", module)  # not a registered submodule
+        module = torch.compile(model, dynamic=None if static else True, backend=COMPILE_BACKEND)
+        object.__setattr__(model, key, module)  # not a registered submodule
     return module
 
 
@@ -428,18 +502,35 @@ SHM_MODES = ("auto", "require", "off")
 `require`: fail without a segment (EMBEDCTL_REQUIRE_SHM=1); `off`: always load from disk."""
 
 
+SHARE_WAIT_SECONDS = 120.0
+"""How long a process waits for its device's weight exporter (one being restarted copies the weights again)."""
+
+
 def load_model(folder: Path, dtype: torch.dtype, device: torch.device, shm: str = "auto",
-               shm_dir: Path | None = None) -> tuple[torch.nn.Module, str]:
+               shm_dir: Path | None = None, share: str | None = None) -> tuple[torch.nn.Module, str]:
     """The transformer of `folder` in `dtype` on `device`, attached from shared memory when published.
 
-    Returns the model and where its weights came from (`shm:<segment>` or `disk`). On CUDA the shared host copy
-    is copied to the device: no disk read, no deserialisation.
+    Returns the model and where its weights came from (`shm:<segment>`, `exporter:<segment>` or `disk`). On CUDA,
+    with device sharing (`share`, default EMBEDCTL_DEVICE_SHARE; see shm_loader/share.py), the model maps the one
+    device copy its exporter holds, waiting for the exporter and never falling back to the disk; without it, the
+    shared host copy is copied to the device: no disk read, no deserialisation.
     """
     if shm not in SHM_MODES:
         raise ConfigError(f"shm must be one of {', '.join(SHM_MODES)}, got {shm!r}")
     if shm != "off":
         from embedctl.shm_loader.errors import SegmentError
-        from embedctl.shm_loader.model import attach_model
+        from embedctl.shm_loader.model import attach_model, attach_shared_model
+        from embedctl.shm_loader.segment import segment_name
+        from embedctl.shm_loader.share import share_mode, uses_exporter
+
+        try:
+            mode = share_mode(share)
+            if uses_exporter(mode, segment_name(folder, dtype), str(device)):
+                model = attach_shared_model(folder, dtype, str(device),
+                                            wait=SHARE_WAIT_SECONDS if mode == "on" else 0.0)
+                return model, f"exporter:{model._embedctl_lease.segment}"
+        except SegmentError as exc:
+            raise ModelError(str(exc)) from None
 
         try:
             model = attach_model(folder, dtype, shm_dir)
@@ -459,7 +550,7 @@ def load_model(folder: Path, dtype: torch.dtype, device: torch.device, shm: str 
 
 def load_encoder(ref: ModelRef, device: str = "auto", dtype: str = "auto", max_length: int | None = None,
                  batch_tokens: int | None = None, shm: str = "auto", shm_dir: Path | None = None,
-                 compile: bool = False, packed: bool | None = None) -> Encoder:
+                 compile: bool | str = "off", packed: bool | None = None) -> Encoder:
     """Load the model `ref` for embedding on `device` in `dtype` (attached from shared memory when published).
     `packed`: packed batches (default: EMBEDCTL_PACKING, see `packing_mode`)."""
     dev = resolve_device(device)

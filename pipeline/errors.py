@@ -23,6 +23,11 @@ class ModelError(EmbedctlError):
     """The model cannot be resolved or loaded."""
 
 
+class WeightsLost(ModelError):
+    """The device weights a process computes with went away (their exporter exited): the work is retried, it has
+    not failed."""
+
+
 class StorageError(EmbedctlError):
     """An output folder (vectors, index versions) is missing, foreign or damaged."""
 

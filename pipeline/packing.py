@@ -11,6 +11,12 @@ The attention function is registered with transformers' `AttentionInterface` und
 builder that builds no mask: the offsets travel to every attention call as the keyword arguments transformers
 already passes through its models for padding-free batches (`cu_seq_lens_q`, `cu_seq_lens_k`, `max_length_q`,
 `max_length_k`).
+
+Static shapes for `torch.compile`: a compiled encoder packs every batch to exactly its token budget (a filler
+sequence of padding tokens closes the row; it attends only to itself and is never pooled) and rounds the longest
+length up to a power of two, so the compiled graph sees one token count for the whole job, the number of sequences
+is marked dynamic, and the few length buckets are absorbed by one automatic-dynamic recompile (`bench.gpu --parts
+compile` counts them).
 """
 
 from __future__ import annotations
@@ -35,11 +41,21 @@ class Packed:
     input_ids: torch.Tensor  # (1, total) token ids of every sequence, one after the other
     position_ids: torch.Tensor  # (1, total) 0..len-1 for each sequence
     cu_seqlens: torch.Tensor  # (n + 1,) int32 offsets of the sequences
-    max_length: int  # the longest sequence
+    max_length: int  # the longest sequence (rounded up to a power of two in static packing)
+    count: int = -1  # real sequences (the filler of a static batch is not one); -1: all of cu_seqlens
+
+    def __post_init__(self) -> None:
+        if self.count < 0:
+            self.count = len(self.cu_seqlens) - 1
 
     @property
     def lengths(self) -> torch.Tensor:
-        return self.cu_seqlens[1:] - self.cu_seqlens[:-1]
+        return self.cu_seqlens[1:self.count + 1] - self.cu_seqlens[:self.count]
+
+    @property
+    def real_cu_seqlens(self) -> torch.Tensor:
+        """The offsets of the real sequences (what pooling reads)."""
+        return self.cu_seqlens[:self.count + 1]
 
     def model_kwargs(self) -> dict:
         """What the model's forward takes for a packed batch (passed through to every attention call)."""
@@ -48,10 +64,21 @@ class Packed:
                 "use_cache": False}
 
 
-def pack(sequences: list[list[int]], device: torch.device | str = "cpu") -> Packed:
-    """Concatenate token sequences (each at least one token) into one packed row."""
+def bucket_length(n: int) -> int:
+    """The power of two at or above `n`: the longest-length argument of a static packed batch."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def pack(sequences: list[list[int]], device: torch.device | str = "cpu", total: int | None = None,
+         pad_id: int = 0) -> Packed:
+    """Concatenate token sequences (each at least one token) into one packed row; with `total`, pad the row to
+    exactly `total` tokens with one filler sequence (static shapes for `torch.compile`)."""
     if not sequences or any(len(s) == 0 for s in sequences):
         raise ValueError("pack() needs sequences of at least one token")
+    count = len(sequences)
+    real = sum(len(s) for s in sequences)
+    if total is not None and total > real:
+        sequences = [*sequences, [pad_id] * (total - real)]
     lengths = torch.tensor([len(s) for s in sequences], dtype=torch.int32)
     cu = torch.zeros(len(sequences) + 1, dtype=torch.int32)
     torch.cumsum(lengths, 0, out=cu[1:])
@@ -60,8 +87,9 @@ def pack(sequences: list[list[int]], device: torch.device | str = "cpu") -> Pack
     starts = torch.repeat_interleave(cu[:-1].long(), lengths.long())
     positions = (torch.arange(total, dtype=torch.long) - starts).unsqueeze(0)
     non_blocking = torch.device(device).type == "cuda"
+    longest = int(lengths.max())
     return Packed(ids.to(device, non_blocking=non_blocking), positions.to(device, non_blocking=non_blocking),
-                  cu.to(device, non_blocking=non_blocking), int(lengths.max()))
+                  cu.to(device, non_blocking=non_blocking), bucket_length(longest) if total else longest, count)
 
 
 def pack_by_tokens(lengths, budget: int) -> list[tuple[int, int]]:
@@ -104,6 +132,7 @@ def _varlen_attn():
     return varlen_attn
 
 
+@torch.compiler.disable  # a Python loop over the sequences: run eagerly between the compiled layers
 def per_sequence_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor,
                            scaling: float, causal: bool) -> torch.Tensor:
     """Attention of each sequence with itself over packed (1, heads, total, dim) tensors; returns (1, total,
@@ -131,7 +160,7 @@ def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     if varlen is None:
         return per_sequence_attention(query, key, value, cu, scale, causal), None
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # varlen_attn takes (total, heads, dim)
-    max_len = int(kwargs.get("max_length_q") or int((cu[1:] - cu[:-1]).max()))
+    max_len = kwargs.get("max_length_q") or int((cu[1:] - cu[:-1]).max())
     out = varlen(q, *_varlen_kv(varlen, k, v, q.shape[1]), cu, cu, max_len, max_len, scale=scale,
                  **_varlen_options(varlen, causal, k.shape[1] != q.shape[1]))
     return out.unsqueeze(0), None
@@ -179,13 +208,17 @@ def register() -> str:
     return PACKED_ATTENTION
 
 
-def packed_forward(model: torch.nn.Module, packed: Packed, pooling: str) -> torch.Tensor:
+def packed_forward(model: torch.nn.Module, packed: Packed, pooling: str,
+                   module: torch.nn.Module | None = None) -> torch.Tensor:
     """Pooled, L2-normalised float32 vectors of a packed batch: the model's attention is switched to packed
-    attention for the call and back afterwards."""
+    attention for the call and back afterwards. `module`: what runs the forward (the compiled model)."""
+    module = module if module is not None else model
+    if module is not model:
+        torch._dynamo.mark_dynamic(packed.cu_seqlens, 0)  # the sequence count varies; the token count does not
     previous = model.config._attn_implementation
     model.set_attn_implementation(register())
     try:
-        hidden = model(**packed.model_kwargs()).last_hidden_state
+        hidden = module(**packed.model_kwargs()).last_hidden_state
     finally:
         model.set_attn_implementation(previous)
-    return torch.nn.functional.normalize(pool_packed(hidden, packed.cu_seqlens, pooling), p=2, dim=1)
+    return torch.nn.functional.normalize(pool_packed(hidden, packed.real_cu_seqlens, pooling), p=2, dim=1)

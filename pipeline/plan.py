@@ -71,7 +71,7 @@ class WorkPlan:
     index_type: str = "hnsw"
     instruction_format: str = "qwen3"  # how the prefixes above were made from instructions (qwen3 | raw)
     segment_rows: int = DEFAULT_SEGMENT_ROWS  # the most rows an index segment holds (a build setting)
-    compile: bool = False  # run the model through torch.compile (speed only: not part of the plan id)
+    compile: str = "auto"  # torch.compile: auto | on | off (speed only: not part of the plan id)
 
     @property
     def plan_id(self) -> str:
@@ -108,6 +108,8 @@ class WorkPlan:
     @classmethod
     def from_dict(cls, data: dict) -> WorkPlan:
         data = {k: v for k, v in data.items() if k != "vector_key"}
+        if isinstance(data.get("compile"), bool):  # plans written before --compile auto
+            data["compile"] = "on" if data["compile"] else "off"
         return cls(**{**data, "corpus": CorpusPlan.from_dict(data["corpus"]), "dims": tuple(data["dims"])})
 
     def cache_sources(self) -> list[ChunkStore]:

@@ -1,6 +1,8 @@
 """The server process: `python -P -m embedctl.serve`, started by `embedctl serve` with its settings in
 EMBEDCTL_SERVE_CONFIG. With more than one worker this process is uvicorn's supervisor only: it holds the socket and
-restarts workers that die, and imports neither torch nor the model (so it touches no CUDA)."""
+restarts workers that die, and imports neither torch nor the model (so it touches no CUDA). On a GPU host it also
+runs one weight exporter per GPU (shm_loader/supervise.py) whose copy every worker on that GPU maps, and restarts
+an exporter that exits (the workers map the new one and run their batch again)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 
 import uvicorn
 
@@ -20,12 +23,42 @@ def main() -> int:
     folder = tempfile.mkdtemp(prefix="embedctl-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
     try:
+        exporters = _start_exporters(config)
+    except Exception as exc:  # noqa: BLE001 - SegmentError and the like: one line, before any worker starts
+        shutil.rmtree(folder, ignore_errors=True)
+        print(f"Error: {exc}", file=sys.stderr)
+        return 1
+    try:
         uvicorn.run("embedctl.serve.app:create_app", factory=True, host=config.host, port=config.port,
                     workers=config.workers, log_level=os.environ.get("EMBEDCTL_LOG_LEVEL", "info").lower(),
                     access_log=False, timeout_graceful_shutdown=10)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+        if exporters is not None:
+            exporters.stop()
     return 0
+
+
+def _start_exporters(config: ServeConfig):
+    """Start the weight exporters of `config.share` and a thread that restarts them; sets EMBEDCTL_DEVICE_SHARE for
+    the workers (`on`: map an exporter's copy, `off`: copy the host segment each)."""
+    if not config.share:
+        os.environ["EMBEDCTL_DEVICE_SHARE"] = "off"
+        return None
+    from embedctl.shm_loader.supervise import Exporters
+
+    exporters = Exporters(config.share["folder"], config.share["dtype"], config.share["devices"],
+                          log=lambda line: print(f"INFO:     {line}", file=sys.stderr, flush=True))
+    exporters.start()
+    os.environ["EMBEDCTL_DEVICE_SHARE"] = "on"
+
+    def watch() -> None:
+        while True:
+            threading.Event().wait(1.0)
+            exporters.watch()
+
+    threading.Thread(target=watch, name="exporters", daemon=True).start()
+    return exporters
 
 
 if __name__ == "__main__":

@@ -83,13 +83,16 @@ class ServerState:
 
         torch.set_num_threads(self.config.torch_threads(len(os.sched_getaffinity(0))))
         device, self._slot = worker_device(self.config)
-        encoder = load_encoder(ref, device=device, dtype=self.config.dtype, shm=self.config.shm,
-                               batch_tokens=self.config.batch_tokens)
+        def load():
+            return load_encoder(ref, device=device, dtype=self.config.dtype, shm=self.config.shm,
+                                batch_tokens=self.config.batch_tokens)
+
+        encoder = load()
         self.device = str(encoder.device)
         self.phases["model"] = time.time() - started - self.phases["imports"]
         LOG.info("worker %d: %s on %s, weights from %s", os.getpid(), ref.name, encoder.device, encoder.source)
         return Engine(encoder, self.config.cache, self.config.batch_wait_ms / 1000, self.config.max_queue,
-                      on_batch=metrics.batch, on_cache=metrics.cache)
+                      on_batch=metrics.batch, on_cache=metrics.cache, reload=load)
 
     async def load(self) -> None:
         try:

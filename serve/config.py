@@ -45,6 +45,7 @@ class ServeConfig:
     max_inputs: int = DEFAULT_MAX_INPUTS
     cache: int = DEFAULT_CACHE
     verify: bool = True  # check index files against their checksums when (re)loading them
+    share: dict | None = None  # {"folder", "dtype", "devices"}: the weight exporters the supervisor runs
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "indexes": list(self.indexes)})

@@ -8,14 +8,17 @@ handed to the batcher, which runs them in the model's thread merged with other r
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 
 from embedctl.pipeline.encoder import Encoder, Prepared
-from embedctl.pipeline.errors import ConfigError
+from embedctl.pipeline.errors import ConfigError, WeightsLost
 from embedctl.serve.batcher import Batcher
+
+LOG = logging.getLogger(__name__)
 
 INLINE_CHARS = 2048
 """Texts up to this many characters in all are tokenised on the event loop (microseconds); longer ones in a
@@ -58,8 +61,9 @@ class Engine:
     """One model, its cache and its batcher; `embed_texts` and `embed_tokens` may be awaited concurrently."""
 
     def __init__(self, encoder: Encoder, cache: int, max_wait: float, max_queue: int,
-                 on_batch=None, on_cache=None):
+                 on_batch=None, on_cache=None, reload=None):
         self.encoder = encoder
+        self._reload = reload  # makes the encoder again (on the restarted exporter's weights)
         self.cache = LRU(cache)
         self._on_cache = on_cache
         self.batcher = Batcher(self._run, encoder.batch_tokens, max_wait, max_queue, on_batch)
@@ -83,7 +87,14 @@ class Engine:
         lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
         prepared = Prepared(inverse=np.arange(len(sequences)), ids=sequences, truncated=np.zeros(len(sequences), bool),
                             lengths=lengths, order=np.argsort(-lengths, kind="stable"))
-        return self.encoder.run(prepared).vectors
+        try:
+            return self.encoder.run(prepared).vectors
+        except WeightsLost as exc:
+            if self._reload is None:
+                raise
+            LOG.error("%s: mapping the restarted exporter's weights, then running the batch again", exc)
+            self.encoder = self._reload()  # waits for the exporter (EMBEDCTL_DEVICE_SHARE=on: never from disk)
+            return self.encoder.run(prepared).vectors
 
     async def embed_texts(self, texts: list[str], prefix: str = "") -> Embedded:
         keys = [prefix + t for t in texts]

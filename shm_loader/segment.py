@@ -90,6 +90,7 @@ class Attached:
     manifest: dict
     tensors: dict[str, torch.Tensor] = field(repr=False)
     mapping: mmap.mmap = field(repr=False)
+    data_offset: int = 0  # where the tensor data starts in the mapping
 
     @property
     def name(self) -> str:
@@ -284,7 +285,7 @@ def attach(folder: Path, dtype: torch.dtype, shm_dir: Path | None = None) -> Att
                 continue
             flat = torch.frombuffer(mapping, dtype=tdtype, count=count, offset=data_offset + meta["offset"])
             tensors[tname] = flat.view(meta["shape"])
-    return Attached(path=path, manifest=manifest, tensors=tensors, mapping=mapping)
+    return Attached(path=path, manifest=manifest, tensors=tensors, mapping=mapping, data_offset=data_offset)
 
 
 def mapping_pids(path: Path) -> list[int]:

@@ -8,18 +8,28 @@ celery/celery#5106), while the chunk files survive requeues, duplicates and a Re
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from embedctl.jobs import lifecycle
 from embedctl.jobs.broker import BUILD_TASK, EMBED_TASK, PUBLISH_TASK, RUN_JOB_TASK, SEGMENT_TASK
+from embedctl.pipeline.errors import WeightsLost
 from embedctl.tasks.app import app, settings
-from embedctl.tasks.worker import worker_cache, worker_encoder
+from embedctl.tasks.worker import forget_lost_models, worker_cache, worker_encoder
+
+LOG = logging.getLogger(__name__)
 
 
-@app.task(bind=True, name=EMBED_TASK)
+@app.task(bind=True, name=EMBED_TASK, max_retries=5)
 def embed_chunk(self, work_dir: str, number: int) -> dict:
-    """Embed chunk `number` of the job in `work_dir` (skipped when complete); the last one queues the build."""
-    result = lifecycle.run_chunk(Path(work_dir), number, worker_encoder, worker_cache, settings())
+    """Embed chunk `number` of the job in `work_dir` (skipped when complete); the last one queues the build.
+    When the device weights' exporter exits mid-chunk, nothing is written and the chunk is queued again."""
+    try:
+        result = lifecycle.run_chunk(Path(work_dir), number, worker_encoder, worker_cache, settings())
+    except WeightsLost as exc:
+        LOG.error("chunk %d: %s (re-queued)", number, exc)
+        forget_lost_models()
+        raise self.retry(countdown=1) from None
     if result.get("build_due"):
         build_index.apply_async((work_dir,))
     return result

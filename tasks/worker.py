@@ -3,7 +3,12 @@ the shared-memory weights; models are cached once per process.
 
 The parent never runs a torch op or initialises CUDA before forking: a libgomp thread pool or a CUDA context
 inherited through fork deadlocks or breaks the children. The parent only imports the model's code, so that a
-child's `worker_process_init` (which Celery kills after 4 s) only maps the segment and loads the tokenizer.
+child's `worker_process_init` (which Celery kills after 4 s) only maps the segment and loads the tokenizer; then
+`guard_cuda` makes every CUDA entry point of torch raise in the parent (the children lift it).
+
+On a GPU host started by `embedctl worker`, the children map the one device copy their GPU's exporter holds
+(shm_loader/share.py); when it exits, the task in flight fails with WeightsLost and is re-queued, and the child maps
+the restarted exporter's copy on its next task.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from embedctl.pipeline.errors import EmbedctlError
 
 LOG = logging.getLogger(__name__)
 
-_WORKER: dict = {"concurrency": None, "device": None}
+_WORKER: dict = {"concurrency": None, "device": None, "cuda_guard": None}
 _MODELS: dict[tuple, tuple] = {}  # (folder, dtype, device) -> (model, tokenizer, profile, source)
 _CACHES: dict[str, object] = {}  # plan id -> EmbeddingCache over the vectors it can reuse
 
@@ -64,6 +69,38 @@ def _parent_init(sender=None, **_kw) -> None:
         from embedctl.pipeline.models import read_profile, resolve_model
 
         import_model_code(read_profile(resolve_model(model).path).transformer_path)
+    guard_cuda()
+
+
+_CUDA_ENTRY_POINTS = ("_lazy_init", "init", "is_available", "device_count", "current_device", "set_device",
+                      "synchronize", "mem_get_info")
+
+
+def guard_cuda() -> None:
+    """Make torch's CUDA entry points raise in this process (the Celery parent, which forks the pool children:
+    a CUDA context inherited through fork is unusable). No-op when torch is not imported."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or _WORKER["cuda_guard"] is not None:
+        return
+
+    def refuse(*_args, **_kwargs):
+        raise EmbedctlError("the Celery worker parent touched CUDA; it must not (it forks the pool children): "
+                            "move the CUDA call into a task or `worker_process_init`")
+
+    _WORKER["cuda_guard"] = {name: getattr(torch.cuda, name) for name in _CUDA_ENTRY_POINTS}
+    for name in _CUDA_ENTRY_POINTS:
+        setattr(torch.cuda, name, refuse)
+
+
+def lift_cuda_guard() -> None:
+    """Give torch's CUDA entry points back (in a pool child, first thing)."""
+    import torch
+
+    for name, function in (_WORKER["cuda_guard"] or {}).items():
+        setattr(torch.cuda, name, function)
+    _WORKER["cuda_guard"] = None
 
 
 @worker_process_init.connect
@@ -72,6 +109,7 @@ def _child_init(**_kw) -> None:
     import torch
     from billiard.process import current_process
 
+    lift_cuda_guard()
     index = getattr(current_process(), "index", 0) or 0
     torch.set_num_threads(child_threads(os.cpu_count() or 1, _WORKER["concurrency"], os.environ.get("EMBEDCTL_THREADS")))
     setting = os.environ.get("EMBEDCTL_DEVICE", "auto")
@@ -89,7 +127,21 @@ def _child_init(**_kw) -> None:
     if mode == "off":
         return
     from embedctl.shm_loader.errors import SegmentError
-    from embedctl.shm_loader.model import attach_model
+    from embedctl.shm_loader.model import attach_model, attach_shared_model
+    from embedctl.shm_loader.segment import segment_name
+    from embedctl.shm_loader.share import share_mode, uses_exporter
+
+    folder, device = profile.transformer_path, _WORKER["device"]
+    if uses_exporter(share_mode(), segment_name(folder, dtype), device):
+        try:  # the bootstrap started the exporters before this worker: they answer at once
+            shared = attach_shared_model(folder, dtype, device, wait=2.0)
+        except SegmentError as exc:
+            LOG.warning("pool child %d: %s; its first task maps the weights", index, exc)
+            return
+        _cache_model(profile, dtype, device, shared, f"exporter:{shared._embedctl_lease.segment}")
+        LOG.info("pool child %d mapped %s on %s from its exporter (pid %d)", index, model, device,
+                 shared._embedctl_lease.exporter_pid)
+        return
 
     try:
         attached = attach_model(profile.transformer_path, dtype)
@@ -114,6 +166,21 @@ def _cache_model(profile, dtype, device: str, model, source: str) -> tuple:
     entry = (model, load_tokenizer(profile.transformer_path), profile, source)
     _MODELS[(str(profile.transformer_path), str(dtype), device)] = entry
     return entry
+
+
+def forget_lost_models() -> None:
+    """Drop the cached models whose weights exporter is gone (the next task maps the restarted one's copy)."""
+    from embedctl.shm_loader.share import ExporterLost
+
+    for key, (model, *_rest) in list(_MODELS.items()):
+        lease = getattr(model, "_embedctl_lease", None)
+        if lease is None:
+            continue
+        try:
+            lease.check()
+        except ExporterLost:
+            lease.close()
+            del _MODELS[key]
 
 
 def worker_encoder(plan):

@@ -257,3 +257,51 @@ def test_plain_celery_cli_inspects_the_workers(celery_env, start_worker):
     registered = subprocess.run([sys.executable, "-m", "celery", "-A", "embedctl.tasks", "inspect", "registered"],
                                 capture_output=True, text=True, env=celery_env, cwd=ROOT, timeout=60)
     assert "embedctl.embed_chunk" in registered.stdout and "embedctl.build_index" in registered.stdout
+
+
+@pytest.mark.slow
+def test_one_weight_copy_per_device_and_an_exporter_killed_mid_job(celery_env, start_worker, sample_corpus,
+                                                                   tmp_path):
+    """`embedctl worker --device-share on` (what `auto` does on a GPU host, here with the CPU transport): both pool
+    children map the one copy their exporter holds; SIGKILL of the exporter mid-job fails the chunks in flight,
+    which are re-queued, the worker restarts the exporter, and the job completes with every row once."""
+    import tempfile
+
+    run_dir = Path(tempfile.mkdtemp(prefix="ec-"))  # a short folder: a Unix socket path holds 107 bytes
+    env = {**celery_env, "XDG_RUNTIME_DIR": str(run_dir)}
+    worker = start_worker(command=[EMBEDCTL, "worker", "--model", "minilm", "-c", "2", "--device-share", "on", "--",
+                                   "--without-gossip", "--without-mingle"], XDG_RUNTIME_DIR=str(run_dir))
+    _wait(lambda: worker.text().count("from its exporter") >= 2, 30, "both children to map the exporter's copy")
+    exporter = int(worker.text().split("exporter pids ")[1].split(")")[0])
+    celery_parent = next(p for p in worker.children() if p != exporter and _cmdline(p).count("celery"))
+
+    def memfd_maps(pid: int) -> set[str]:
+        return {line.split()[4] for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
+                if "memfd:embedctl-weights" in line}
+
+    children = [p for p in worker.children() if p not in (exporter, celery_parent)]
+    inodes = [memfd_maps(p) for p in children]
+    assert len(children) == 2 and inodes[0] and inodes[0] == inodes[1] == memfd_maps(exporter)  # one copy
+    assert not memfd_maps(celery_parent)  # the parent that forks them maps no weights
+    out = tmp_path / "o"
+    follower = subprocess.Popen([EMBEDCTL, "index", str(sample_corpus), "--out", str(out), "--model", "minilm",
+                                 "--chunk-rows", "100", "--dims", "64", "--quiet", "--json", "--broker",
+                                 env["EMBEDCTL_BROKER_URL"]], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    _wait(lambda: _done(out) >= 3, 120, "three chunks")
+    os.kill(exporter, signal.SIGKILL)
+    stdout, stderr = follower.communicate(timeout=300)
+    assert follower.returncode == 0, stderr
+    report = json.loads(stdout)
+    assert report["status"] == "published" and report["rows_indexed"] == 3000
+    _assert_every_id_once(out, sample_corpus)
+    log = worker.text()
+    assert f"the weight exporter on cpu (pid {exporter}) exited with -9: restarting it" in log
+    assert "the weight exporter on cpu is back" in log
+    assert "(re-queued)" in log and "exited; this work fails and is retried" in log
+    reports = [json.loads(p.read_text()) for p in out.glob("work/*/chunks/chunk-*.json")]
+    assert all(r["weights"].startswith("exporter:embedctl-") for r in reports)
+
+
+def _cmdline(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()

@@ -89,3 +89,109 @@ def test_embedctl_packing_chooses_the_batches(monkeypatch):
     monkeypatch.setenv("EMBEDCTL_PACKING", "sometimes")
     with pytest.raises(ConfigError, match="EMBEDCTL_PACKING must be one of off, on, auto"):
         packing_mode(cpu)
+
+
+def test_static_pack_fills_the_budget_with_a_filler_that_is_never_pooled():
+    sequences = [[5], [1, 2, 3], [7, 7]]
+    packed = pack(sequences, total=16, pad_id=0)
+    assert packed.input_ids.shape == (1, 16) and packed.count == 3
+    assert packed.cu_seqlens.tolist() == [0, 1, 4, 6, 16] and packed.real_cu_seqlens.tolist() == [0, 1, 4, 6]
+    assert packed.position_ids[0, 6:].tolist() == list(range(10))  # the filler is a sequence of its own
+    assert packed.max_length == 16 and packed.lengths.tolist() == [1, 3, 2]  # longest (10) up to a power of 2
+    assert pack([[1, 2, 3]], total=3).cu_seqlens.tolist() == [0, 3]  # full: no filler
+    hidden = torch.randn(16, 4)
+    assert pool_packed(hidden, packed.real_cu_seqlens, "last").shape == (3, 4)
+
+
+class _CountingBackend:
+    """A torch.compile backend that runs the captured graphs eagerly and counts them (one per compilation)."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        return gm.forward
+
+
+@pytest.mark.parametrize("model", ["tiny_qwen3", "minilm_path"])
+def test_compiled_packed_batches_keep_one_shape_and_stop_compiling_after_warm_up(model, request, monkeypatch):
+    """`--compile on` with packed batches: every batch is the budget's tokens, the sequence count is dynamic, the
+    longest length comes in powers of two: after a warm-up on varied texts, other mixes compile nothing new; and
+    the vectors are the eager ones."""
+    import torch._dynamo
+
+    from embedctl.pipeline import encoder as encoder_module
+    from embedctl.pipeline import packing
+
+    torch._dynamo.reset()
+    backend = _CountingBackend()
+    monkeypatch.setattr(encoder_module, "COMPILE_BACKEND", backend)
+    shapes = []
+
+    def recording_pack(sequences, *args, **kwargs):
+        out = pack(sequences, *args, **kwargs)
+        if kwargs.get("total"):  # a batch of the compiled encoder
+            shapes.append((out.input_ids.shape[1], len(sequences), max(map(len, sequences))))
+        return out
+
+    monkeypatch.setattr(packing, "pack", recording_pack)
+    ref = ModelRef("m", request.getfixturevalue(model))
+    eager = load_encoder(ref, device="cpu", shm="off", batch_tokens=128, packed=True)
+    fast = load_encoder(ref, device="cpu", shm="off", batch_tokens=128, packed=True, compile="on")
+    assert fast.is_compiled and not eager.is_compiled
+    warm = TEXTS * 2 + [f"text {i} about rivers" for i in range(30)] + ["word " * n for n in (3, 9, 20, 60, 100)]
+    fast.encode(warm)
+    after_warm_up = backend.graphs
+    assert after_warm_up > 0
+    for texts in (TEXTS, [f"the dog {i}" for i in range(50)], ["long " * 70, "b"], ["sea " * 30] * 3 + ["a"]):
+        a, b = eager.encode(texts).vectors, fast.encode(texts).vectors
+        assert (_cos(a, b) >= 0.99999).all(), _cos(a, b).min()
+    assert backend.graphs == after_warm_up, f"{backend.graphs - after_warm_up} recompiles after warm-up"
+    assert shapes and all(width == 128 or (n == 1 and longest > 128) for width, n, longest in shapes), shapes
+    torch._dynamo.reset()
+
+
+def test_compile_modes_and_the_auto_rule(monkeypatch):
+    from embedctl.pipeline.defaults import compile_mode
+    from embedctl.pipeline.encoder import COMPILE_AFTER_SECONDS, compile_after_seconds, compile_due
+    from embedctl.pipeline.errors import ConfigError
+
+    assert [compile_mode(v) for v in (True, False, "AUTO", None, "on", "0")] == ["on", "off", "auto", "auto", "on",
+                                                                                "off"]
+    with pytest.raises(ConfigError, match="auto, on, off"):
+        compile_mode("sometimes")
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert compile_due("on", cpu, 0, 175) and not compile_due("off", cuda, 1e9, 175)
+    assert not compile_due("auto", cpu, 1e9, 175)  # measured no faster on CPU
+    assert not compile_due("auto", cuda, 174.9, 175) and compile_due("auto", cuda, 175, 175)
+    monkeypatch.delenv("EMBEDCTL_COMPILE_AFTER", raising=False)
+    assert compile_after_seconds() == COMPILE_AFTER_SECONDS
+    monkeypatch.setenv("EMBEDCTL_COMPILE_AFTER", "30")
+    assert compile_after_seconds() == 30
+    monkeypatch.setenv("EMBEDCTL_COMPILE_AFTER", "soon")
+    with pytest.raises(ConfigError, match="EMBEDCTL_COMPILE_AFTER"):
+        compile_after_seconds()
+
+
+def test_auto_compiles_once_the_eager_time_is_spent(tiny_qwen3, monkeypatch):
+    """The switch itself, on CPU with the rule forced to say yes after 0 s (CUDA-only in real use)."""
+    from embedctl.pipeline import encoder as encoder_module
+
+    monkeypatch.setattr(encoder_module, "COMPILE_BACKEND", _CountingBackend())
+    calls = []
+
+    def due(mode, device, eager, after):
+        calls.append(eager)
+        return mode == "auto" and eager > 0
+
+    monkeypatch.setattr(encoder_module, "compile_due", due)
+    encoder = load_encoder(ModelRef("m", tiny_qwen3), device="cpu", shm="off", packed=True, compile="auto")
+    assert not encoder.is_compiled  # nothing run yet
+    encoder.encode(TEXTS)
+    assert not encoder.is_compiled
+    encoder.encode(TEXTS)  # the eager seconds of the first run are on the model now
+    assert encoder.is_compiled and calls[-1] > 0
+    again = load_encoder(ModelRef("m", tiny_qwen3), device="cpu", shm="off", packed=True, compile="auto")
+    assert not again.is_compiled  # another model object: its own eager time
+    torch._dynamo.reset()

@@ -254,3 +254,38 @@ def test_a_reindex_during_searches_fails_none_and_each_answer_is_one_version(ser
     for answer in answers:  # the hits of one answer all come from the version it names
         revised = {h["text"].endswith("(revised)") for item in answer["data"] for h in item["hits"]}
         assert revised == {answer["version"] == "v000002"}, answer
+
+
+@pytest.mark.slow
+def test_serve_workers_share_one_copy_and_survive_the_exporter(tmp_path):
+    """`embedctl serve --device-share on` (what `auto` does on a GPU host; here the CPU transport): two workers map
+    their exporter's one copy; after a SIGKILL of the exporter the supervisor restarts it and requests keep being
+    answered with the same vectors (the worker maps the new copy and runs the batch again)."""
+    import signal
+    import tempfile
+
+    from openai import OpenAI
+
+    env = _env(tmp_path)
+    env["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="ec-")  # short: a Unix socket path holds 107 bytes
+    server = Server(["--model", "minilm", "--device-share", "on", "--cache", "0"], env, tmp_path / "server.log", tmp_path,
+                    workers=2)
+    try:
+        server.start()
+        client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        texts = ["a river flows to the sea", "the dog barks"]
+        before = np.array([d.embedding for d in client.embeddings.create(model="minilm", input=texts).data])
+        exporter = int(server.text().split("exporter pids ")[1].split(")")[0])
+        assert server.text().count("weights from exporter:embedctl-") == 2
+        os.kill(exporter, signal.SIGKILL)
+        for _ in range(8):  # both workers (requests spread over them) answer, on the restarted exporter's copy
+            after = np.array([d.embedding for d in client.embeddings.create(model="minilm", input=texts).data])
+            assert np.allclose(before, after, atol=1e-6)
+        log = server.text()
+        assert f"the weight exporter on cpu (pid {exporter}) exited with -9: restarting it" in log
+        assert "mapping the restarted exporter's weights, then running the batch again" in log
+    finally:
+        server.stop()
+        shutil.rmtree(env["EMBEDCTL_SHM_DIR"], ignore_errors=True)
+        shutil.rmtree(env["XDG_RUNTIME_DIR"], ignore_errors=True)
+    assert "Traceback" not in server.text(), server.text()[-3000:]

@@ -118,3 +118,14 @@ def shm_option(func: Callable) -> Callable:
                         envvar="EMBEDCTL_SHM", show_envvar=True, callback=resolve,
                         help="Weights from a published shared-memory segment: auto (when present), require, off. "
                              "EMBEDCTL_REQUIRE_SHM=1 means require.")(func)
+
+
+def exported_devices(mode: str, dev, gpus: int, processes: int) -> list[str]:
+    """The devices whose weights one exporter holds for the processes of a worker or server (see shm_loader/share.py)."""
+    from embedctl.shm_loader.share import exports
+
+    if dev.type == "cuda":
+        devices = [str(dev)] if dev.index is not None else [f"cuda:{i}" for i in range(min(gpus, processes))]
+    else:
+        devices = ["cpu"]
+    return [d for d in devices if exports(mode, d)]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from embedctl.jobs.cli.common import env_option, handle_errors, shm_option
+from embedctl.jobs.cli.common import env_option, exported_devices, handle_errors, shm_option
 from embedctl.pipeline.errors import ConfigError, ModelError
 from embedctl.pipeline.manifest import read_info
 from embedctl.pipeline.versions import resolve_index_dir
@@ -66,11 +66,14 @@ def _check_port(host: str, port: int) -> None:
             help="Recent (text, instruction) embeddings kept per worker (0: no cache).")
 @env_option("--no-verify", env="NO_VERIFY", is_flag=True,
             help="Do not check index files against their checksums when (re)loading them.")
+@env_option("--device-share", env="DEVICE_SHARE", type=click.Choice(["auto", "on", "off"]), default="auto",
+            show_default=True, help="One device copy of the weights per GPU, mapped by every worker on it "
+                                    "(auto: on CUDA).")
 @handle_errors
 def serve(index_dirs: tuple[str, ...], model: str | None, workers: int | None, host: str, port: int,
           api_key: str | None, device: str, dtype: str, shm: str, threads: int | None, batch_tokens: int | None,
           batch_wait_ms: float, max_queue: int, max_body: int, max_inputs: int, cache: int,
-          no_verify: bool) -> None:
+          no_verify: bool, device_share: str) -> None:
     """Serve MODEL over HTTP (OpenAI's /v1/embeddings) and search INDEX_DIRS (/v1/search, by folder name).
 
     Routes: POST /v1/embeddings, POST /v1/search, GET /v1/models, GET /health, GET /metrics (Prometheus).
@@ -117,14 +120,20 @@ def serve(index_dirs: tuple[str, ...], model: str | None, workers: int | None, h
 
     dev = resolve_device(device)
     gpus = __import__("torch").cuda.device_count() if dev.type == "cuda" and dev.index is None else 0
+    share = None
+    count = workers or gpus or 1
     if shm != "off":
-        result = publish(read_profile(ref.path).transformer_path, resolve_dtype(dtype, dev))
+        folder, torch_dtype = read_profile(ref.path).transformer_path, resolve_dtype(dtype, dev)
+        result = publish(folder, torch_dtype)
         click.echo(("published " if result["published"] else "attaching to ") + result["name"], err=True)
+        devices = exported_devices(device_share, dev, gpus, count)
+        if devices:
+            share = {"folder": str(folder), "dtype": str(torch_dtype).removeprefix("torch."), "devices": devices}
     config = {"model": model, "indexes": [str(Path(f).resolve()) for f in index_dirs],
-              "workers": workers or gpus or 1, "host": host, "port": port, "api_key": api_key, "device": device,
+              "workers": count, "host": host, "port": port, "api_key": api_key, "device": device,
               "dtype": dtype, "shm": shm, "threads": threads, "batch_tokens": batch_tokens,
               "batch_wait_ms": batch_wait_ms, "max_queue": max_queue, "max_body": max_body,
-              "max_inputs": max_inputs, "cache": cache, "verify": not no_verify}
+              "max_inputs": max_inputs, "cache": cache, "verify": not no_verify, "share": share}
     click.echo(f"serving {model} on http://{host}:{port} with {config['workers']} worker(s); indexes: "
                f"{', '.join(names) or 'none'}", err=True)
     env = dict(os.environ, EMBEDCTL_SERVE_CONFIG=json.dumps(config))

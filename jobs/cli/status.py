@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from embedctl.jobs.cli.common import handle_errors, print_json
+from embedctl.jobs.cli.common import exported_devices, handle_errors, print_json
 from embedctl.pipeline import defaults
 
 
@@ -43,15 +43,20 @@ def status(job: str, as_json: bool) -> None:
               help="Queues to consume [default: both embedctl.embed and embedctl.build].")
 @click.option("--dtype", envvar="EMBEDCTL_DTYPE", show_envvar=True, default="auto", show_default=True)
 @click.option("--device", envvar="EMBEDCTL_DEVICE", show_envvar=True, default="auto", show_default=True)
+@click.option("--device-share", envvar="EMBEDCTL_DEVICE_SHARE", show_envvar=True, default="auto", show_default=True,
+              type=click.Choice(["auto", "on", "off"]),
+              help="One device copy of the weights per GPU, mapped by every child on it (auto: on CUDA hosts).")
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
 @handle_errors
 def worker(model: str, broker: str | None, concurrency: int | None, queues: str | None, dtype: str, device: str,
-           loglevel: str, celery_args: tuple[str, ...]) -> None:
+           device_share: str, loglevel: str, celery_args: tuple[str, ...]) -> None:
     """Publish MODEL's weights to shared memory (if needed) and start a prefork Celery worker on them.
 
-    Extra arguments go to `celery worker`. The plain `celery -A embedctl.tasks worker` works too (set
-    EMBEDCTL_MODEL); it consumes both queues unless given -Q.
+    On a GPU host it also starts one weight exporter per GPU, which holds the weights there once and hands them to
+    the pool children on that GPU (CUDA IPC), and restarts an exporter that exits. Extra arguments go to `celery
+    worker`. The plain `celery -A embedctl.tasks worker` works too (set EMBEDCTL_MODEL); it consumes both queues
+    unless given -Q, and its children copy the weights to their GPU each.
     """
     from embedctl.jobs.broker import Settings, check_broker
     from embedctl.pipeline.encoder import resolve_device, resolve_dtype
@@ -63,15 +68,54 @@ def worker(model: str, broker: str | None, concurrency: int | None, queues: str 
     folder = read_profile(resolve_model(model).path).transformer_path
     dev = resolve_device(device)
     gpus = __import__("torch").cuda.device_count() if dev.type == "cuda" else 0
+    children = concurrency or gpus or os.cpu_count() or 1
+    torch_dtype = resolve_dtype(dtype, dev)
+    exporters = None
     if os.environ.get("EMBEDCTL_SHM", "auto") != "off":
-        result = publish(folder, resolve_dtype(dtype, dev))
+        result = publish(folder, torch_dtype)
         click.echo(("published " if result["published"] else "attaching to ") + result["name"], err=True)
+        devices = exported_devices(device_share, dev, gpus, children)
+        if devices:
+            from embedctl.shm_loader.supervise import Exporters
+
+            exporters = Exporters(folder, torch_dtype, devices, log=lambda line: click.echo(line, err=True))
     env = dict(os.environ, EMBEDCTL_MODEL=model, EMBEDCTL_BROKER_URL=settings.url, EMBEDCTL_DTYPE=dtype,
-               EMBEDCTL_DEVICE=device)
+               EMBEDCTL_DEVICE=device, EMBEDCTL_DEVICE_SHARE="on" if exporters else "off")
     # -P: the working directory is not put first on sys.path, so files there (a tasks.py, say) are never imported
     argv = [sys.executable, "-P", "-m", "celery", "-A", "embedctl.tasks", "worker", "--pool", "prefork",
-            "--concurrency", str(concurrency or gpus or os.cpu_count() or 1),
+            "--concurrency", str(children),
             "--queues", queues or f"{settings.embed_queue},{settings.build_queue}", "--loglevel", loglevel,
             *celery_args]
-    # exec: the worker parent starts fresh, without the torch state this process created while publishing
-    os.execvpe(argv[0], argv, env)
+    if exporters is None:
+        # exec: the worker parent starts fresh, without the torch state this process created while publishing
+        os.execvpe(argv[0], argv, env)
+    from embedctl.shm_loader.errors import SegmentError
+
+    try:
+        exporters.start()
+    except SegmentError as exc:
+        exporters.stop()
+        raise click.ClickException(str(exc)) from None
+    raise SystemExit(_supervise(argv, env, exporters))
+
+
+def _supervise(argv: list[str], env: dict, exporters) -> int:
+    """Run the Celery worker as a child beside the exporters; restart an exporter that exits; return Celery's exit
+    code. SIGTERM or SIGINT sent to this process becomes a SIGTERM to Celery (a warm shutdown, also when a terminal's
+    Ctrl-C reached Celery too), then the exporters stop."""
+    import signal
+    import subprocess
+
+    celery = subprocess.Popen(argv, env=env)
+    forward = lambda _sig, _frame: celery.send_signal(signal.SIGTERM)  # noqa: E731 - a signal handler
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    try:
+        while celery.poll() is None:
+            try:
+                celery.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                exporters.watch()
+    finally:
+        exporters.stop()
+    return celery.returncode

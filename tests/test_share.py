@@ -1,0 +1,147 @@
+"""One device copy of the weights per device (shm_loader/share.py, exporter.py, supervise.py), on the CPU
+transport (a memfd passed over the exporter's socket), which runs every step of the CUDA IPC path but its two
+device calls: the importer's vectors equal a load from disk, the exporter refuses other users, a stale exporter is
+refused, a dead one is noticed before the next batch, and the Celery parent cannot touch CUDA."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from embedctl.pipeline.encoder import Encoder, load_encoder
+from embedctl.pipeline.errors import WeightsLost
+from embedctl.pipeline.models import ModelRef, read_profile
+from embedctl.shm_loader.errors import SegmentError
+from embedctl.shm_loader.model import attach_shared_model
+from embedctl.shm_loader.segment import publish
+from embedctl.shm_loader.share import socket_path
+from embedctl.shm_loader.supervise import Exporters
+
+TEXTS = ["a river flows to the sea", "the dog barks", "light " * 20]
+
+
+@pytest.fixture
+def shared(tiny_qwen3, tmp_path, monkeypatch):
+    """A copy of the tiny Qwen3 published in a private shm folder, with its exporter on `cpu` running."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_qwen3, model)
+    run_dir = Path(tempfile.mkdtemp(prefix="ec-"))
+    monkeypatch.setenv("EMBEDCTL_SHM_DIR", str(tmp_path / "shm"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(run_dir))
+    (tmp_path / "shm").mkdir()
+    folder = read_profile(model).transformer_path
+    publish(folder, torch.bfloat16)
+    exporters = Exporters(folder, torch.bfloat16, ["cpu"])
+    exporters.start(timeout=120)
+    yield model, folder, exporters
+    exporters.stop()
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def test_the_mapped_copy_gives_the_vectors_of_a_load_from_disk(shared):
+    model, folder, exporters = shared
+    mapped = attach_shared_model(folder, torch.bfloat16, "cpu", wait=5)
+    disk = load_encoder(ModelRef("m", model), device="cpu", dtype="bf16", shm="off")
+    ours = Encoder(mapped, disk.tokenizer, disk.profile, disk.device)
+    assert np.array_equal(ours.encode(TEXTS).vectors, disk.encode(TEXTS).vectors)
+    loaded = load_encoder(ModelRef("m", model), device="cpu", dtype="bf16")  # auto: only CUDA maps an exporter
+    assert loaded.source.startswith("shm:")
+    os.environ["EMBEDCTL_DEVICE_SHARE"] = "on"
+    try:
+        required = load_encoder(ModelRef("m", model), device="cpu", dtype="bf16")
+    finally:
+        del os.environ["EMBEDCTL_DEVICE_SHARE"]
+    assert required.source.startswith("exporter:embedctl-")
+
+
+def test_a_dead_exporter_fails_the_next_batch_and_its_restart_is_mapped_again(shared):
+    model, folder, exporters = shared
+    mapped = attach_shared_model(folder, torch.bfloat16, "cpu", wait=5)
+    disk = load_encoder(ModelRef("m", model), device="cpu", dtype="bf16", shm="off")
+    encoder = Encoder(mapped, disk.tokenizer, disk.profile, disk.device)
+    encoder.encode(TEXTS)
+    old = exporters.procs["cpu"].pid
+    exporters.procs["cpu"].kill()
+    exporters.procs["cpu"].wait()
+    with pytest.raises(WeightsLost, match=f"pid {old}\\) exited; this work fails and is retried"):
+        encoder.encode(TEXTS)
+    assert exporters.watch(timeout=120) == ["cpu"] and exporters.procs["cpu"].pid != old
+    again = attach_shared_model(folder, torch.bfloat16, "cpu", wait=5)
+    assert again._embedctl_lease.exporter_pid == exporters.procs["cpu"].pid
+    assert np.array_equal(Encoder(again, disk.tokenizer, disk.profile, disk.device).encode(TEXTS).vectors,
+                          disk.encode(TEXTS).vectors)
+
+
+def test_an_exporter_of_weights_changed_since_is_refused(shared):
+    model, folder, _exporters = shared
+    weights = next(Path(folder).glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    with pytest.raises(SegmentError, match="not .* as it is now; restart the worker"):
+        attach_shared_model(folder, torch.bfloat16, "cpu", wait=5)
+
+
+def test_no_exporter_is_one_line_after_the_wait(tiny_qwen3, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_RUNTIME_DIR", tempfile.mkdtemp(prefix="ec-"))
+    with pytest.raises(SegmentError, match="no weight exporter of embedctl-.* on cuda:3"):
+        attach_shared_model(read_profile(tiny_qwen3).transformer_path, torch.bfloat16, "cuda:3", wait=0.3)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another user")
+def test_the_exporter_hands_nothing_to_another_user(shared):
+    """Two walls: the socket (0600 in a 0700 folder) is out of another user's reach; opened up, the exporter still
+    checks the peer's credentials and answers with a refusal instead of the handle."""
+    _model, folder, _exporters = shared
+    path = socket_path(_segment(folder), "cpu")
+    python = shutil.which("python3", path="/usr/bin:/usr/local/bin")  # one the other user may run
+    if python is None:
+        pytest.skip("no system python3 for the other user")
+    probe = ("import json, socket, struct, sys\n"
+             "s = socket.socket(socket.AF_UNIX)\n"
+             "try:\n    s.connect(sys.argv[1])\nexcept PermissionError:\n    print('EACCES'); sys.exit()\n"
+             "data, fds, _, _ = socket.recv_fds(s, 65536, 4)\n"
+             "print(json.loads(data[4:]).get('error', 'HANDLE'), len(fds))\n")
+
+    def as_nobody() -> str:
+        return subprocess.run([python, "-c", probe, str(path)], capture_output=True, text=True, timeout=30,
+                              preexec_fn=lambda: (os.setgid(65534), os.setuid(65534))).stdout.strip()
+
+    assert as_nobody() == "EACCES"
+    os.chmod(path.parent.parent, 0o711)  # the test's XDG_RUNTIME_DIR
+    os.chmod(path.parent, 0o711)
+    os.chmod(path, 0o666)
+    try:
+        assert as_nobody() == f"the weight exporter (pid {_exporters.procs['cpu'].pid}) serves only uid " \
+                              f"{os.getuid()} 0"
+    finally:
+        os.chmod(path.parent, 0o700)
+
+
+def _segment(folder: Path) -> str:
+    from embedctl.shm_loader.segment import segment_name
+
+    return segment_name(folder, torch.bfloat16)
+
+
+def test_the_celery_parent_cannot_touch_cuda():
+    """`worker_init` ends with every CUDA entry point of torch raising (a CUDA context inherited through fork is
+    unusable); a pool child lifts the guard first thing."""
+    code = ("import os, torch\n"
+            "from embedctl.tasks import worker\n"
+            "worker._parent_init(sender=None)\n"
+            "for call in (torch.cuda.is_available, torch.cuda.device_count, lambda: torch.zeros(1, device='cuda')):\n"
+            "    try:\n        call(); print('ALLOWED')\n"
+            "    except Exception as exc:\n        print(type(exc).__name__, 'worker parent touched CUDA' in str(exc))\n"
+            "worker.lift_cuda_guard()\n"
+            "print(torch.cuda.is_available() in (True, False))\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDCTL_")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:4] == ["EmbedctlError True"] * 3 + ["True"], out.stdout
