@@ -36,6 +36,9 @@ from bench.throughput import (
     sweep_sentence_transformers,
 )
 
+SHAPE_SMOKE = {"hidden_size": 64, "layers": 2, "heads": 4, "kv_heads": 2, "head_dim": 16, "intermediate_size": 128,
+               "vocab_size": 32_000}
+"""`--smoke`: a tiny shape that runs every part's code on the CPU (the GPU runs are rare: a crash there wastes them)."""
 SHAPE_4B = {"hidden_size": 2560, "layers": 36, "heads": 32, "kv_heads": 8, "head_dim": 128,
             "intermediate_size": 9728, "vocab_size": 151_669}
 """Qwen3-Embedding-4B's config.json."""
@@ -43,16 +46,16 @@ BUDGETS = (4096, 8192, 16384, 32768, 65536)
 ST_BATCHES = (32, 64, 128, 256)
 
 
-def build_model(folder: Path, glosses: list[str], layers: int) -> Path:
+def build_model(folder: Path, glosses: list[str], layers: int, smoke: bool = False) -> Path:
     """Save the random Qwen3-Embedding-4B-shaped model (made on the GPU) and its tokenizer to `folder`."""
     from tests.factory import build_tokenizer, save_tiny_qwen3
 
     tokenizer = build_tokenizer(append_eos=True, texts=glosses, vocab_size=32_000, model_max_length=512)
-    shape = {**SHAPE_4B, "layers": layers}
+    shape = SHAPE_SMOKE if smoke else {**SHAPE_4B, "layers": layers}
     return save_tiny_qwen3(folder, hidden_size=shape["hidden_size"], layers=shape["layers"], heads=shape["heads"],
                            kv_heads=shape["kv_heads"], intermediate_size=shape["intermediate_size"],
                            head_dim=shape["head_dim"], vocab_size=shape["vocab_size"], dtype="bfloat16",
-                           tokenizer=tokenizer, device="cuda", sentence_transformers=True)
+                           tokenizer=tokenizer, device="cpu" if smoke else "cuda", sentence_transformers=True)
 
 
 def sentence_transformer(folder: Path):
@@ -72,11 +75,59 @@ def sentence_transformer(folder: Path):
 def timed(fn) -> tuple[object, float]:
     import torch
 
-    torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     out = fn()
-    torch.cuda.synchronize()
+    sync()
     return out, time.perf_counter() - t0
+
+
+def end_to_end(encoder, folder: Path, corpora: dict[str, list[str]], tmp: Path, ceiling_flops: float) -> dict:
+    """The embedding stage of real embedded runs (`run_embedded`: Parquet chunks read, tokenised, embedded,
+    written), per corpus, eager padded (today's default) vs packed and compiled (static shapes): tokens/s, their
+    fraction of the ceiling (GEMM FLOP/s / model FLOPs per token), compile seconds and the graphs compiled after
+    the warm-up (the goal is none). A warm-up run on other texts of the corpus compiles first."""
+    import pyarrow as pa
+    from torch._dynamo.utils import counters
+
+    from bench.throughput import model_flops_per_token
+    from embedctl.jobs.runner import run_embedded
+    from embedctl.jobs.spec import JobSpec
+    from embedctl.pipeline.encoder import Encoder
+
+    modes = {"eager padded": dict(packed=False, compile="off"), "packed compiled": dict(packed=True, compile="on")}
+    out: dict = {}
+    for name, texts in corpora.items():
+        lengths = [len(x) for x in encoder.tokenize(texts)[0]]
+        flops = model_flops_per_token(encoder.model, float(np.mean(lengths)))
+        row = {"texts": len(texts), "mean_tokens": round(float(np.mean(lengths)), 1)}
+        for label, kwargs in modes.items():
+            runner = Encoder(encoder.model, encoder.tokenizer, encoder.profile, encoder.device,
+                             max_length=encoder.max_length, batch_tokens=encoder.batch_tokens, **kwargs)
+            half = len(texts) // 2
+            runs = {}
+            for run, part in (("warm-up", texts[half:]), ("measured", texts[:half])):
+                corpus = tmp / f"e2e-{name}-{run}.parquet"
+                pq.write_table(pa.table({"id": list(range(len(part))), "text": part}), corpus)
+                graphs = counters["stats"]["unique_graphs"]
+                spec = JobSpec(corpus=str(corpus), out=str(tmp / f"e2e-{name}-{label}-{run}".replace(" ", "-")),
+                               model=str(folder), id_column="id", dims=(), shm="off", hnsw_m=8, ef_construction=16)
+                report, wall = timed(lambda spec=spec, runner=runner: run_embedded(spec, encoder=runner).to_dict())
+                runs[run] = {"embed_seconds": report["embed_seconds"], "wall": wall,
+                             "tokens": int(sum(lengths[half:]) if run == "warm-up" else sum(lengths[:half])),
+                             "graphs": counters["stats"]["unique_graphs"] - graphs}
+            measured = runs["measured"]
+            rate = measured["tokens"] / measured["embed_seconds"]
+            row[label] = {"tokens_per_s": round(rate, 1), "fraction_of_ceiling": round(rate * flops / ceiling_flops, 3),
+                          "warm_up_embed_seconds": round(runs["warm-up"]["embed_seconds"], 1),
+                          "graphs_compiled_in_warm_up": runs["warm-up"]["graphs"],
+                          "graphs_compiled_after_warm_up": measured["graphs"]}
+        row["packed_compiled_over_eager_padded"] = round(row["packed compiled"]["tokens_per_s"]
+                                                         / row["eager padded"]["tokens_per_s"], 3)
+        out[name] = row  # the compiled model is kept on the model: the next corpus reuses its graphs
+    out["goal"] = "fraction_of_ceiling >= 0.6 (long) and >= 0.5 (glosses), packed compiled; 0 graphs after warm-up"
+    return out
 
 
 def stage(encoder, folder: Path, glosses_path: Path, rows: int, tmp: Path) -> dict:
@@ -163,6 +214,32 @@ def compare_packing(encoder, corpora: dict[str, list[str]], folder: Path) -> dic
     return out
 
 
+def smoke(args) -> None:
+    """The parts that run on a CPU (e2e, packing, share) at SHAPE_SMOKE on a few hundred texts: the code of the
+    GPU script, checked where there is no GPU. Prints what ran; its figures mean nothing."""
+    from embedctl.pipeline.encoder import load_encoder
+    from embedctl.pipeline.models import ModelRef
+
+    glosses = pq.read_table(args.glosses, columns=["text"]).column("text").to_pylist()[:2000] \
+        if args.glosses.exists() else [f"text {i} about a river, a dog and the sea" for i in range(2000)]
+    tmp = Path(tempfile.mkdtemp(prefix="embedctl-bench-gpu-smoke-"))
+    folder = build_model(tmp / "smoke", glosses, 2, smoke=True)
+    encoder = load_encoder(ModelRef("smoke", folder), device="cpu", dtype="bf16", shm="off", batch_tokens=512)
+    corpora = {"glosses": glosses[:300], "long": long_texts(glosses, encoder.tokenizer, 40)}
+    parts = set(args.parts.split(","))
+    result = {"smoke": True}
+    if "e2e" in parts:
+        result["e2e"] = end_to_end(encoder, folder, corpora, tmp, ceiling_flops=1e12)
+    if "share" in parts:
+        from bench.share import measure
+
+        os.environ["EMBEDCTL_SHM_DIR"] = str(tmp / "shm")
+        (tmp / "shm").mkdir()
+        os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.mkdtemp(prefix="ec-"))
+        result["share"] = measure(str(folder), "cpu", "bf16", corpora["glosses"], (1, 2))
+    print(json.dumps(result, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--glosses", type=Path, default=GLOSSES)
@@ -173,13 +250,19 @@ def main() -> None:
     parser.add_argument("--parts", default="sweep,stage,compile,packing",
                         help="comma-separated: sweep (vs sentence-transformers, budgets), stage, compile, packing "
                              "(packed vs padded batches), share (K = 1, 2, 4 processes on one GPU: memory and "
-                             "tokens/s with one shared copy vs a copy each, and an exporter killed; bench/share.py)")
+                             "tokens/s with one shared copy vs a copy each, and an exporter killed; bench/share.py), "
+                             "e2e (the embedding stage of embedded runs: eager padded vs packed compiled, fraction "
+                             "of the ceiling, graphs compiled after warm-up)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="run the parts' code on the CPU at a tiny shape (a check of the script, no figures)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     import torch
 
+    if args.smoke:
+        return smoke(args)
     if not torch.cuda.is_available():
-        sys.exit("bench.gpu needs a CUDA device")
+        sys.exit("bench.gpu needs a CUDA device (or --smoke)")
     if not args.glosses.exists():
         sys.exit(f"{args.glosses} is absent: pass --glosses PATH (the WordNet glosses Parquet)")
     from embedctl.pipeline.defaults import DEFAULT_BATCH_TOKENS_CUDA
@@ -239,6 +322,12 @@ def main() -> None:
         if "stage" in parts else {}
     compiled = compare_compiled(encoder, corpora) if "compile" in parts else {}
     packing = compare_packing(encoder, corpora, folder) if "packing" in parts else {}
+    e2e = {}
+    if "e2e" in parts:
+        cfg = encoder.model.config
+        gemm = max(gemm_rate(cfg.hidden_size, cfg.intermediate_size, tokens=16384, device="cuda", dtype=torch.bfloat16),
+                   gemm_rate(cfg.intermediate_size, cfg.hidden_size, tokens=16384, device="cuda", dtype=torch.bfloat16))
+        e2e = {"gemm_tflops": round(gemm / 1e12, 1), **end_to_end(encoder, folder, corpora, tmp, gemm)}
     shared = {}
     if "share" in parts:
         from bench.share import measure
@@ -253,14 +342,14 @@ def main() -> None:
               "torch": torch.__version__, "cpus": os.cpu_count(), "layers": args.layers,
               "model_build_s": round(built_s, 1), "rows": rows, "ratios": ratios, "ceiling": ceiling,
               "activation_peak_mib": memory, "stage": stage_result, "compile": compiled,
-              "packing": packing, "share": shared}
+              "packing": packing, "share": shared, "e2e": e2e}
     if args.json:
         print(json.dumps(result, indent=2))
         return
     print(f"# GPU throughput ({result['command']}) on {result['device']}")
     for r in rows:
         print(r)
-    for key in ("ratios", "ceiling", "activation_peak_mib", "stage", "compile", "packing", "share"):
+    for key in ("ratios", "ceiling", "activation_peak_mib", "stage", "compile", "packing", "share", "e2e"):
         print(key, json.dumps(result[key]))
 
 

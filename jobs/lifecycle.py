@@ -408,6 +408,17 @@ def run_chunk(work_dir: Path, number: int, encoder_for: Callable[[WorkPlan], obj
     return {**summary, "build_due": not missing_chunks(plan)}
 
 
+def fail_chunk(work_dir: Path, number: int, message: str, settings: Settings | None) -> None:
+    """Record that chunk `number` failed for good outside `run_chunk` (a task out of retries): the run fails."""
+    try:
+        run = Run.load(work_dir, settings)
+    except Superseded:
+        return
+    message = f"chunk {number}: {message}"
+    state.record_failure(run.plan, state.chunk_name(number), message)
+    fail(run, message)
+
+
 def _build_lease(run: Run, settings: Settings) -> locks.RedisLease:
     return locks.RedisLease(settings, locks.build_key(run.plan.out, run.plan.plan_id),
                             json.dumps(locks.holder_record(run.run_id, "celery", run.record.job)))

@@ -200,6 +200,8 @@ class Encoder:
         self.packed = packing_mode(device) if packed is None else packed
         self._module = model
         self.device = device
+        if _EAGER_SECONDS not in model.__dict__:
+            object.__setattr__(model, _EAGER_SECONDS, 0.0)  # set now: a run adds no attribute to a shared model
         self._compile_if_due()
         if self._module is model:
             use_onednn_linear(model)  # fused bias and GELU for fp32 on CPU (pipeline/kernels.py)
@@ -507,28 +509,29 @@ SHARE_WAIT_SECONDS = 120.0
 
 
 def load_model(folder: Path, dtype: torch.dtype, device: torch.device, shm: str = "auto",
-               shm_dir: Path | None = None, share: str | None = None) -> tuple[torch.nn.Module, str]:
+               shm_dir: Path | None = None) -> tuple[torch.nn.Module, str]:
     """The transformer of `folder` in `dtype` on `device`, attached from shared memory when published.
 
-    Returns the model and where its weights came from (`shm:<segment>`, `exporter:<segment>` or `disk`). On CUDA,
-    with device sharing (`share`, default EMBEDCTL_DEVICE_SHARE; see shm_loader/share.py), the model maps the one
-    device copy its exporter holds, waiting for the exporter and never falling back to the disk; without it, the
-    shared host copy is copied to the device: no disk read, no deserialisation.
+    Returns the model and where its weights came from (`shm:<segment>`, `exporter:<segment>` or `disk`). In a
+    worker of a bootstrap that shares device copies (EMBEDCTL_DEVICE_SHARE=on and its key; see
+    shm_loader/share.py), the model maps the copy its device's exporter holds, waiting for an exporter being
+    restarted and never falling back to the disk; otherwise the shared host copy is copied to the device: no disk
+    read, no deserialisation.
     """
     if shm not in SHM_MODES:
         raise ConfigError(f"shm must be one of {', '.join(SHM_MODES)}, got {shm!r}")
     if shm != "off":
         from embedctl.shm_loader.errors import SegmentError
         from embedctl.shm_loader.model import attach_model, attach_shared_model
-        from embedctl.shm_loader.segment import segment_name
-        from embedctl.shm_loader.share import share_mode, uses_exporter
+        from embedctl.shm_loader.share import ExporterLost, exporter_key
 
         try:
-            mode = share_mode(share)
-            if uses_exporter(mode, segment_name(folder, dtype), str(device)):
-                model = attach_shared_model(folder, dtype, str(device),
-                                            wait=SHARE_WAIT_SECONDS if mode == "on" else 0.0)
+            key = exporter_key()
+            if key is not None:
+                model = attach_shared_model(folder, dtype, str(device), key, wait=SHARE_WAIT_SECONDS)
                 return model, f"exporter:{model._embedctl_lease.segment}"
+        except ExporterLost as exc:
+            raise WeightsLost(str(exc)) from None  # the exporter is being restarted: retry the work later
         except SegmentError as exc:
             raise ModelError(str(exc)) from None
 

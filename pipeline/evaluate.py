@@ -79,8 +79,8 @@ def evaluate(reader: IndexReader, query_vectors: np.ndarray, queries: QuerySet, 
     the time of each search per query."""
     if not ks or min(ks) <= 0:
         raise ConfigError(f"-k values must be positive, got {ks!r}")
-    exact_device = resolve_exact_device(exact_device)
     k = max(ks)
+    exact_device = resolve_exact_device(exact_device, k)
     ef = max(ef or reader.info.hnsw["ef_search"], k)  # HNSW returns at most efSearch hits
     results = {}
     for dim in dims or reader.dims:

@@ -38,13 +38,17 @@ def gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
-def resolve_exact_device(setting: str) -> str:
-    """`auto|cpu|gpu` -> `cpu` or `gpu`; `gpu` where faiss-gpu sees no GPU is a ConfigError (one line)."""
+def resolve_exact_device(setting: str, k: int = 1) -> str:
+    """`auto|cpu|gpu` -> `cpu` or `gpu` for searches of `k` neighbours; `gpu` where faiss-gpu sees no GPU, or for
+    more neighbours than it returns, is a ConfigError (one line); `auto` then resolves to `cpu`."""
     if setting not in EXACT_DEVICES:
         raise ConfigError(f"--exact-device must be one of {', '.join(EXACT_DEVICES)}, got {setting!r}")
-    if setting == "cpu":
+    if setting == "cpu" or (setting == "auto" and k > GPU_MAX_K):
         return "cpu"
     if gpu_available():
+        if k > GPU_MAX_K:
+            raise ConfigError(f"-k {k} is more than the {GPU_MAX_K} neighbours faiss-gpu returns; use a smaller -k "
+                              "or --exact-device cpu")
         return "gpu"
     if setting == "auto":
         return "cpu"

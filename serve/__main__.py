@@ -11,6 +11,7 @@ import shutil
 import sys
 import tempfile
 import threading
+import time
 
 import uvicorn
 
@@ -50,11 +51,11 @@ def _start_exporters(config: ServeConfig):
     exporters = Exporters(config.share["folder"], config.share["dtype"], config.share["devices"],
                           log=lambda line: print(f"INFO:     {line}", file=sys.stderr, flush=True))
     exporters.start()
-    os.environ["EMBEDCTL_DEVICE_SHARE"] = "on"
+    os.environ.update(exporters.environment())  # what the workers (spawned from this process) map
 
     def watch() -> None:
-        while True:
-            threading.Event().wait(1.0)
+        while not exporters.stopped:
+            time.sleep(1.0)
             exporters.watch()
 
     threading.Thread(target=watch, name="exporters", daemon=True).start()

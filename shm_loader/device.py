@@ -106,16 +106,13 @@ def export_handle(copy: DeviceCopy) -> tuple[dict, list[int]]:
 
 
 def import_handle(handle: dict, fds: list[int], device: str) -> tuple[torch.Tensor, object]:
-    """Map an exporter's buffer: the uint8 tensor and what must stay alive with it."""
+    """Map an exporter's buffer: the uint8 tensor and what must stay alive with it (the caller closes `fds`)."""
     import torch
 
     if handle.get("transport") == "cpu":
         if device != "cpu" or len(fds) != 1:
             raise SegmentError(f"the exporter sent a cpu buffer for device {device}; restart the worker")
-        try:
-            mapping = mmap.mmap(fds[0], handle["bytes"], prot=mmap.PROT_READ)
-        finally:
-            os.close(fds[0])
+        mapping = mmap.mmap(fds[0], handle["bytes"], prot=mmap.PROT_READ)  # its own reference: the fd may close
         import warnings
 
         with warnings.catch_warnings():

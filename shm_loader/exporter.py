@@ -1,6 +1,7 @@
 """The weight exporter: one process per device that holds a segment's weights there and hands them out.
 
-    python -P -m embedctl.shm_loader.exporter --folder MODEL_DIR --dtype bfloat16 --device cuda:0 [--parent PID]
+    python -P -m embedctl.shm_loader.exporter --folder MODEL_DIR --dtype bfloat16 --device cuda:0 --key KEY
+                                              [--parent PID]
 
 It maps the host segment (published beforehand: `embedctl shm publish`, or `embedctl worker` / `embedctl serve`,
 which start and watch the exporters), copies its data region to the device once, and answers every process that
@@ -29,8 +30,9 @@ from embedctl.shm_loader.share import peer_credentials, send_message, socket_pat
 LOG = logging.getLogger("embedctl.exporter")
 
 
-def serve(folder: Path, dtype_name: str, device: str, parent: int | None = None) -> None:
-    """Export the segment of `folder` in `dtype_name` on `device` until stopped."""
+def serve(folder: Path, dtype_name: str, device: str, key: str, parent: int | None = None) -> None:
+    """Export the segment of `folder` in `dtype_name` on `device` for the processes of bootstrap `key`, until
+    stopped."""
     import torch
 
     dtype = getattr(torch, dtype_name)
@@ -40,12 +42,11 @@ def serve(folder: Path, dtype_name: str, device: str, parent: int | None = None)
         raise SegmentError(f"no shared-memory segment of {folder} in {dtype_name}; publish it first "
                            f"(`embedctl shm publish --model {folder}`)")
     copy = make_copy(attached, device)
-    handle, fds = export_handle(copy)
     manifest = attached.manifest
     header = {"segment": attached.name, "fingerprint": manifest["fingerprint"], "folder": manifest["folder"],
               "dtype": manifest["dtype"], "checksum": copy.checksum, "exporter_pid": os.getpid(),
-              "tensors": manifest["tensors"], "handle": handle}
-    path = socket_path(attached.name, device)
+              "tensors": manifest["tensors"]}
+    path = socket_path(attached.name, device, key)
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     tmp.unlink(missing_ok=True)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -73,7 +74,7 @@ def serve(folder: Path, dtype_name: str, device: str, parent: int | None = None)
                 break
             for key, _ in selector.select(timeout=1.0):
                 if key.fileobj is server:
-                    _accept(server, header, fds, selector, clients)
+                    _accept(server, header, copy, selector, clients)
                 else:  # a client closed (or sent something it should not): drop it
                     conn = key.fileobj
                     selector.unregister(conn)
@@ -88,18 +89,28 @@ def serve(folder: Path, dtype_name: str, device: str, parent: int | None = None)
             pass
 
 
-def _accept(server: socket.socket, header: dict, fds: list[int], selector, clients: set) -> None:
-    conn, _ = server.accept()
-    pid, uid, _gid = peer_credentials(conn)
-    if uid != os.getuid():
-        LOG.warning("refused a connection from pid %d of uid %d: weights go only to processes of uid %d", pid, uid,
-                    os.getuid())
-        try:
-            send_message(conn, {"error": f"the weight exporter (pid {os.getpid()}) serves only uid {os.getuid()}"})
-        finally:
-            conn.close()
+def _accept(server: socket.socket, header: dict, copy, selector, clients: set) -> None:
+    """Answer one connection: the handle (a fresh one: CUDA IPC counts its receivers) to a process of this user,
+    a refusal to any other. A client that dies mid-answer costs its connection, never the exporter."""
+    try:
+        conn, _ = server.accept()
+    except OSError as exc:
+        LOG.warning("accept failed: %s", exc)
         return
-    send_message(conn, header, fds)
+    try:
+        pid, uid, _gid = peer_credentials(conn)
+        if uid != os.getuid():
+            LOG.warning("refused a connection from pid %d of uid %d: weights go only to processes of uid %d", pid,
+                        uid, os.getuid())
+            send_message(conn, {"error": f"the weight exporter (pid {os.getpid()}) serves only uid {os.getuid()}"})
+            conn.close()
+            return
+        handle, fds = export_handle(copy)
+        send_message(conn, {**header, "handle": handle}, fds)
+    except OSError as exc:
+        LOG.warning("a client left before it had the weights: %s", exc)
+        conn.close()
+        return
     selector.register(conn, selectors.EVENT_READ)
     clients.add(conn)
     LOG.info("handed the weights to pid %d (%d processes attached)", pid, len(clients))
@@ -110,12 +121,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--folder", type=Path, required=True)
     parser.add_argument("--dtype", required=True)
     parser.add_argument("--device", required=True)
+    parser.add_argument("--key", required=True, help="the key of the bootstrap whose processes it serves")
     parser.add_argument("--parent", type=int, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"[exporter {args.device} %(process)d] %(message)s",
                         stream=sys.stderr)
     try:
-        serve(args.folder, args.dtype, args.device, args.parent)
+        serve(args.folder, args.dtype, args.device, args.key, args.parent)
     except SegmentError as exc:
         sys.stderr.write(f"Error: {exc}\n")
         raise SystemExit(1) from None

@@ -80,9 +80,10 @@ def attach_model(folder: Path, dtype: torch.dtype, shm_dir: Path | None = None) 
     return model
 
 
-def attach_shared_model(folder: Path, dtype: torch.dtype, device: str, wait: float = 0.0) -> torch.nn.Module:
-    """The model of `folder` on the exporter's copy of its weights on `device` (one copy per device, see
-    share.py and exporter.py); the lease on the exporter is `model._embedctl_lease`.
+def attach_shared_model(folder: Path, dtype: torch.dtype, device: str, key: str,
+                        wait: float = 0.0) -> torch.nn.Module:
+    """The model of `folder` on the copy of its weights that the exporter of bootstrap `key` holds on `device` (one
+    copy per device, see share.py and exporter.py); the lease on the exporter is `model._embedctl_lease`.
 
     Raises:
         SegmentError: no exporter answered within `wait` s, it runs as another user, or what it exports is not
@@ -91,11 +92,11 @@ def attach_shared_model(folder: Path, dtype: torch.dtype, device: str, wait: flo
     from embedctl.shm_loader.device import checksum, import_handle, tensor_views
     from embedctl.shm_loader.fingerprint import folder_fingerprint
     from embedctl.shm_loader.segment import dtype_str, segment_name
-    from embedctl.shm_loader.share import Lease, connect
+    from embedctl.shm_loader.share import Lease, close_fds, connect
 
     folder = Path(folder).resolve()
     name = segment_name(folder, dtype)
-    sock, header, fds = connect(name, device, wait)
+    sock, header, fds = connect(name, device, key, wait)
     try:
         if header.get("dtype") != dtype_str(dtype) or header.get("folder") != str(folder) \
                 or header.get("fingerprint") != folder_fingerprint(folder):
@@ -103,13 +104,18 @@ def attach_shared_model(folder: Path, dtype: torch.dtype, device: str, wait: flo
                                f"{header.get('dtype')} as it was when published, not {folder} as it is now; "
                                "restart the worker (it publishes again and restarts the exporters)")
         buffer, keep = import_handle(header["handle"], fds, device)
+        close_fds(fds)  # the mapping holds the memory
+        fds = []
         if checksum(buffer) != header["checksum"]:
             raise SegmentError(f"the weights mapped from the exporter of {name} on {device} do not match its "
                                "checksum; restart the worker")
         attached = Attached(path=Path(name), manifest=header, tensors=tensor_views(buffer, header), mapping=keep)
-        model = build_model(folder, attached, dtype)
+        # the weights are on the device already; the buffers made at construction (rotary frequencies, position
+        # ids) are moved there
+        model = build_model(folder, attached, dtype).to(device)
     except BaseException:
         sock.close()
+        close_fds(fds)
         raise
     model._embedctl_lease = Lease(sock, device, int(header["exporter_pid"]), name)
     LOG.info("mapped %s from the exporter on %s (pid %s)", folder, device, header["exporter_pid"])

@@ -12,10 +12,10 @@ and is retried on a restarted exporter; an importer never falls back to reading 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-import select
 import socket
 import struct
 import time
@@ -27,9 +27,14 @@ from embedctl.shm_loader.errors import SegmentError
 SHARE_MODES = ("auto", "on", "off")
 """EMBEDCTL_DEVICE_SHARE. For `embedctl worker` and `embedctl serve` (the bootstraps): `auto` starts one exporter
 per GPU (none on CPU, where the host segment is shared already), `on` starts them on CPU too (a memfd copy: what
-the tests run), `off` none. For a process that loads the model: `auto` maps an exporter's copy when one runs for
-its device, `on` requires one (waiting for it; what the bootstraps give their workers, so they never fall back to
-a copy of their own), `off` copies the host segment to its device itself."""
+the tests run), `off` none. The bootstrap gives its workers `on` and its key (EMBEDCTL_EXPORTER_KEY): they map
+their device's copy from its exporters, waiting for one being restarted, and never fall back to a copy of their
+own. Any other process (a one-shot `embedctl index`, a plain `celery worker`) copies the host segment itself: an
+exporter serves only the processes of the bootstrap that runs it, which restarts it and retries their work."""
+
+KEY_ENV = "EMBEDCTL_EXPORTER_KEY"
+"""The key of the bootstrap whose exporters a process maps (its pid): two bootstraps on one host never share or
+replace each other's sockets."""
 
 _LENGTH = struct.Struct("<I")
 _CRED = struct.Struct("3i")  # pid, uid, gid
@@ -37,6 +42,10 @@ _CRED = struct.Struct("3i")  # pid, uid, gid
 
 class ExporterLost(SegmentError):
     """The exporter of the weights a process computes with is gone: its work must be retried."""
+
+
+class ExporterUnavailable(ExporterLost):
+    """No exporter answered in time (being restarted, or failing to start): the work is retried later."""
 
 
 def share_mode(value: str | None = None) -> str:
@@ -51,9 +60,15 @@ def exports(mode: str, device: str) -> bool:
     return mode == "on" or (mode == "auto" and device.startswith("cuda"))
 
 
-def uses_exporter(mode: str, segment: str, device: str) -> bool:
-    """Whether a process on `device` maps an exporter's copy (`on`: it must; `auto`: when one is running)."""
-    return mode == "on" or (mode == "auto" and device.startswith("cuda") and socket_path(segment, device).exists())
+def exporter_key() -> str | None:
+    """The key of the bootstrap whose exporters this process maps (None: it maps none)."""
+    if share_mode() != "on":
+        return None
+    key = os.environ.get(KEY_ENV, "").strip()
+    if not key:
+        raise SegmentError(f"EMBEDCTL_DEVICE_SHARE=on but {KEY_ENV} is not set: the weight exporters are run by "
+                           "`embedctl worker` and `embedctl serve`, which set both for their workers")
+    return key
 
 
 def socket_dir() -> Path:
@@ -68,11 +83,11 @@ def socket_dir() -> Path:
     return path
 
 
-def socket_path(segment: str, device: str) -> Path:
-    """The socket of the exporter of `segment` (in this shared-memory folder) on `device`."""
+def socket_path(segment: str, device: str, key: str) -> Path:
+    """The socket of the exporter of `segment` (in this shared-memory folder) on `device`, run by bootstrap `key`."""
     from embedctl.shm_loader.segment import default_shm_dir
 
-    key = f"{segment}\0{default_shm_dir().resolve()}\0{device}"
+    key = f"{segment}\0{default_shm_dir().resolve()}\0{device}\0{key}"
     path = socket_dir() / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.sock"  # short: AF_UNIX takes 107 bytes
     if len(str(path).encode()) > 107:
         raise SegmentError(f"the socket folder {path.parent} is too deep for a Unix socket; set XDG_RUNTIME_DIR to a "
@@ -88,10 +103,8 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
 def send_message(sock: socket.socket, message: dict, fds: list[int] = ()) -> None:
     blob = json.dumps(message).encode()
     data = _LENGTH.pack(len(blob)) + blob
-    if fds:
-        socket.send_fds(sock, [data], list(fds))
-    else:
-        sock.sendall(data)
+    sent = socket.send_fds(sock, [data], list(fds)) if fds else 0
+    sock.sendall(data[sent:])  # the descriptors went with the first bytes
 
 
 def receive_message(sock: socket.socket, max_fds: int = 4) -> tuple[dict, list[int]]:
@@ -119,9 +132,14 @@ class Lease:
     segment: str
 
     def check(self) -> None:
-        """Raise ExporterLost when the exporter is gone (its end of the connection closed)."""
-        ready = select.select([self.sock], [], [], 0)[0]
-        if ready and not self.sock.recv(1, socket.MSG_PEEK):
+        """Raise ExporterLost when the exporter is gone (its end of the connection closed or reset)."""
+        try:
+            alive = self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+        except BlockingIOError:
+            alive = True  # nothing to read: the exporter is there
+        except OSError:
+            alive = False
+        if not alive:
             raise ExporterLost(f"the weight exporter of {self.segment} on {self.device} (pid {self.exporter_pid}) "
                                "exited; this work fails and is retried once the worker has restarted it")
 
@@ -129,10 +147,10 @@ class Lease:
         self.sock.close()
 
 
-def connect(segment: str, device: str, wait: float = 0.0) -> tuple[socket.socket, dict, list[int]]:
-    """Connect to the exporter of `segment` on `device` (waiting up to `wait` s for it to come up) and receive its
-    handle; the exporter must run as this user."""
-    path = socket_path(segment, device)
+def connect(segment: str, device: str, key: str, wait: float = 0.0) -> tuple[socket.socket, dict, list[int]]:
+    """Connect to the exporter of `segment` on `device` run by bootstrap `key` (waiting up to `wait` s for it to
+    come up) and receive its handle; the exporter must run as this user."""
+    path = socket_path(segment, device, key)
     deadline = time.monotonic() + wait
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -142,18 +160,32 @@ def connect(segment: str, device: str, wait: float = 0.0) -> tuple[socket.socket
         except (FileNotFoundError, ConnectionRefusedError):
             sock.close()
             if time.monotonic() >= deadline:
-                raise SegmentError(f"no weight exporter of {segment} on {device} ({path}); start the worker with "
-                                   "`embedctl worker` (it runs one per GPU) or set EMBEDCTL_DEVICE_SHARE=off") from None
+                raise ExporterUnavailable(f"no weight exporter of {segment} on {device} answered in {wait:.0f} s "
+                                          f"({path}); its worker restarts it (see the worker's log), or set "
+                                          "EMBEDCTL_DEVICE_SHARE=off") from None
             time.sleep(0.2)
-    _pid, uid, _gid = peer_credentials(sock)
-    if uid != os.getuid():
+    fds: list[int] = []
+    try:
+        _pid, uid, _gid = peer_credentials(sock)
+        if uid != os.getuid():
+            raise SegmentError(f"the weight exporter at {path} runs as uid {uid}, not as this user "
+                               f"({os.getuid()}); refusing its handle")
+        sock.settimeout(60)
+        message, fds = receive_message(sock)
+        sock.settimeout(None)
+        if "error" in message:
+            raise SegmentError(message["error"])
+    except (OSError, ValueError, SegmentError) as exc:
         sock.close()
-        raise SegmentError(f"the weight exporter at {path} runs as uid {uid}, not as this user ({os.getuid()}); "
-                           "refusing its handle")
-    sock.settimeout(60)
-    message, fds = receive_message(sock)
-    sock.settimeout(None)
-    if "error" in message:
-        sock.close()
-        raise SegmentError(message["error"])
+        close_fds(fds)
+        if isinstance(exc, SegmentError):
+            raise
+        raise ExporterUnavailable(f"the weight exporter of {segment} on {device} did not answer properly "
+                                  f"({type(exc).__name__}: {exc}); it is restarted by its worker") from None
     return sock, message, fds
+
+
+def close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)

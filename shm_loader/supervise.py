@@ -1,6 +1,11 @@
 """Start and watch the weight exporters of a host (one per device): what `embedctl worker` and `embedctl serve`
-run beside their workers. An exporter that exits is started again from the host segment; the processes that
-mapped it fail their current work (see share.py) and map the new one on their next."""
+run beside their workers. An exporter that exits is started again from the host segment (after a growing pause
+when it keeps failing); the processes that mapped it fail their current work (see share.py) and map the new one.
+
+The exporters run in a session of their own, so a terminal's Ctrl-C or a signal to the bootstrap's group stops the
+workers first; the bootstrap stops the exporters last. The key of a bootstrap (its pid) is in its exporters'
+socket names and in its workers' environment: two bootstraps on one host never touch each other's exporters.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +13,27 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from embedctl.shm_loader.errors import SegmentError
 from embedctl.shm_loader.segment import segment_name
-from embedctl.shm_loader.share import socket_path
+from embedctl.shm_loader.share import KEY_ENV, socket_path
 
 LOG = logging.getLogger(__name__)
+
+MAX_PAUSE = 60.0
+"""The longest pause before starting again an exporter that keeps failing (1, 2, 4, ... seconds)."""
+
+
+@dataclass
+class _Exporter:
+    proc: subprocess.Popen
+    ready: bool = False
+    failures: int = 0  # exits in a row before it was ready
+    not_before: float = 0.0  # monotonic time of the next start, after a failure
 
 
 class Exporters:
@@ -26,64 +44,98 @@ class Exporters:
         self.dtype = dtype
         self.devices = list(dict.fromkeys(devices))
         self.segment = segment_name(self.folder, dtype)
-        self.procs: dict[str, subprocess.Popen] = {}
+        self.key = str(os.getpid())
+        self.exporters: dict[str, _Exporter] = {}
         self.restarts = 0
         self.log = log or LOG.info
+        self._lock = threading.Lock()
+        self._stopped = False
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
+    @property
+    def procs(self) -> dict[str, subprocess.Popen]:
+        return {device: e.proc for device, e in self.exporters.items()}
+
+    def environment(self) -> dict[str, str]:
+        """What the workers need to map these exporters' copies."""
+        return {"EMBEDCTL_DEVICE_SHARE": "on", KEY_ENV: self.key}
 
     def _command(self, device: str) -> list[str]:
         return [sys.executable, "-P", "-m", "embedctl.shm_loader.exporter", "--folder", str(self.folder),
-                "--dtype", str(self.dtype).removeprefix("torch."), "--device", device, "--parent", str(os.getpid())]
+                "--dtype", str(self.dtype).removeprefix("torch."), "--device", device, "--key", self.key,
+                "--parent", str(os.getpid())]
 
-    def _start(self, device: str) -> subprocess.Popen:
-        path = socket_path(self.segment, device)
-        path.unlink(missing_ok=True)  # a socket left by an exporter that was killed
-        return subprocess.Popen(self._command(device), stdin=subprocess.DEVNULL)
+    def _spawn(self, device: str) -> subprocess.Popen:
+        socket_path(self.segment, device, self.key).unlink(missing_ok=True)  # left by a killed exporter of ours
+        return subprocess.Popen(self._command(device), stdin=subprocess.DEVNULL, start_new_session=True)
 
-    def _wait_ready(self, device: str, timeout: float) -> None:
-        path, proc = socket_path(self.segment, device), self.procs[device]
-        deadline = time.monotonic() + timeout
-        while not path.exists():
-            if proc.poll() is not None:
-                raise SegmentError(f"the weight exporter on {device} exited ({proc.returncode}) before it was ready; "
-                                   "its error is above")
-            if time.monotonic() > deadline:
-                raise SegmentError(f"the weight exporter on {device} was not ready after {timeout:.0f} s")
-            time.sleep(0.1)
+    def _is_ready(self, device: str) -> bool:
+        return socket_path(self.segment, device, self.key).exists()
 
     def start(self, timeout: float = 600.0) -> None:
         """Start one exporter per device and wait until each has its copy made and its socket up."""
-        for device in self.devices:
-            self.procs[device] = self._start(device)
-        for device in self.devices:
-            self._wait_ready(device, timeout)
+        with self._lock:
+            for device in self.devices:
+                self.exporters[device] = _Exporter(self._spawn(device))
+        deadline = time.monotonic() + timeout
+        for device, exporter in self.exporters.items():
+            while not self._is_ready(device):
+                if exporter.proc.poll() is not None:
+                    self.stop()
+                    raise SegmentError(f"the weight exporter on {device} exited ({exporter.proc.returncode}) before "
+                                       "it was ready; its error is above")
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise SegmentError(f"the weight exporter on {device} was not ready after {timeout:.0f} s")
+                time.sleep(0.1)
+            exporter.ready = True
         self.log(f"weights of {self.folder.name} shared on {', '.join(self.devices)} (one copy per device, "
-                 f"exporter pids {', '.join(str(p.pid) for p in self.procs.values())})")
+                 f"exporter pids {', '.join(str(e.proc.pid) for e in self.exporters.values())})")
 
-    def watch(self, timeout: float = 600.0) -> list[str]:
-        """Start again every exporter that exited; returns the devices restarted."""
+    def watch(self) -> list[str]:
+        """One look at the exporters (never blocks): start again those that exited, note those back; returns the
+        devices started again."""
         restarted = []
-        for device, proc in list(self.procs.items()):
-            if proc.poll() is None:
-                continue
-            self.log(f"the weight exporter on {device} (pid {proc.pid}) exited with {proc.returncode}: restarting "
-                     "it from the host segment; work that was using it is retried")
-            self.procs[device] = self._start(device)
-            try:
-                self._wait_ready(device, timeout)
-            except SegmentError as exc:
-                self.log(f"{exc}; trying again")
-                continue
-            self.restarts += 1
-            restarted.append(device)
-            self.log(f"the weight exporter on {device} is back (pid {self.procs[device].pid})")
+        with self._lock:
+            if self._stopped:
+                return restarted
+            now = time.monotonic()
+            for device, exporter in self.exporters.items():
+                code = exporter.proc.poll()
+                if code is None:
+                    if not exporter.ready and self._is_ready(device):
+                        exporter.ready, exporter.failures = True, 0
+                        self.log(f"the weight exporter on {device} is back (pid {exporter.proc.pid})")
+                    continue
+                if exporter.not_before == 0.0:  # just noticed
+                    if exporter.ready:
+                        self.log(f"the weight exporter on {device} (pid {exporter.proc.pid}) exited with {code}: "
+                                 "restarting it from the host segment; work that was using it is retried")
+                    else:
+                        exporter.failures += 1
+                        pause = min(MAX_PAUSE, 2.0 ** (exporter.failures - 1))
+                        self.log(f"the weight exporter on {device} failed to start ({code}); trying again in "
+                                 f"{pause:.0f} s")
+                        exporter.not_before = now + pause
+                if now < exporter.not_before:
+                    continue
+                failures = exporter.failures
+                self.exporters[device] = _Exporter(self._spawn(device), failures=failures)
+                self.restarts += 1
+                restarted.append(device)
         return restarted
 
     def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        with self._lock:
+            self._stopped = True
+            for exporter in self.exporters.values():
+                if exporter.proc.poll() is None:
+                    exporter.proc.terminate()
+            for exporter in self.exporters.values():
+                try:
+                    exporter.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    exporter.proc.kill()

@@ -27,9 +27,13 @@ def embed_chunk(self, work_dir: str, number: int) -> dict:
     try:
         result = lifecycle.run_chunk(Path(work_dir), number, worker_encoder, worker_cache, settings())
     except WeightsLost as exc:
-        LOG.error("chunk %d: %s (re-queued)", number, exc)
         forget_lost_models()
-        raise self.retry(countdown=1) from None
+        if self.request.retries >= self.max_retries:
+            LOG.error("chunk %d: %s; out of retries (%d): the run fails", number, exc, self.max_retries)
+            lifecycle.fail_chunk(Path(work_dir), number, f"{exc} ({self.max_retries} retries)", settings())
+            raise
+        LOG.error("chunk %d: %s (re-queued)", number, exc)
+        raise self.retry(countdown=2 ** self.request.retries) from None
     if result.get("build_due"):
         build_index.apply_async((work_dir,))
     return result

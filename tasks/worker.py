@@ -17,7 +17,7 @@ import logging
 import os
 from pathlib import Path
 
-from celery.signals import worker_init, worker_process_init
+from celery.signals import worker_init, worker_process_init, worker_ready
 
 from embedctl.pipeline.errors import EmbedctlError
 
@@ -69,7 +69,15 @@ def _parent_init(sender=None, **_kw) -> None:
         from embedctl.pipeline.models import read_profile, resolve_model
 
         import_model_code(read_profile(resolve_model(model).path).transformer_path)
-    guard_cuda()
+    if _forks_children(sender):
+        guard_cuda()
+
+
+def _forks_children(sender) -> bool:
+    """Whether the worker's pool forks its children (prefork; not solo or threads, whose tasks run in this
+    process and need CUDA here)."""
+    pool = getattr(sender, "pool_cls", None)
+    return "prefork" in f"{getattr(pool, '__module__', '')}.{getattr(pool, '__name__', pool)}"
 
 
 _CUDA_ENTRY_POINTS = ("_lazy_init", "init", "is_available", "device_count", "current_device", "set_device",
@@ -84,6 +92,9 @@ def guard_cuda() -> None:
     torch = sys.modules.get("torch")
     if torch is None or _WORKER["cuda_guard"] is not None:
         return
+    if torch.cuda.is_initialized():
+        raise EmbedctlError("CUDA was initialised in the Celery worker parent before it forked its pool children, "
+                            "which cannot use it then; find the CUDA call at import time and move it into a task")
 
     def refuse(*_args, **_kwargs):
         raise EmbedctlError("the Celery worker parent touched CUDA; it must not (it forks the pool children): "
@@ -92,6 +103,13 @@ def guard_cuda() -> None:
     _WORKER["cuda_guard"] = {name: getattr(torch.cuda, name) for name in _CUDA_ENTRY_POINTS}
     for name in _CUDA_ENTRY_POINTS:
         setattr(torch.cuda, name, refuse)
+
+
+@worker_ready.connect
+def _parent_ready(**_kw) -> None:
+    """Say that the guard is on, once Celery's logging is set up (it is not yet at `worker_init`)."""
+    if _WORKER["cuda_guard"] is not None:
+        LOG.info("CUDA is off limits in this worker parent (pid %d): its pool children use it", os.getpid())
 
 
 def lift_cuda_guard() -> None:
@@ -128,13 +146,16 @@ def _child_init(**_kw) -> None:
         return
     from embedctl.shm_loader.errors import SegmentError
     from embedctl.shm_loader.model import attach_model, attach_shared_model
-    from embedctl.shm_loader.segment import segment_name
-    from embedctl.shm_loader.share import share_mode, uses_exporter
+    from embedctl.shm_loader.share import exporter_key
 
     folder, device = profile.transformer_path, _WORKER["device"]
-    if uses_exporter(share_mode(), segment_name(folder, dtype), device):
+    try:
+        key = exporter_key()
+    except SegmentError as exc:
+        raise EmbedctlError(str(exc)) from None
+    if key is not None:
         try:  # the bootstrap started the exporters before this worker: they answer at once
-            shared = attach_shared_model(folder, dtype, device, wait=2.0)
+            shared = attach_shared_model(folder, dtype, device, key, wait=2.0)
         except SegmentError as exc:
             LOG.warning("pool child %d: %s; its first task maps the weights", index, exc)
             return
@@ -190,6 +211,7 @@ def worker_encoder(plan):
     from embedctl.pipeline.encoder import Encoder, load_model, resolve_device, resolve_dtype
     from embedctl.pipeline.models import read_profile
 
+    forget_lost_models()  # an idle child's model whose exporter died meanwhile
     device = _WORKER["device"] or str(resolve_device(plan.device))
     dev = torch.device(device)
     profile = read_profile(Path(plan.model_path))

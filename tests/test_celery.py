@@ -283,6 +283,7 @@ def test_one_weight_copy_per_device_and_an_exporter_killed_mid_job(celery_env, s
     inodes = [memfd_maps(p) for p in children]
     assert len(children) == 2 and inodes[0] and inodes[0] == inodes[1] == memfd_maps(exporter)  # one copy
     assert not memfd_maps(celery_parent)  # the parent that forks them maps no weights
+    assert f"CUDA is off limits in this worker parent (pid {celery_parent})" in worker.text()
     out = tmp_path / "o"
     follower = subprocess.Popen([EMBEDCTL, "index", str(sample_corpus), "--out", str(out), "--model", "minilm",
                                  "--chunk-rows", "100", "--dims", "64", "--quiet", "--json", "--broker",

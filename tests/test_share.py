@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +18,14 @@ import pytest
 import torch
 
 from embedctl.pipeline.encoder import Encoder, load_encoder
-from embedctl.pipeline.errors import WeightsLost
+from embedctl.pipeline.errors import ModelError, WeightsLost
 from embedctl.pipeline.models import ModelRef, read_profile
 from embedctl.shm_loader.errors import SegmentError
 from embedctl.shm_loader.model import attach_shared_model
 from embedctl.shm_loader.segment import publish
 from embedctl.shm_loader.share import socket_path
 from embedctl.shm_loader.supervise import Exporters
+from tests.services import wait_until
 
 TEXTS = ["a river flows to the sea", "the dog barks", "light " * 20]
 
@@ -48,23 +50,24 @@ def shared(tiny_qwen3, tmp_path, monkeypatch):
 
 def test_the_mapped_copy_gives_the_vectors_of_a_load_from_disk(shared):
     model, folder, exporters = shared
-    mapped = attach_shared_model(folder, torch.bfloat16, "cpu", wait=5)
+    mapped = attach_shared_model(folder, torch.bfloat16, "cpu", exporters.key, wait=5)
     disk = load_encoder(ModelRef("m", model), device="cpu", dtype="bf16", shm="off")
     ours = Encoder(mapped, disk.tokenizer, disk.profile, disk.device)
     assert np.array_equal(ours.encode(TEXTS).vectors, disk.encode(TEXTS).vectors)
     loaded = load_encoder(ModelRef("m", model), device="cpu", dtype="bf16")  # auto: only CUDA maps an exporter
     assert loaded.source.startswith("shm:")
-    os.environ["EMBEDCTL_DEVICE_SHARE"] = "on"
+    os.environ.update(exporters.environment())  # what `embedctl worker` gives its pool children
     try:
         required = load_encoder(ModelRef("m", model), device="cpu", dtype="bf16")
     finally:
-        del os.environ["EMBEDCTL_DEVICE_SHARE"]
+        for name in exporters.environment():
+            del os.environ[name]
     assert required.source.startswith("exporter:embedctl-")
 
 
 def test_a_dead_exporter_fails_the_next_batch_and_its_restart_is_mapped_again(shared):
     model, folder, exporters = shared
-    mapped = attach_shared_model(folder, torch.bfloat16, "cpu", wait=5)
+    mapped = attach_shared_model(folder, torch.bfloat16, "cpu", exporters.key, wait=5)
     disk = load_encoder(ModelRef("m", model), device="cpu", dtype="bf16", shm="off")
     encoder = Encoder(mapped, disk.tokenizer, disk.profile, disk.device)
     encoder.encode(TEXTS)
@@ -73,25 +76,30 @@ def test_a_dead_exporter_fails_the_next_batch_and_its_restart_is_mapped_again(sh
     exporters.procs["cpu"].wait()
     with pytest.raises(WeightsLost, match=f"pid {old}\\) exited; this work fails and is retried"):
         encoder.encode(TEXTS)
-    assert exporters.watch(timeout=120) == ["cpu"] and exporters.procs["cpu"].pid != old
-    again = attach_shared_model(folder, torch.bfloat16, "cpu", wait=5)
+    assert exporters.watch() == ["cpu"] and exporters.procs["cpu"].pid != old
+    wait_until(lambda: exporters.watch() == [] and exporters.exporters["cpu"].ready, 120, "the restarted exporter")
+    again = attach_shared_model(folder, torch.bfloat16, "cpu", exporters.key, wait=5)
     assert again._embedctl_lease.exporter_pid == exporters.procs["cpu"].pid
     assert np.array_equal(Encoder(again, disk.tokenizer, disk.profile, disk.device).encode(TEXTS).vectors,
                           disk.encode(TEXTS).vectors)
 
 
 def test_an_exporter_of_weights_changed_since_is_refused(shared):
-    model, folder, _exporters = shared
+    model, folder, exporters = shared
     weights = next(Path(folder).glob("*.safetensors"))
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
     with pytest.raises(SegmentError, match="not .* as it is now; restart the worker"):
-        attach_shared_model(folder, torch.bfloat16, "cpu", wait=5)
+        attach_shared_model(folder, torch.bfloat16, "cpu", exporters.key, wait=5)
 
 
 def test_no_exporter_is_one_line_after_the_wait(tiny_qwen3, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_RUNTIME_DIR", tempfile.mkdtemp(prefix="ec-"))
-    with pytest.raises(SegmentError, match="no weight exporter of embedctl-.* on cuda:3"):
-        attach_shared_model(read_profile(tiny_qwen3).transformer_path, torch.bfloat16, "cuda:3", wait=0.3)
+    with pytest.raises(SegmentError, match="no weight exporter of embedctl-.* on cuda:3 answered in 0 s"):
+        attach_shared_model(read_profile(tiny_qwen3).transformer_path, torch.bfloat16, "cuda:3", "1", wait=0.3)
+    monkeypatch.setenv("EMBEDCTL_DEVICE_SHARE", "on")
+    monkeypatch.delenv("EMBEDCTL_EXPORTER_KEY", raising=False)
+    with pytest.raises(ModelError, match="EMBEDCTL_EXPORTER_KEY is not set"):
+        load_encoder(ModelRef("m", tiny_qwen3), device="cpu")
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another user")
@@ -99,7 +107,7 @@ def test_the_exporter_hands_nothing_to_another_user(shared):
     """Two walls: the socket (0600 in a 0700 folder) is out of another user's reach; opened up, the exporter still
     checks the peer's credentials and answers with a refusal instead of the handle."""
     _model, folder, _exporters = shared
-    path = socket_path(_segment(folder), "cpu")
+    path = socket_path(_segment(folder), "cpu", _exporters.key)
     python = shutil.which("python3", path="/usr/bin:/usr/local/bin")  # one the other user may run
     if python is None:
         pytest.skip("no system python3 for the other user")
@@ -134,8 +142,11 @@ def test_the_celery_parent_cannot_touch_cuda():
     """`worker_init` ends with every CUDA entry point of torch raising (a CUDA context inherited through fork is
     unusable); a pool child lifts the guard first thing."""
     code = ("import os, torch\n"
+            "from celery.concurrency import prefork, solo\n"
             "from embedctl.tasks import worker\n"
-            "worker._parent_init(sender=None)\n"
+            "worker._parent_init(sender=type('W', (), {'pool_cls': solo.TaskPool, 'concurrency': 1})())\n"
+            "print(torch.cuda.is_available() in (True, False))\n"  # solo: tasks run here, CUDA stays usable
+            "worker._parent_init(sender=type('W', (), {'pool_cls': prefork.TaskPool, 'concurrency': 2})())\n"
             "for call in (torch.cuda.is_available, torch.cuda.device_count, lambda: torch.zeros(1, device='cuda')):\n"
             "    try:\n        call(); print('ALLOWED')\n"
             "    except Exception as exc:\n        print(type(exc).__name__, 'worker parent touched CUDA' in str(exc))\n"
@@ -144,4 +155,29 @@ def test_the_celery_parent_cannot_touch_cuda():
     env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDCTL_")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split("\n")[:4] == ["EmbedctlError True"] * 3 + ["True"], out.stdout
+    assert out.stdout.split("\n")[:5] == ["True"] + ["EmbedctlError True"] * 3 + ["True"], out.stdout
+
+
+def test_an_exporter_that_cannot_start_is_retried_with_growing_pauses(shared, tmp_path):
+    """The host segment released under a running worker: the restarted exporter fails, and the supervisor tries
+    again after 1, 2, 4 ... s (not in a tight loop), saying so; a start with no segment is one line."""
+    _model, folder, exporters = shared
+    lines = []
+    exporters.log = lines.append
+    for segment in (tmp_path / "shm").iterdir():
+        segment.unlink()
+    exporters.procs["cpu"].kill()
+    exporters.procs["cpu"].wait()
+    assert exporters.watch() == ["cpu"]  # restarted at once: it was serving
+    wait_until(lambda: exporters.watch() is not None and any("failed to start" in line for line in lines), 60,
+               "the failed restart")
+    started = exporters.restarts
+    time.sleep(0.5)
+    exporters.watch()
+    assert exporters.restarts == started  # paused, not retried at once
+    assert any("trying again in 1 s" in line for line in lines), lines
+    wait_until(lambda: exporters.watch() is not None and any("trying again in 2 s" in line for line in lines), 60,
+               "the second pause")
+    fresh = Exporters(folder, torch.bfloat16, ["cpu"])
+    with pytest.raises(SegmentError, match="exited \\(1\\) before it was ready"):
+        fresh.start(timeout=60)

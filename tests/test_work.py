@@ -106,7 +106,10 @@ def test_compile_is_a_job_setting_that_does_not_change_the_plan(tmp_path, corpus
 
     base = {"corpus": str(corpus), "out": str(tmp_path / "o"), "model": str(tiny_qwen3), "dims": []}
     plain, fast = plan_job(JobSpec.from_dict(base)), plan_job(JobSpec.from_dict({**base, "compile": True}))
-    assert (plain.compile, fast.compile) == (False, True)
-    assert plain.plan_id == fast.plan_id  # same vectors: a compiled run resumes an eager one
-    with pytest.raises(ConfigError, match="compile must be true or false"):
-        JobSpec.from_dict({**base, "compile": "yes"})
+    off = plan_job(JobSpec.from_dict({**base, "compile": "off"}))
+    assert (plain.compile, fast.compile, off.compile) == ("auto", "on", "off")
+    assert plain.plan_id == fast.plan_id == off.plan_id  # same vectors: a compiled run resumes an eager one
+    with pytest.raises(ConfigError, match="--compile must be one of auto, on, off"):
+        JobSpec.from_dict({**base, "compile": "sometimes"})
+    old = {**fast.to_dict(), "compile": True}  # a plan written before --compile auto
+    assert type(fast).from_dict(old).compile == "on"

@@ -48,10 +48,9 @@ from embedctl.pipeline.errors import EmbedctlError
 @env_option("--dtype", env="DTYPE", default="auto", show_default=True, help="auto (fp32 on CPU, bf16 on CUDA), fp32, fp16, bf16.")
 @env_option("--device", env="DEVICE", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @env_option("--threads", env="THREADS", type=int, default=None, help="Intra-op CPU threads [default: torch's].")
-@env_option("--compile", "compile_model", env="COMPILE", default="auto", show_default=True, is_flag=False,
-            flag_value="on", metavar="[auto|on|off]",
-            help="torch.compile: `auto` compiles on CUDA once a process has spent EMBEDCTL_COMPILE_AFTER (175) s "
-                 "in eager forward passes; `on` (or a bare --compile) from the first batch; `off` never.")
+@env_option("--compile/--no-compile", "compile_model", env="COMPILE", default=None,
+            help="torch.compile from the first batch / never. Neither: compile on CUDA once a process has spent "
+                 "EMBEDCTL_COMPILE_AFTER (175) s in eager forward passes (the measured compile time).")
 @env_option("--hnsw-m", env="HNSW_M", type=int, default=defaults.DEFAULT_HNSW_M, show_default=True)
 @env_option("--ef-construction", env="EF_CONSTRUCTION", type=int, default=defaults.DEFAULT_EF_CONSTRUCTION, show_default=True)
 @env_option("--ef-search", env="EF_SEARCH", type=int, default=defaults.DEFAULT_EF_SEARCH, show_default=True,
@@ -72,7 +71,7 @@ from embedctl.pipeline.errors import EmbedctlError
 def index(corpus: str, out: str, model: str, text_column: str, id_column: str, instruction: str | None,
           query_instruction: str | None, instruction_format: str | None, dims: tuple[int, ...] | None,
           chunk_rows: int, batch_tokens: int | None,
-          max_length: int | None, dtype: str, device: str, threads: int | None, compile_model: str, hnsw_m: int,
+          max_length: int | None, dtype: str, device: str, threads: int | None, compile_model: bool | None, hnsw_m: int,
           ef_construction: int, ef_search: int, index_type: str, segment_rows: int, keep: int, shm: str,
           broker: str | None, detach: bool, quiet: bool, as_json: bool) -> None:
     """Embed CORPUS (Parquet file, directory or glob) and publish FAISS HNSW indexes in --out.
@@ -86,7 +85,7 @@ def index(corpus: str, out: str, model: str, text_column: str, id_column: str, i
                    batch_tokens=batch_tokens, max_length=max_length, dtype=dtype, device=device, threads=threads,
                    hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search, index_type=index_type,
                    segment_rows=segment_rows, keep=keep,
-                   shm=shm, compile=compile_model)
+                   shm=shm, compile="auto" if compile_model is None else compile_model)
     if detach and not broker:
         raise click.UsageError("--detach needs --broker (or EMBEDCTL_BROKER_URL): an embedded run cannot detach")
     if broker:

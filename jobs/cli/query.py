@@ -192,11 +192,12 @@ def evaluate_cmd(index_dir: str, queries_path: str, query_column: str, relevant_
     from embedctl.pipeline.exact import resolve_exact_device
     from embedctl.pipeline.index import IndexReader
 
-    exact_device = resolve_exact_device(exact_device)  # a refused gpu fails before any index or model is loaded
     try:
         cutoffs = tuple(int(x) for x in ks.split(",") if x.strip())
     except ValueError:
         raise click.BadParameter(f"{ks!r} is not a comma-separated list of integers", param_hint="-k") from None
+    # a refused gpu fails before any index or model is loaded
+    exact_device = resolve_exact_device(exact_device, max(cutoffs, default=1))
     reader = IndexReader(Path(index_dir), verify=not no_verify)
     queries = load_queries(Path(queries_path), query_column, relevant_column, reader, limit=limit)
     info = reader.info

@@ -122,6 +122,9 @@ def serve(index_dirs: tuple[str, ...], model: str | None, workers: int | None, h
     gpus = __import__("torch").cuda.device_count() if dev.type == "cuda" and dev.index is None else 0
     share = None
     count = workers or gpus or 1
+    if shm == "off" and device_share == "on":
+        raise click.UsageError("--device-share on needs the shared-memory segment it copies to the devices, and "
+                               "--shm off turns it off; drop one of them")
     if shm != "off":
         folder, torch_dtype = read_profile(ref.path).transformer_path, resolve_dtype(dtype, dev)
         result = publish(folder, torch_dtype)

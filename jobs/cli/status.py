@@ -71,6 +71,9 @@ def worker(model: str, broker: str | None, concurrency: int | None, queues: str 
     children = concurrency or gpus or os.cpu_count() or 1
     torch_dtype = resolve_dtype(dtype, dev)
     exporters = None
+    if os.environ.get("EMBEDCTL_SHM", "auto") == "off" and device_share == "on":
+        raise click.UsageError("--device-share on needs the shared-memory segment it copies to the devices, and "
+                               "EMBEDCTL_SHM=off turns it off; drop one of them")
     if os.environ.get("EMBEDCTL_SHM", "auto") != "off":
         result = publish(folder, torch_dtype)
         click.echo(("published " if result["published"] else "attaching to ") + result["name"], err=True)
@@ -80,7 +83,9 @@ def worker(model: str, broker: str | None, concurrency: int | None, queues: str 
 
             exporters = Exporters(folder, torch_dtype, devices, log=lambda line: click.echo(line, err=True))
     env = dict(os.environ, EMBEDCTL_MODEL=model, EMBEDCTL_BROKER_URL=settings.url, EMBEDCTL_DTYPE=dtype,
-               EMBEDCTL_DEVICE=device, EMBEDCTL_DEVICE_SHARE="on" if exporters else "off")
+               EMBEDCTL_DEVICE=device, EMBEDCTL_DEVICE_SHARE="off")
+    if exporters is not None:
+        env.update(exporters.environment())
     # -P: the working directory is not put first on sys.path, so files there (a tasks.py, say) are never imported
     argv = [sys.executable, "-P", "-m", "celery", "-A", "embedctl.tasks", "worker", "--pool", "prefork",
             "--concurrency", str(children),
@@ -100,22 +105,49 @@ def worker(model: str, broker: str | None, concurrency: int | None, queues: str 
 
 
 def _supervise(argv: list[str], env: dict, exporters) -> int:
-    """Run the Celery worker as a child beside the exporters; restart an exporter that exits; return Celery's exit
-    code. SIGTERM or SIGINT sent to this process becomes a SIGTERM to Celery (a warm shutdown, also when a terminal's
-    Ctrl-C reached Celery too), then the exporters stop."""
+    """Run the Celery worker as a child beside the exporters, restart an exporter that exits, and return Celery's
+    exit code.
+
+    SIGTERM or SIGINT sent to this process becomes a SIGTERM to Celery (a warm shutdown, also when a terminal's
+    Ctrl-C reached Celery too); SIGHUP, SIGQUIT and SIGUSR1 are passed on as they are (Celery's restart, cold
+    shutdown and traceback dump). Once a shutdown is asked for, exporters are no longer restarted; they stop after
+    Celery has exited (they are in a session of their own, out of reach of the terminal's Ctrl-C). Celery gets
+    SIGTERM if this process dies (PR_SET_PDEATHSIG), so it never runs on without its exporters.
+    """
     import signal
     import subprocess
 
-    celery = subprocess.Popen(argv, env=env)
-    forward = lambda _sig, _frame: celery.send_signal(signal.SIGTERM)  # noqa: E731 - a signal handler
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    stopping: list[int] = []
+    celery: list[subprocess.Popen] = []
+
+    def forward(sig, _frame) -> None:
+        if sig in (signal.SIGTERM, signal.SIGINT):
+            stopping.append(sig)
+            sig = signal.SIGTERM
+        if celery:
+            celery[0].send_signal(sig)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1):
         signal.signal(sig, forward)
     try:
-        while celery.poll() is None:
+        celery.append(subprocess.Popen(argv, env=env, preexec_fn=_die_with_parent))
+        while celery[0].poll() is None:
             try:
-                celery.wait(timeout=1.0)
+                celery[0].wait(timeout=1.0)
             except subprocess.TimeoutExpired:
-                exporters.watch()
+                if not stopping:
+                    exporters.watch()
     finally:
+        if celery and celery[0].poll() is None:
+            celery[0].terminate()
+            celery[0].wait(timeout=60)
         exporters.stop()
-    return celery.returncode
+    return celery[0].returncode
+
+
+def _die_with_parent() -> None:
+    """In the Celery child before exec: SIGTERM when the bootstrap dies (Linux's PR_SET_PDEATHSIG)."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
