@@ -200,7 +200,7 @@ class Encoder:
         self.packed = packing_mode(device) if packed is None else packed
         self._module = model
         self.device = device
-        if _EAGER_SECONDS not in model.__dict__:
+        if isinstance(model, torch.nn.Module) and _EAGER_SECONDS not in model.__dict__:
             object.__setattr__(model, _EAGER_SECONDS, 0.0)  # set now: a run adds no attribute to a shared model
         self._compile_if_due()
         if self._module is model:
@@ -372,6 +372,10 @@ class Encoder:
             self.padded_tokens += int(packed.input_ids.shape[1])
             with timer:
                 return packed_forward(self.model, packed, self.profile.pooling, self._module)
+        if "_embedctl_unpacked_attention" in self.model.__dict__:  # packed batches ran on this model before
+            from embedctl.pipeline.packing import use_padded_attention
+
+            use_padded_attention(self.model)
         width = max(len(s) for s in seqs)
         input_ids = np.full((len(seqs), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(seqs), width), dtype=np.int64)

@@ -208,17 +208,32 @@ def register() -> str:
     return PACKED_ATTENTION
 
 
+_UNPACKED = "_embedctl_unpacked_attention"
+"""Attribute of a model: the attention implementation it had before packed batches switched it."""
+
+
+def use_packed_attention(model: torch.nn.Module) -> None:
+    """Switch the model's attention to packed attention, once: it stays until `use_padded_attention`."""
+    current = model.config._attn_implementation
+    if current != PACKED_ATTENTION:
+        object.__setattr__(model, _UNPACKED, current)
+        model.set_attn_implementation(register())
+
+
+def use_padded_attention(model: torch.nn.Module) -> None:
+    """Give back the attention a model had before packed batches (for a padded batch on the same model)."""
+    previous = model.__dict__.get(_UNPACKED)
+    if previous is not None and model.config._attn_implementation == PACKED_ATTENTION:
+        model.set_attn_implementation(previous)
+
+
 def packed_forward(model: torch.nn.Module, packed: Packed, pooling: str,
                    module: torch.nn.Module | None = None) -> torch.Tensor:
-    """Pooled, L2-normalised float32 vectors of a packed batch: the model's attention is switched to packed
-    attention for the call and back afterwards. `module`: what runs the forward (the compiled model)."""
+    """Pooled, L2-normalised float32 vectors of a packed batch (the model's attention switched to packed attention
+    if it is not yet). `module`: what runs the forward (the compiled model)."""
     module = module if module is not None else model
     if module is not model:
         torch._dynamo.mark_dynamic(packed.cu_seqlens, 0)  # the sequence count varies; the token count does not
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(register())
-    try:
-        hidden = module(**packed.model_kwargs()).last_hidden_state
-    finally:
-        model.set_attn_implementation(previous)
+    use_packed_attention(model)
+    hidden = module(**packed.model_kwargs()).last_hidden_state
     return torch.nn.functional.normalize(pool_packed(hidden, packed.real_cu_seqlens, pooling), p=2, dim=1)

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from embedctl.pipeline.errors import IndexNotFoundError
+from embedctl.pipeline.errors import ConfigError, IndexNotFoundError
 from embedctl.pipeline.fsutil import fsync_dir
 from embedctl.pipeline.manifest import INFO
 
@@ -111,6 +111,18 @@ def prune(out: Path, keep: int) -> list[str]:
 def discard(build_dir: Path) -> None:
     """Remove an unfinished build."""
     shutil.rmtree(build_dir, ignore_errors=True)
+
+
+def index_names(folders) -> dict[str, Path]:
+    """The name each index folder is served and searched by (its folder name), refusing two of one name."""
+    names: dict[str, Path] = {}
+    for folder in map(Path, folders):
+        name = folder.resolve().name
+        if name in names:
+            raise ConfigError(f"two indexes are named {name!r} ({names[name]} and {folder}); serve folders with "
+                              "different names")
+        names[name] = folder
+    return names
 
 
 def resolve_index_dir(path: Path) -> Path:

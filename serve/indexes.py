@@ -16,7 +16,7 @@ from pathlib import Path
 
 from embedctl.pipeline.errors import ConfigError, EmbedctlError
 from embedctl.pipeline.index import IndexReader
-from embedctl.pipeline.versions import resolve_index_dir
+from embedctl.pipeline.versions import index_names, resolve_index_dir
 
 LOG = logging.getLogger(__name__)
 
@@ -74,13 +74,7 @@ class ServedIndexes:
     """Index folders by name, checked at start-up against the served model."""
 
     def __init__(self, folders: list[Path] | tuple[str, ...], verify: bool = True):
-        self.by_name: dict[str, ServedIndex] = {}
-        for folder in map(Path, folders):
-            name = folder.resolve().name
-            if name in self.by_name:
-                raise ConfigError(f"two indexes are named {name!r} ({self.by_name[name].out} and {folder}); serve "
-                                  "folders with different names")
-            self.by_name[name] = ServedIndex(name, folder, verify)
+        self.by_name = {name: ServedIndex(name, folder, verify) for name, folder in index_names(folders).items()}
 
     def names(self) -> list[str]:
         return list(self.by_name)

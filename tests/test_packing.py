@@ -195,3 +195,19 @@ def test_auto_compiles_once_the_eager_time_is_spent(tiny_qwen3, monkeypatch):
     again = load_encoder(ModelRef("m", tiny_qwen3), device="cpu", shm="off", packed=True, compile="auto")
     assert not again.is_compiled  # another model object: its own eager time
     torch._dynamo.reset()
+
+
+def test_one_model_switches_between_packed_and_padded_batches(tiny_qwen3):
+    """Packed attention is switched on once and stays; a padded batch on the same model gets its attention back."""
+    from embedctl.pipeline.packing import PACKED_ATTENTION
+
+    encoder = load_encoder(ModelRef("m", tiny_qwen3), device="cpu", shm="off")
+    before = encoder.model.config._attn_implementation
+    padded = encoder.encode(TEXTS).vectors
+    encoder.packed = True
+    packed = encoder.encode(TEXTS).vectors
+    assert encoder.model.config._attn_implementation == PACKED_ATTENTION  # kept between batches
+    encoder.packed = False
+    again = encoder.encode(TEXTS).vectors
+    assert encoder.model.config._attn_implementation == before
+    assert (_cos(padded, packed) >= 0.99999).all() and np.array_equal(padded, again)

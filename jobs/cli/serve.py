@@ -19,7 +19,7 @@ import click
 from embedctl.jobs.cli.common import env_option, exported_devices, handle_errors, shm_option
 from embedctl.pipeline.errors import ConfigError, ModelError
 from embedctl.pipeline.manifest import read_info
-from embedctl.pipeline.versions import resolve_index_dir
+from embedctl.pipeline.versions import index_names, resolve_index_dir
 
 
 def _check_port(host: str, port: int) -> None:
@@ -99,14 +99,9 @@ def serve(index_dirs: tuple[str, ...], model: str | None, workers: int | None, h
     else:
         ref = resolve_model(model)
     fingerprint = ref.fingerprint
-    names = {}
     for folder, info in zip(map(Path, index_dirs), infos, strict=True):
         info.require_model(fingerprint, model, folder)
-        name = folder.resolve().name
-        if name in names:
-            raise ConfigError(f"two indexes are named {name!r} ({names[name]} and {folder}); serve folders with "
-                              "different names")
-        names[name] = folder
+    names = index_names(index_dirs)
     _check_port(host, port)
     if api_key is not None and not api_key.strip():
         raise ConfigError("--api-key is empty; give a key or leave the option out")
