@@ -325,6 +325,8 @@ def list_segments(shm_dir: Path | None = None) -> list[dict]:
     if not shm_dir.is_dir():
         return found
     for path in sorted(shm_dir.iterdir()):
+        if not path.is_file():  # a folder (a test's private shm dir, say) is no segment
+            continue
         if path.name.startswith(PREFIX):
             try:
                 manifest = read_manifest(path)

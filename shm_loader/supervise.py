@@ -92,7 +92,7 @@ class Exporters:
                     raise SegmentError(f"the weight exporter on {device} was not ready after {timeout:.0f} s")
                 time.sleep(0.1)
             exporter.ready = True
-        self.log(f"weights of {self.folder.name} shared on {', '.join(self.devices)} (one copy per device, "
+        self.log(f"weights of segment {self.segment} shared on {', '.join(self.devices)} (one copy per device, "
                  f"exporter pids {', '.join(str(e.proc.pid) for e in self.exporters.values())})")
 
     def watch(self) -> list[str]:

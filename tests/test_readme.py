@@ -150,5 +150,8 @@ def test_quick_start_on_a_fresh_clone(tmp_path):
     assert not (clone / ".venv").exists()
     env = _env(Path.home())  # the user's pip cache: a fresh clone, not a fresh download of every wheel
     env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if Path(p) != VENV_BIN)
-    readme.check(BLOCKS["quickstart"], clone, env, timeout=1500)
+    try:
+        readme.check(BLOCKS["quickstart"], clone, env, timeout=1500)
+    finally:
+        shutil.rmtree(env["EMBEDCTL_SHM_DIR"], ignore_errors=True)
     assert (clone / ".venv" / "bin" / "embedctl").exists()

@@ -181,3 +181,15 @@ def test_an_exporter_that_cannot_start_is_retried_with_growing_pauses(shared, tm
     fresh = Exporters(folder, torch.bfloat16, ["cpu"])
     with pytest.raises(SegmentError, match="exited \\(1\\) before it was ready"):
         fresh.start(timeout=60)
+
+
+@pytest.mark.parametrize("command", [["worker", "--model", "minilm", "--broker", "redis://127.0.0.1:1/0"],
+                                     ["serve", "--model", "minilm"]])
+def test_device_share_on_without_the_segment_is_refused(command, tmp_path):
+    """`--device-share on` with the shared-memory segment off cannot be honoured: refused before anything starts."""
+    embedctl = str(Path(sys.executable).parent / "embedctl")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDCTL_")}
+    out = subprocess.run([embedctl, *command, "--device-share", "on", "--shm", "off"], capture_output=True,
+                         text=True, env=env, cwd=tmp_path, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "needs the shared-memory segment it copies to the devices" in out.stderr

@@ -118,8 +118,8 @@ def serve(index_dirs: tuple[str, ...], model: str | None, workers: int | None, h
     share = None
     count = workers or gpus or 1
     if shm == "off" and device_share == "on":
-        raise click.UsageError("--device-share on needs the shared-memory segment it copies to the devices, and "
-                               "--shm off turns it off; drop one of them")
+        raise click.UsageError("--device-share on (or EMBEDCTL_DEVICE_SHARE=on) needs the shared-memory segment it "
+                               "copies to the devices, and --shm off (or EMBEDCTL_SHM=off) turns it off; drop one")
     if shm != "off":
         folder, torch_dtype = read_profile(ref.path).transformer_path, resolve_dtype(dtype, dev)
         result = publish(folder, torch_dtype)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from embedctl.jobs.cli.common import exported_devices, handle_errors, print_json
+from embedctl.jobs.cli.common import exported_devices, handle_errors, print_json, shm_option
 from embedctl.pipeline import defaults
 
 
@@ -46,11 +46,12 @@ def status(job: str, as_json: bool) -> None:
 @click.option("--device-share", envvar="EMBEDCTL_DEVICE_SHARE", show_envvar=True, default="auto", show_default=True,
               type=click.Choice(["auto", "on", "off"]),
               help="One device copy of the weights per GPU, mapped by every child on it (auto: on CUDA hosts).")
+@shm_option
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
 @handle_errors
 def worker(model: str, broker: str | None, concurrency: int | None, queues: str | None, dtype: str, device: str,
-           device_share: str, loglevel: str, celery_args: tuple[str, ...]) -> None:
+           device_share: str, shm: str, loglevel: str, celery_args: tuple[str, ...]) -> None:
     """Publish MODEL's weights to shared memory (if needed) and start a prefork Celery worker on them.
 
     On a GPU host it also starts one weight exporter per GPU, which holds the weights there once and hands them to
@@ -63,6 +64,9 @@ def worker(model: str, broker: str | None, concurrency: int | None, queues: str 
     from embedctl.pipeline.models import read_profile, resolve_model
     from embedctl.shm_loader.segment import publish
 
+    if shm == "off" and device_share == "on":
+        raise click.UsageError("--device-share on (or EMBEDCTL_DEVICE_SHARE=on) needs the shared-memory segment it "
+                               "copies to the devices, and --shm off (or EMBEDCTL_SHM=off) turns it off; drop one")
     settings = Settings.from_env(broker_url=broker)
     check_broker(settings)
     folder = read_profile(resolve_model(model).path).transformer_path
@@ -71,10 +75,7 @@ def worker(model: str, broker: str | None, concurrency: int | None, queues: str 
     children = concurrency or gpus or os.cpu_count() or 1
     torch_dtype = resolve_dtype(dtype, dev)
     exporters = None
-    if os.environ.get("EMBEDCTL_SHM", "auto") == "off" and device_share == "on":
-        raise click.UsageError("--device-share on needs the shared-memory segment it copies to the devices, and "
-                               "EMBEDCTL_SHM=off turns it off; drop one of them")
-    if os.environ.get("EMBEDCTL_SHM", "auto") != "off":
+    if shm != "off":
         result = publish(folder, torch_dtype)
         click.echo(("published " if result["published"] else "attaching to ") + result["name"], err=True)
         devices = exported_devices(device_share, dev, gpus, children)
@@ -83,7 +84,7 @@ def worker(model: str, broker: str | None, concurrency: int | None, queues: str 
 
             exporters = Exporters(folder, torch_dtype, devices, log=lambda line: click.echo(line, err=True))
     env = dict(os.environ, EMBEDCTL_MODEL=model, EMBEDCTL_BROKER_URL=settings.url, EMBEDCTL_DTYPE=dtype,
-               EMBEDCTL_DEVICE=device, EMBEDCTL_DEVICE_SHARE="off")
+               EMBEDCTL_DEVICE=device, EMBEDCTL_DEVICE_SHARE="off", EMBEDCTL_SHM=shm)
     if exporters is not None:
         env.update(exporters.environment())
     # -P: the working directory is not put first on sys.path, so files there (a tasks.py, say) are never imported
