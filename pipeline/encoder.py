@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from embedctl.pipeline import packing
 from embedctl.pipeline.attention import use_embedctl_attention
 from embedctl.pipeline.defaults import DEFAULT_BATCH_TOKENS_CPU, DEFAULT_BATCH_TOKENS_CUDA, compile_mode
 from embedctl.pipeline.errors import ConfigError, ModelError, WeightsLost
@@ -83,9 +84,7 @@ MAX_PADDING = 0.1
 
 def packing_available() -> bool:
     """Whether this torch build has variable-length attention (what packed batches run on CUDA)."""
-    from embedctl.pipeline.packing import _varlen_attn
-
-    return _varlen_attn() is not None
+    return packing._varlen_attn() is not None
 
 
 PACKING_MODES = ("off", "on", "auto")
@@ -356,26 +355,19 @@ class Encoder:
     def _batches(self, lengths: np.ndarray, budget: int) -> list[tuple[int, int]]:
         """Batches of the sorted lengths: padded ones within the budget, or packed ones of up to budget tokens."""
         if self.packed:
-            from embedctl.pipeline.packing import pack_by_tokens
-
-            return pack_by_tokens(lengths, budget)
+            return packing.pack_by_tokens(lengths, budget)
         return pack_batches(lengths, budget)
 
     def _forward(self, seqs: list[list[int]], timer: _ForwardTimer) -> torch.Tensor:
         """Pooled, L2-normalised float32 vectors of one batch (left on the device)."""
         if self.packed:
-            from embedctl.pipeline.packing import pack, packed_forward
-
             # compiled: every batch exactly the budget's tokens (one static shape; see pipeline/packing.py)
-            packed = pack(seqs, self.device, total=self.batch_tokens if self.is_compiled else None,
+            packed = packing.pack(seqs, self.device, total=self.batch_tokens if self.is_compiled else None,
                           pad_id=self.pad_id)
             self.padded_tokens += int(packed.input_ids.shape[1])
             with timer:
-                return packed_forward(self.model, packed, self.profile.pooling, self._module)
-        if "_embedctl_unpacked_attention" in self.model.__dict__:  # packed batches ran on this model before
-            from embedctl.pipeline.packing import use_padded_attention
-
-            use_padded_attention(self.model)
+                return packing.packed_forward(self.model, packed, self.profile.pooling, self._module)
+        packing.use_padded_attention(self.model)  # after packed batches on this model (else nothing to do)
         width = max(len(s) for s in seqs)
         input_ids = np.full((len(seqs), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(seqs), width), dtype=np.int64)
