@@ -12,8 +12,9 @@ import json
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 
 from embedctl.pipeline.errors import BrokerError, ConfigError
 
@@ -52,39 +53,77 @@ BROKER_ENV = ("EMBEDCTL_BROKER_URL", "CELERY_BROKER_URL")
 """Where the broker URL comes from, first set wins."""
 
 
-def mask_url(url: str | None) -> str:
-    """The URL with its password replaced by ** (kombu's own sanitiser): safe to print and log."""
-    from kombu.utils.url import maybe_sanitize_url
+PERCENT_ENCODE = "the password must be percent-encoded: '/' as %2F, '?' as %3F, '#' as %23, '@' as %40"
+"""How to write a password that holds reserved characters (said by every refusal of a URL)."""
 
+_SECRET_QUERY_KEYS = {"password", "passwd", "pass"}
+
+
+def _split(url: str) -> SplitResult:
+    """The URL's parts (RFC 3986, Python's urllib); ValueError when it cannot be split (a bad port or bracket)."""
+    parts = urlsplit(url)
+    parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    return parts
+
+
+def _ambiguous(parts: SplitResult) -> bool:
+    """Whether a raw '/', '?' or '#' in the user or password part cut the URL's host part short: then an '@'
+    follows where the host part ends. Parsers disagree on such a URL (kombu's sanitiser printed part of the
+    password as the host, redis-py connected to it), so it is refused, never guessed."""
+    return "@" in parts.path or "@" in parts.query or "@" in parts.fragment
+
+
+def mask_url(url: str | None) -> str:
+    """The URL with its password (and a `password=` query value) replaced by **: safe to print and log.
+
+    Parsed with urllib (RFC 3986: the last '@' of the host part ends the user part), not kombu's
+    `maybe_sanitize_url`, which drops the query, mangles IPv6 hosts and, given a raw '/' in the password, prints
+    its tail as the host. A URL that cannot be read back unambiguously shows nothing after its scheme.
+    """
     try:
-        return maybe_sanitize_url(url or "")
-    except (ValueError, TypeError):
+        parts = _split(url or "")
+    except ValueError:
         return "<a broker URL that cannot be parsed>"
+    if _ambiguous(parts):
+        return f"{parts.scheme}://** (unreadable: percent-encode its password)"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        user, colon, _password = userinfo.partition(":")
+        netloc = f"{user}:**@{hostport}" if colon else f"**@{hostport}"
+    query = "&".join(_mask_pair(pair) for pair in parts.query.split("&")) if parts.query else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _mask_pair(pair: str) -> str:
+    key, equals, _value = pair.partition("=")
+    return f"{key}=**" if equals and unquote(key).lower() in _SECRET_QUERY_KEYS else pair
 
 
 def url_password(url: str | None) -> str | None:
-    from kombu.utils.url import url_to_parts
-
+    """The URL's password, decoded (None: none, or a URL that cannot be parsed)."""
     try:
-        return url_to_parts(url or "").password
-    except (ValueError, TypeError):
+        parts = _split(url or "")
+    except ValueError:
         return None
+    return unquote(parts.password) if parts.password is not None else None
 
 
 def _check_url(url: str) -> None:
     """Refuse a URL that is not Redis or that parses ambiguously, without ever echoing its password."""
-    from kombu.utils.url import url_to_parts
-
     if not url.startswith(("redis://", "rediss://", "redis+socket://")):
         raise ConfigError(f"the broker URL must be a Redis URL (redis://[:password@]host:port/db), got "
                           f"{mask_url(url)!r}")
+    try:
+        parts = _split(url)
+    except ValueError:
+        raise ConfigError(f"the broker URL cannot be parsed (a port that is not a number?); if it holds a password "
+                          f"with reserved characters, {PERCENT_ENCODE}") from None
+    if _ambiguous(parts):
+        raise ConfigError(f"the broker URL cannot be read: a raw '/', '?' or '#' in its password ends the host name "
+                          f"early; {PERCENT_ENCODE}")
     if url.startswith("redis+socket://"):
         return
-    try:
-        parts = url_to_parts(url)
-    except (ValueError, TypeError):
-        raise ConfigError("the broker URL cannot be parsed; a password holding '/', '?' or '#' must be "
-                          "percent-encoded (%2F, %3F, %23)") from None
     if not parts.hostname:
         raise ConfigError(f"the broker URL {mask_url(url)!r} names no host; give redis://[:password@]host:port/db")
 
@@ -93,7 +132,7 @@ def _check_url(url: str) -> None:
 class Settings:
     """Everything the broker side needs; `from_env` reads EMBEDCTL_* (and CELERY_BROKER_URL)."""
 
-    broker_url: str | None = None  # None: not configured (a worker refuses to start)
+    broker_url: str | None = field(default=None, repr=False)  # None: not configured (a worker refuses to start)
     visibility_timeout: int = DEFAULT_VISIBILITY_TIMEOUT
     result_expires: int = DEFAULT_RESULT_EXPIRES
     lease_seconds: int = DEFAULT_LEASE_SECONDS
@@ -194,13 +233,31 @@ def celery_config(settings: Settings) -> dict:
     }
 
 
+class BrokerUnavailable(BrokerError):
+    """The broker did not answer (down, restarting, unreachable): worth trying again, not a fault of the workers."""
+
+
 def sender(settings: Settings) -> Celery:
-    """A Celery app that sends embedctl's tasks by name and inspects workers (it registers no task)."""
+    """A Celery app that sends embedctl's tasks by name and inspects workers (it registers no task).
+
+    It has no result backend: nothing here reads a task's result, and Celery's Redis backend would open a
+    subscription per task sent (one more connection that a Redis restart leaves stale). The workers store results
+    as configured (`celery_config`)."""
     from celery import Celery
 
     app = Celery("embedctl")
     app.conf.update(celery_config(settings))
+    app.conf.result_backend = None
     return app
+
+
+def reset_connections() -> None:
+    """Close this process's pooled broker connections. Kombu pools them process-wide, keyed by URL and shared by
+    every app: after a Redis restart they are dead ("Connection closed by server"), and even a new app would be
+    handed them again. Make a new `sender` afterwards."""
+    from kombu import pools
+
+    pools.reset()
 
 
 def check_broker(settings: Settings, timeout: float = 5.0) -> None:
@@ -228,11 +285,15 @@ def check_broker(settings: Settings, timeout: float = 5.0) -> None:
                           "--broker / EMBEDCTL_BROKER_URL") from None
 
 
-def clean(text: str, url: str) -> str:
-    """An error text from the broker library, on one line, without the URL's password."""
-    password = url_password(url)
+def clean(text: str, url: str | None) -> str:
+    """An error text from the broker library, on one line, without the URL's password (as given or decoded)."""
     text = " ".join(text.split())
-    return text.replace(password, "**") if password else text
+    password = url_password(url)
+    if password:
+        raw = urlsplit(url or "").password or ""
+        for form in sorted({password, raw} - {""}, key=len, reverse=True):
+            text = text.replace(form, "**")
+    return text
 
 
 def redis_client(settings: Settings):
@@ -246,9 +307,14 @@ def live_queues(app: Celery, timeout: float = 2.0) -> dict[str, set[str]]:
     try:
         replies = app.control.inspect(timeout=timeout).active_queues() or {}
     except Exception as exc:  # noqa: BLE001 - a broker error while inspecting is one line
-        raise BrokerError(f"cannot ask the workers which queues they consume: {clean(str(exc), app.conf.broker_url)}") \
-            from None
+        raise BrokerUnavailable(f"cannot ask the workers which queues they consume: "
+                                f"{clean(str(exc), app.conf.broker_url)}") from None
     return {worker: {q["name"] for q in queues} for worker, queues in replies.items()}
+
+
+def describe_workers(live: dict[str, set[str]]) -> str:
+    """Live workers and their queues, as words ('w1@h: embedctl.build; ...', or 'none answered')."""
+    return "; ".join(f"{w}: {', '.join(sorted(q))}" for w, q in sorted(live.items())) or "none answered"
 
 
 def require_consumers(app: Celery, queues: list[str], timeout: float = 2.0, wait: float = 0.0) -> None:
@@ -265,10 +331,9 @@ def require_consumers(app: Celery, queues: list[str], timeout: float = 2.0, wait
             return
         if time.monotonic() >= deadline:
             break
-    workers = "; ".join(f"{w}: {', '.join(sorted(q))}" for w, q in sorted(live.items())) or "none answered"
-    raise BrokerError(f"no live worker consumes the queue {lacking[0]} (workers: {workers}); start one with "
-                      "`embedctl worker --model MODEL` (it serves both queues), or pass --detach to queue the job "
-                      "for workers that start later")
+    raise BrokerError(f"no live worker consumes the queue {lacking[0]} (workers: {describe_workers(live)}); start "
+                      "one with `embedctl worker --model MODEL` (it serves both queues), or pass --detach to queue the "
+                      "job for workers that start later")
 
 
 def queued_args(settings: Settings, queue: str, task: str) -> list[list]:

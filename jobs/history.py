@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from embedctl.pipeline.errors import StorageError
-from embedctl.pipeline.fsutil import storage_error
+from embedctl.pipeline.fsutil import make_dirs, private_opener, storage_error
 
 RUNS_FILE = "runs.jsonl"
 
@@ -22,8 +22,8 @@ def record(out: str | Path, event: dict) -> None:
     path = Path(out) / RUNS_FILE
     line = json.dumps({**event, "at": datetime.now(UTC).isoformat(timespec="seconds")}, default=str) + "\n"
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a+b") as fh:
+        make_dirs(path.parent)
+        with open(path, "a+b", opener=private_opener) as fh:
             if fh.tell():  # a line cut by a crash or a full disk: start on a line of our own
                 fh.seek(-1, os.SEEK_END)
                 if fh.read(1) != b"\n":

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from embedctl.jobs import history, locks, state
+from embedctl.jobs import history, interrupts, locks, state
 from embedctl.jobs.broker import Settings, lease_seconds
 from embedctl.jobs.report import RunReport, read_report, write_report
 from embedctl.jobs.spec import JobSpec
@@ -76,7 +76,8 @@ def plan_job(spec: JobSpec) -> WorkPlan:
 
 
 def _validated_fingerprint(spec: JobSpec) -> str | None:
-    """Fingerprint of the corpus the current version was built from, when its ids were checked in this column."""
+    """Fingerprint of the corpus the current version was built from, when its ids and texts were checked in these
+    columns (the plan checks them again otherwise)."""
     from embedctl.pipeline.manifest import read_info
 
     current = versions.current_version(spec.out)
@@ -86,7 +87,8 @@ def _validated_fingerprint(spec: JobSpec) -> str | None:
         corpus = read_info(current).corpus
     except StorageError:
         return None  # a damaged version: check the ids again
-    return corpus.fingerprint if corpus.id_column == spec.id_column else None
+    same_columns = corpus.id_column == spec.id_column and corpus.text_column == spec.text_column
+    return corpus.fingerprint if same_columns else None
 
 
 @dataclass
@@ -170,6 +172,9 @@ def begin_plan(plan: WorkPlan, mode: str, settings: Settings | None = None, job:
         record = state.RunRecord(run_id=run_id, mode=mode, started=state.now(), started_ts=time.time(),
                                  lease=lease.ref, job=job, keep=keep,
                                  broker=settings.masked_broker if settings and mode != "embedded" else None)
+        taken_over = getattr(lease, "taken_over", None)
+        if taken_over:
+            _close_taken_over(plan, taken_over.get("run_id"))
         run = Run(record, plan, lease, settings, up_to_date=None if force else state.published_version(plan))
         if run.up_to_date is None:
             state.write_run(plan, record)
@@ -179,6 +184,25 @@ def begin_plan(plan: WorkPlan, mode: str, settings: Settings | None = None, job:
     except BaseException:
         lease.release()
         raise
+
+
+def _close_taken_over(plan: WorkPlan, run_id: str | None) -> None:
+    """Record the run whose lease a new run took over (its follower died) as failed, so that the history does not
+    keep it `running` for ever. Only when it is the last run of this job and it wrote no report."""
+    try:
+        record = state.read_run(plan)
+    except StorageError:
+        return
+    if record is None or record.run_id != run_id:
+        return
+    report = read_report(plan.work_dir)
+    if report is not None and report.run_id == run_id:
+        return
+    dead = Run(record, plan, lease=None)  # only its records are written: its lease is ours now
+    report = _report(dead, "failed", error="its follower died; a new run took over its lease and goes on with "
+                                           "the job (complete chunks are kept)")
+    write_report(plan.work_dir, report)
+    history.record(plan.out, report.to_history())
 
 
 def _live_celery_run(work_dir: Path, idle: float) -> state.RunRecord | None:
@@ -293,9 +317,17 @@ def publish(run: Run, progress: ProgressFactory = no_progress, forced: frozenset
     the run. `forced` / `rebuild`: segments to rewrite, or none to keep (a repair)."""
     from embedctl.pipeline.build import build_and_publish
 
-    info, target, build = build_and_publish(run.plan, progress, before_publish=_guard(run), forced=forced,
-                                            rebuild=rebuild)
-    return _published(run, target.name, info, build)
+    guard = _guard(run)
+    with interrupts.held() as hold:  # from the swap on, Ctrl-C waits until the run is recorded as published
+
+        def before_publish() -> None:
+            guard()
+            hold.start()
+
+        info, target, build = build_and_publish(run.plan, progress, before_publish=before_publish, forced=forced,
+                                                rebuild=rebuild)
+        report = _published(run, target.name, info, build)
+    return report
 
 
 def _guard(run: Run) -> Callable[[], None]:

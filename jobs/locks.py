@@ -6,7 +6,11 @@ taken can say who holds it. No lease outlives its holder:
   work (`keep_alive`), and any process that knows the token (a worker running a chunk of the run, the build
   task) can renew it, so a run whose processes all died releases its lock within `ttl`;
 - a file lease is an OS lock on a file (flock through py-filelock), released by the kernel when its process
-  exits, however it exits.
+  exits, however it exits;
+- a Redis lease whose taker follows its run (`mark_followed`: `embedctl index --broker` without --detach) and
+  died is taken over at once by the next run, when this host can prove it dead: the holder record names the host,
+  the machine (boot id and pid namespace), the user, the pid and the process's start time, and on that machine a
+  pid that is gone, a zombie, or a process started at another time is no longer the holder.
 
 Keys: `embedctl:lock:out:<hash of the output folder>` (one writer per --out) and
 `embedctl:lock:build:<hash of the output folder>:<plan id>` (one build of a plan at a time).
@@ -20,6 +24,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,7 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from embedctl.jobs.broker import Settings, redis_client
-from embedctl.pipeline.fsutil import storage_error, write_json
+from embedctl.pipeline.fsutil import FILE_MODE, make_dirs, storage_error, write_json
 
 LOG = logging.getLogger(__name__)
 
@@ -35,10 +40,70 @@ LOCK_FILE = ".embedctl.lock"
 HOLDER_FILE = ".embedctl.lock.json"
 
 
+FOLLOWED = ":followed"
+"""Suffix of the key that says a lease's taker keeps it alive itself (value: its run id; same time-to-live)."""
+
+
 def holder_record(run_id: str, mode: str, job: str | None = None) -> dict:
-    """Who takes a lease: shown to whoever finds it taken."""
+    """Who takes a lease: shown to whoever finds it taken, and what proves later whether that process still runs
+    (`holder_gone`)."""
     return {"run_id": run_id, "mode": mode, "job": job, "host": socket.gethostname(), "pid": os.getpid(),
-            "since": datetime.now(UTC).isoformat(timespec="seconds")}
+            "since": datetime.now(UTC).isoformat(timespec="seconds"), "machine": _machine(), "uid": os.getuid(),
+            "pid_start": _process_start(os.getpid())}
+
+
+def _machine() -> str | None:
+    """This machine as its processes see it: the kernel's boot id and our pid namespace (two containers with one
+    host name are two machines: a pid of one means nothing in the other). None without /proc."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}:{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return None
+
+
+def _process_stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time in clock ticks after boot) of process `pid` from /proc/PID/stat; None if unreadable."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()  # after the command name, which may hold spaces and parentheses
+    try:
+        return fields[0], int(fields[19])  # fields 3 and 22 of proc(5)
+    except (IndexError, ValueError):
+        return None
+
+
+def _process_start(pid: int) -> int | None:
+    stat = _process_stat(pid)
+    return stat[1] if stat else None
+
+
+def holder_gone(holder: dict | None) -> str | None:
+    """Why the process that took a lease is provably gone ('pid 12 is gone', 'pid 12 is another process now'),
+    or None when it may still run: on another host or machine, of another user, a record without the facts, or a
+    live process."""
+    if not holder or holder.get("host") != socket.gethostname() or holder.get("uid") != os.getuid():
+        return None
+    machine, pid = holder.get("machine"), holder.get("pid")
+    if not machine or machine != _machine() or not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return f"pid {pid} is gone"
+    except PermissionError:
+        return None  # a process of another user has that pid: it is not ours to judge
+    stat = _process_stat(pid)
+    if stat is None:
+        return None
+    state, start = stat
+    if state in ("Z", "X"):
+        return f"pid {pid} has exited"
+    if holder.get("pid_start") is not None and start != holder["pid_start"]:
+        return f"pid {pid} is another process now"
+    return None
 
 
 def describe_holder(holder: dict | None) -> str:
@@ -76,6 +141,16 @@ class LeaseRef:
         return cls(data["backend"], data["key"], data["token"])
 
 
+_TAKE_OVER = """
+if redis.call('get', KEYS[1]) == ARGV[1] and redis.call('get', KEYS[2]) == ARGV[2] then
+    redis.call('set', KEYS[1], ARGV[3], 'PX', ARGV[4])
+    redis.call('del', KEYS[2])
+    return 1
+end
+return 0
+"""
+
+
 class RedisLease:
     """A Redis lock with a time-to-live, held by whoever knows its token (redis-py's Lock)."""
 
@@ -94,8 +169,42 @@ class RedisLease:
         return LeaseRef(self.backend, self.key, self.token)
 
     def acquire(self) -> bool:
-        """Take the lease if nobody holds it (no waiting)."""
+        """Take the lease if nobody holds it (no waiting), or if its holder followed its run and is provably dead
+        (`holder_gone`): then one warning says whose lease was taken over and why."""
+        return self._take() or self._take_over()
+
+    def _take(self) -> bool:
         return bool(self._lock.acquire(blocking=False, token=self.token))
+
+    def _take_over(self) -> bool:
+        """Replace the lease of a dead follower by ours, atomically (only if nothing changed since we looked)."""
+        raw = self._client.get(self.key)
+        followed = self._client.get(self.key + FOLLOWED)
+        if raw is None or followed is None:
+            return False
+        try:
+            holder = json.loads(raw)
+        except ValueError:
+            return False
+        if not isinstance(holder, dict) or followed.decode(errors="replace") != holder.get("run_id"):
+            return False  # a detached run lives on in its workers, whatever became of its submitter
+        reason = holder_gone(holder)
+        if reason is None:
+            return False
+        swapped = self._client.eval(_TAKE_OVER, 2, self.key, self.key + FOLLOWED, raw, followed, self.token,
+                                    int(self.ttl * 1000))
+        if not swapped:
+            return False
+        self.taken_over = holder
+        LOG.warning("took over the lease of %s: its follower died (%s); this run goes on with the job (complete "
+                    "chunks are kept)", describe_holder(holder), reason)
+        return True
+
+    def mark_followed(self) -> None:
+        """Say that the process that took this lease keeps it alive itself (it follows its run), for as long as
+        the lease lives: if it dies, the next run on its host may take the lease over at once (`acquire`)."""
+        run_id = json.loads(self.token).get("run_id", "")
+        self._client.set(self.key + FOLLOWED, run_id, px=int(self.ttl * 1000))
 
     def renew(self) -> bool:
         """Reset the time-to-live while the lease is ours; take it again if it lapsed and nobody took it.
@@ -106,7 +215,7 @@ class RedisLease:
         try:
             return bool(self._lock.reacquire())
         except LockError:
-            return self.acquire()
+            return self._take()  # never a take-over: a run superseded by a live one must not come back
 
     def release(self) -> None:
         """Give the lease up if it is still ours (a lapsed or taken-over lease is left alone)."""
@@ -117,6 +226,10 @@ class RedisLease:
             self._lock.release()
         except LockError:
             LOG.debug("lease %s was no longer ours", self.key)
+            return
+        run_id = json.loads(self.token).get("run_id", "")
+        if (self._client.get(self.key + FOLLOWED) or b"").decode(errors="replace") == run_id:
+            self._client.delete(self.key + FOLLOWED)
 
     def holder(self) -> dict | None:
         raw = self._client.get(self.key)
@@ -139,7 +252,7 @@ class FileLease:
         self.out = Path(out)
         self.key = str(self.out / LOCK_FILE)
         self.token = token
-        self._lock = FileLock(self.key, timeout=0, thread_local=False)
+        self._lock = FileLock(self.key, timeout=0, thread_local=False, mode=FILE_MODE)
 
     @property
     def ref(self) -> LeaseRef:
@@ -150,7 +263,7 @@ class FileLease:
         from filelock import Timeout
 
         try:
-            self.out.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.out)
             self._lock.acquire(timeout=0)
         except Timeout:
             return False
@@ -195,6 +308,7 @@ def keep_alive(renew: Callable[[], bool], every: float, name: str = "lease") -> 
     lost, stop = threading.Event(), threading.Event()
 
     def loop() -> None:
+        failing_since = None
         while not stop.wait(every):
             try:
                 if not renew():
@@ -202,7 +316,14 @@ def keep_alive(renew: Callable[[], bool], every: float, name: str = "lease") -> 
                     LOG.warning("%s: lost to another holder", name)
                     return
             except Exception as exc:  # noqa: BLE001 - a broker hiccup: try again at the next beat
-                LOG.warning("%s: cannot renew (%s); retrying", name, exc)
+                # one warning per outage, not one per beat (a Redis restart would fill the terminal)
+                log = LOG.debug if failing_since is not None else LOG.warning
+                log("%s: cannot renew (%s); retrying every %.0f s", name, exc, every)
+                failing_since = failing_since or time.monotonic()
+                continue
+            if failing_since is not None:
+                LOG.warning("%s: renewed again after %.0f s", name, time.monotonic() - failing_since)
+                failing_since = None
 
     thread = threading.Thread(target=loop, name=f"embedctl-{name}", daemon=True)
     thread.start()

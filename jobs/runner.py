@@ -10,7 +10,8 @@ import logging
 from pathlib import Path
 
 from embedctl.jobs import lifecycle, state
-from embedctl.jobs.report import RunReport
+from embedctl.jobs.interrupts import InterruptedAfterPublish
+from embedctl.jobs.report import RunReport, read_report
 from embedctl.jobs.spec import JobSpec
 from embedctl.jobs.verify import Check, check, damaged_chunks, damaged_segments, version_damaged
 from embedctl.pipeline import work
@@ -89,6 +90,8 @@ def _complete(run: lifecycle.Run, progress: ProgressFactory, encoder, overlap: b
         lifecycle.fail(run, str(exc))
         raise
     except KeyboardInterrupt:
+        if run.ended and (report := read_report(run.plan.work_dir)) and report.status == "published":
+            raise InterruptedAfterPublish(report) from None
         lifecycle.fail(run, "interrupted (complete chunks are kept: run again to resume)")
         raise
     finally:

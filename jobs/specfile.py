@@ -6,7 +6,7 @@
     model = "qwen3-4b"
     dims = [1024, 512, 256, 128]
     out = "indexes/wordnet"               # default: <root>/<name>; must stay inside the root
-    schedule = "0 3 * * *"                # crontab (5 fields), or an interval: "30s", "15m", "2h", "1d"
+    schedule = "0 3 * * *"                # crontab (5 fields), or an interval of 1s or more: "30s", "15m", "2h"
     keep = 3
     hnsw = { m = 32, ef_construction = 200 }
 
@@ -27,6 +27,7 @@ from embedctl.pipeline.errors import ConfigError, CorpusError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _INTERVAL = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd])$")
+_MIN_INTERVAL_S = 1  # shorter: beat floods the broker with runs that find the last one running (each recorded)
 _HNSW_KEYS = {"m": "hnsw_m", "ef_construction": "ef_construction", "ef_search": "ef_search"}
 _SPEC_KEYS = {f.name for f in fields(JobSpec)} - {"extra"}
 _JOB_KEYS = (_SPEC_KEYS | {"schedule", "hnsw"}) - {"threads"}
@@ -60,8 +61,8 @@ def parse_schedule(text: str):
     m = _INTERVAL.match(text)
     if m:
         seconds = float(m[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m[2]]
-        if seconds <= 0:
-            raise ConfigError(f"schedule {text!r}: an interval must be positive")
+        if seconds < _MIN_INTERVAL_S:
+            raise ConfigError(f"schedule {text!r}: an interval must be at least {_MIN_INTERVAL_S}s")
         return timedelta(seconds=seconds)
     parts = text.split()
     if len(parts) != 5:

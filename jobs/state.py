@@ -177,7 +177,7 @@ def published_version(plan: WorkPlan) -> tuple[str, int] | None:
         return None
     if info.index_key != plan.index_key:
         return None
-    damaged = damaged_files(current, info)  # sizes only: a full check reads every file (embedctl verify)
+    damaged = damaged_files(current, info)  # reads only the files whose stat changed since they last matched
     if damaged:
         LOG.warning("%s is damaged (%s): building a new version", damaged[0][1], damaged[0][2])
         return None

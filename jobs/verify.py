@@ -83,13 +83,15 @@ def check(out: Path) -> Check:
         else:
             plan_id = info.plan_id
             result.files += 1
+            verdicts = checksum.Verdicts(out)  # what a run's up-to-date check trusts: damage found here drops it
             for name, expected in sorted(info.checksums.items()):  # the version's own files: deletion sets
-                _check_file(result, current / name, expected, "deletions")
+                _check_file(result, verdicts, current / name, expected, "deletions")
             for ref in info.segments:
                 folder = ref.folder(out)
                 for name, expected in sorted(ref.files.items()):
-                    _check_file(result, folder / name, expected, "rows" if name == "rows.parquet" else "index",
-                                ref.id)
+                    _check_file(result, verdicts, folder / name, expected,
+                                "rows" if name == "rows.parquet" else "index", ref.id)
+            verdicts.save()
             if not any(ref.files.get(name) for ref in info.segments for name in ref.files):
                 result.notes.append(f"{current.name} was built before checksums were recorded: its files are "
                                     "not checked (the next build records them)")
@@ -114,10 +116,12 @@ def check(out: Path) -> Check:
     return result
 
 
-def _check_file(result: Check, path: Path, expected: dict, kind: str, segment: str | None = None) -> None:
+def _check_file(result: Check, verdicts: checksum.Verdicts, path: Path, expected: dict, kind: str,
+                segment: str | None = None) -> None:
     result.files += 1
     result.bytes += _size(path)
     problem = checksum.problem(path, expected)
+    verdicts.record(path, expected, problem)
     if problem is not None:
         result.damaged.append(Damage(str(path), problem, kind, segment=segment))
 

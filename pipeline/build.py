@@ -25,6 +25,7 @@ from embedctl.pipeline.manifest import (
     VersionInfo,
     damaged_files,
     read_info,
+    trust_written,
     write_deletions,
     write_info,
 )
@@ -59,7 +60,7 @@ def plan_build(plan: WorkPlan, forced: frozenset[str] = frozenset(), rebuild: bo
         LOG.warning("%s: building every segment anew", exc)
         base, base_info = None, None
     if base_info is not None:
-        damaged = damaged_files(base, base_info)  # sizes only: missing or cut files (verify reads them all)
+        damaged = damaged_files(base, base_info)  # files changed since written (verify also reads the rest)
         if any(ref is None for ref, _path, _problem in damaged):
             LOG.warning("%s: building every segment anew", "; ".join(f"{p}: {m}" for _r, p, m in damaged))
             base, base_info = None, None
@@ -145,6 +146,7 @@ def publish(plan: WorkPlan, build: BuildPlan,
     except BaseException:
         versions.discard(folder)
         raise
+    trust_written(target, info, {new.id for new in build.new})
     LOG.info("published %s (%d rows in %d segments) in %.1fs", target, info.rows, len(segments),
              time.perf_counter() - t0)
     return replace(info), target

@@ -8,10 +8,15 @@ the chunk report for chunk files, info.json for a version's files.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from pathlib import Path
 
 from embedctl.pipeline.errors import StorageError
+from embedctl.pipeline.fsutil import write_json
+
+LOG = logging.getLogger(__name__)
 
 ALGORITHM = "xxh3_128"
 BLOCK = 8 << 20
@@ -86,3 +91,78 @@ def verify(path: Path, expected: dict | None, remedy: str) -> None:
     found = problem(path, expected)
     if found is not None:
         raise DamagedFile(path, found, remedy)
+
+
+VERDICTS = ".verified.json"
+"""The file of an output folder that remembers which of its files last matched their checksum, and their stat."""
+
+
+class Verdicts:
+    """Which files of an output folder matched their checksum when last read whole, keyed by the `os.stat` they had
+    then (size, mtime, ctime, inode): a file whose stat is unchanged is trusted without reading it again, any other is
+    read whole. Writing a file in place changes its mtime and ctime (ctime cannot be set back), so a same-size
+    overwrite is caught; damage below the filesystem (bit rot) is what `embedctl verify` reads everything for, and
+    a damaged verdict it finds drops the file from here. A cache: losing it costs one full read, never a wrong
+    answer; it is rewritten only when it changed."""
+
+    def __init__(self, out: Path):
+        self.path = Path(out) / VERDICTS
+        try:
+            self._known = json.loads(self.path.read_text())
+            if not isinstance(self._known, dict):
+                raise ValueError("not an object")
+        except (OSError, ValueError):
+            self._known = {}
+        self._changed = False
+
+    def _key(self, path: Path) -> str:
+        try:
+            return str(Path(path).relative_to(self.path.parent))
+        except ValueError:
+            return str(path)
+
+    @staticmethod
+    def _stamp(path: Path) -> list[int]:
+        st = os.stat(path)
+        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+    def problem(self, path: Path, expected: dict | None) -> str | None:
+        """`problem(path, expected)`, reading the file only when its stat changed since it last matched."""
+        path = Path(path)
+        if not expected or ALGORITHM not in expected:
+            return size_problem(path, expected)
+        key = self._key(path)
+        try:
+            stamp = self._stamp(path)
+        except OSError:
+            return size_problem(path, expected)  # missing or unreadable: says which
+        if self._known.get(key) == [*stamp, expected[ALGORITHM]]:
+            return None
+        found = problem(path, expected)
+        self.record(path, expected, found, stamp)
+        return found
+
+    def record(self, path: Path, expected: dict | None, found: str | None, stamp: list[int] | None = None) -> None:
+        """Remember the verdict of a full read of `path` (`found`: its problem, None when it matched)."""
+        key = self._key(path)
+        if found is None and expected and ALGORITHM in expected:
+            try:
+                entry = [*(stamp or self._stamp(path)), expected[ALGORITHM]]
+            except OSError:
+                return
+            if self._known.get(key) != entry:
+                self._known[key] = entry
+                self._changed = True
+        elif self._known.pop(key, None) is not None:
+            self._changed = True
+
+    def save(self) -> None:
+        """Write the verdicts when they changed; a folder that cannot be written keeps none (the next check reads
+        the files again)."""
+        if not self._changed:
+            return
+        try:
+            write_json(self.path, self._known)
+            self._changed = False
+        except StorageError as exc:
+            LOG.debug("verdicts not kept: %s", exc)

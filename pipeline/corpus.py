@@ -1,7 +1,8 @@
 """Corpus: Parquet files (a file, a directory or a glob) read chunk by chunk.
 
-`plan_corpus` validates the whole corpus before any embedding (columns, types, unique ids) reading only the
-footers and the id column, and splits the rows into chunks (global row ranges that may span files).
+`plan_corpus` validates the whole corpus before any embedding (columns, types, unique ids, texts that are UTF-8)
+reading the footers, the id column and the text column, and splits the rows into chunks (global row ranges that
+may span files). Text and id columns may be dictionary-encoded (their values are read).
 `iter_chunks` then streams the chunks in order, reading each file once; `read_chunk` reads one chunk alone
 (what a distributed worker does).
 """
@@ -172,8 +173,7 @@ def plan_corpus(source: str, text_column: str, id_column: str | None, chunk_rows
             raise CorpusError(f"column {text_column!r} is not in {str(path)!r} (columns: {', '.join(names)}); "
                               "choose the text column with --text-column")
         text_type = schema.field(text_column).type
-        if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)
-                or pa.types.is_string_view(text_type)):
+        if not _is_string(_values(text_type)):
             raise CorpusError(f"column {text_column!r} of {str(path)!r} holds {text_type}, not strings; "
                               "choose a text column with --text-column")
         has_id = bool(id_column) and id_column in names
@@ -187,11 +187,11 @@ def plan_corpus(source: str, text_column: str, id_column: str | None, chunk_rows
                               "every file needs the same columns")
         if has_id:
             this_type = schema.field(id_column).type
-            if not (pa.types.is_integer(this_type) or pa.types.is_string(this_type)
-                    or pa.types.is_large_string(this_type)):
+            if not (pa.types.is_integer(_values(this_type)) or pa.types.is_string(_values(this_type))
+                    or pa.types.is_large_string(_values(this_type))):
                 raise CorpusError(f"id column {id_column!r} of {str(path)!r} holds {this_type}; ids must be strings "
                                   "or integers")
-            family = "int" if pa.types.is_integer(this_type) else "str"
+            family = "int" if pa.types.is_integer(_values(this_type)) else "str"
             if id_type is not None and family != id_type:
                 raise CorpusError(f"id column {id_column!r} is {this_type} in {str(path)!r} but not in the other "
                                   "files; every file needs the same id type")
@@ -208,9 +208,20 @@ def plan_corpus(source: str, text_column: str, id_column: str | None, chunk_rows
     plan = CorpusPlan(source=str(source), files=tuple(files), text_column=text_column,
                       id_column=id_column if use_ids else None, chunk_rows=int(chunk_rows),
                       fingerprint=digest.hexdigest()[:16])
-    if plan.id_column and plan.fingerprint != validated:
-        _check_ids(plan)
+    if plan.fingerprint != validated:
+        if plan.id_column:
+            _check_ids(plan)
+        _check_texts(plan)
     return plan
+
+
+def _values(type_: pa.DataType) -> pa.DataType:
+    """The type of a column's values: a dictionary-encoded column holds its dictionary's."""
+    return type_.value_type if pa.types.is_dictionary(type_) else type_
+
+
+def _is_string(type_: pa.DataType) -> bool:
+    return pa.types.is_string(type_) or pa.types.is_large_string(type_) or pa.types.is_string_view(type_)
 
 
 def _check_ids(plan: CorpusPlan) -> None:
@@ -218,6 +229,7 @@ def _check_ids(plan: CorpusPlan) -> None:
     columns = []
     for f in plan.files:
         col = pq.read_table(f.path, columns=[plan.id_column]).column(0)
+        col = col.cast(_values(col.type))  # a dictionary's ids are its values
         nulls = col.null_count
         if nulls:
             first = int(pc.index(pc.is_null(col), True).as_py())
@@ -237,6 +249,55 @@ def _check_ids(plan: CorpusPlan) -> None:
         example = dup[0]["values"].as_py()
         raise CorpusError(f"{len(dup)} duplicate ids in column {plan.id_column!r} (e.g. {example!r} appears "
                           f"{dup[0]['counts'].as_py()} times); ids must be unique")
+
+
+def _check_texts(plan: CorpusPlan) -> None:
+    """Refuse texts that are not UTF-8 (reads the text column a batch at a time; Arrow checks the bytes in C++).
+
+    Parquet strings are UTF-8 by specification, but a writer can store other bytes unchecked (a Latin-1 source
+    copied as is, half of a UTF-16 surrogate pair). Such a row is refused, not skipped like a null text: its
+    text exists but cannot be read as written, and guessing an encoding would embed a different text. The
+    corpus is refused before any embedding, naming the file, the row and its id, so the writer can be fixed.
+    """
+    for f in plan.files:
+        start = 0
+        for batch in _open(Path(f.path)).iter_batches(batch_size=_READ_BATCH_ROWS, columns=[plan.text_column]):
+            texts = batch.column(0)
+            try:
+                texts.validate(full=True)
+            except pa.ArrowInvalid:
+                found = _first_not_utf8(texts)
+                if found is not None:  # else: an unused dictionary value
+                    row = start + found[0]
+                    raise _not_utf8(plan, f, row, _file_id(plan, f, row), found[1]) from None
+            start += batch.num_rows
+
+
+def _first_not_utf8(texts: pa.Array) -> tuple[int, UnicodeDecodeError] | None:
+    """The position of the first text that is not UTF-8, and why (None: all are)."""
+    if pa.types.is_dictionary(texts.type):
+        texts = texts.dictionary_decode()
+    for position, value in enumerate(texts.cast(pa.large_binary()).to_pylist()):
+        if value is not None:
+            try:
+                value.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return position, exc
+    return None
+
+
+def _file_id(plan: CorpusPlan, f: CorpusFile, row: int):
+    """The id of row `row` of file `f` (its corpus row number when the corpus has no id column)."""
+    if not plan.id_column:
+        return f.row_offset + row
+    return pq.read_table(f.path, columns=[plan.id_column]).column(0)[row].as_py()
+
+
+def _not_utf8(plan: CorpusPlan, f: CorpusFile, row: int, id_, exc: UnicodeDecodeError) -> CorpusError:
+    return CorpusError(f"column {plan.text_column!r} of {f.path!r} holds text that is not valid UTF-8 at row {row} "
+                       f"(id {id_!r}): byte 0x{exc.object[exc.start]:02x} at offset {exc.start}; Parquet strings must "
+                       "be UTF-8: fix the program that wrote the file (decode the source text with its real "
+                       "encoding), then run again")
 
 
 def _columns(plan: CorpusPlan) -> list[str]:
@@ -268,8 +329,14 @@ def _to_rows(plan: CorpusPlan, start: int, batches: list[pa.RecordBatch]) -> Chu
     table = pa.Table.from_batches(batches) if batches else None
     n = table.num_rows if table is not None else 0
     rows = np.arange(start, start + n, dtype=np.int64)
-    texts = table.column(plan.text_column).to_pylist() if n else []
     ids = table.column(plan.id_column).to_pylist() if plan.id_column and n else rows.tolist()
+    try:
+        texts = table.column(plan.text_column).to_pylist() if n else []
+    except UnicodeDecodeError:  # a plan that did not read the texts (an unchanged corpus, another text column)
+        position, exc = _first_not_utf8(table.column(plan.text_column).combine_chunks())
+        row = start + position
+        f = next(f for f in plan.files if f.row_offset <= row < f.row_offset + f.rows)
+        raise _not_utf8(plan, f, row - f.row_offset, ids[position], exc) from None
     return ChunkRows(rows=rows, ids=ids, texts=texts)
 
 

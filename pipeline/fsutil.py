@@ -1,5 +1,10 @@
-"""Files on disk: atomic writes (a reader sees the old file or the complete new one, never a part), and the one
-place where OS errors at the file boundary become the project's errors, with the path and a remedy."""
+"""Files on disk: atomic writes (a reader sees the old file or the complete new one, never a part), private
+modes, and the one place where OS errors at the file boundary become the project's errors, with the path and a
+remedy.
+
+Everything embedctl creates is private whatever the umask: folders 0700, files 0600 (`make_dirs`,
+`private_opener`, and `atomic_write`'s mkstemp). Under a permissive umask (000) a plain mkdir or open would let
+another local user delete or replace an index's files, or append to its history."""
 
 from __future__ import annotations
 
@@ -11,6 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from embedctl.pipeline.errors import StorageError
+
+DIR_MODE = 0o700
+"""Mode of every folder embedctl creates."""
+FILE_MODE = 0o600
+"""Mode of every file embedctl creates."""
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _DENIED = (errno.EACCES, errno.EPERM)
@@ -30,6 +40,31 @@ def storage_error(exc: OSError, path: Path | str, action: str = "write") -> Stor
         return StorageError(f"cannot {action} {path}: the filesystem is read-only; give a writable --out")
     reason = exc.strerror or str(exc)
     return StorageError(f"cannot {action} {path} ({reason}); check the disk and the folder, then run again")
+
+
+def make_dirs(path: Path | str) -> Path:
+    """Create `path` and its missing parents, each 0700 whatever the umask; folders that exist keep their mode
+    (the user's own --out parent is not ours to change). Returns `path`."""
+    path = Path(path)
+    if path.is_dir():
+        return path
+    if path.parent != path:
+        make_dirs(path.parent)
+    try:
+        os.mkdir(path, DIR_MODE)  # the umask only takes bits away: never more open than 0700
+    except FileExistsError:
+        if not path.is_dir():
+            raise
+        return path  # another process made it first, with this same function
+    if os.stat(path).st_mode & DIR_MODE != DIR_MODE:  # a umask that took the owner's own bits (0o277)
+        os.chmod(path, DIR_MODE)
+    return path
+
+
+def private_opener(path: str, flags: int) -> int:
+    """`open(path, mode, opener=private_opener)`: a file it creates is 0600 whatever the umask (one that exists
+    keeps its mode)."""
+    return os.open(path, flags, FILE_MODE)
 
 
 def fsync_dir(path: Path) -> None:
@@ -52,12 +87,13 @@ def atomic_write(path: Path, write: Callable[[Path], None],
     path = Path(path)
     tmp: Path | None = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(path.parent)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         tmp = Path(tmp_name)
         write(tmp)
         with open(tmp, "rb+") as fh:
+            os.fchmod(fh.fileno(), FILE_MODE)  # mkstemp's 0600, even if `write` replaced the file with its own
             os.fsync(fh.fileno())
         if before_replace is not None:
             before_replace(tmp)

@@ -128,5 +128,10 @@ class ChunkStore:
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
+    """np.save's bytes, written by Python rather than numpy's fwrite: a short fwrite (a full disk) raises an OSError
+    without errno ("76800 requested and 44992 written") that cannot be told from other failures; Python's write
+    raises ENOSPC, which `atomic_write` reports as a full disk naming the chunk file."""
+    array = np.ascontiguousarray(array)
     with open(path, "wb") as fh:  # a file object: np.save would append ".npy" to a temporary name
-        np.save(fh, array, allow_pickle=False)
+        np.lib.format.write_array_header_1_0(fh, np.lib.format.header_data_from_array_1_0(array))
+        fh.write(array.data)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from embedctl.pipeline.errors import ConfigError, IndexNotFoundError
-from embedctl.pipeline.fsutil import fsync_dir
+from embedctl.pipeline.fsutil import fsync_dir, make_dirs
 from embedctl.pipeline.manifest import INFO
 
 CURRENT = "current"
@@ -47,9 +47,8 @@ def current_version(out: Path) -> Path | None:
 
 def new_build_dir(out: Path) -> Path:
     """A fresh private folder in which to build the next version."""
-    root = Path(out) / VERSIONS
-    root.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=BUILD_PREFIX, dir=root))
+    root = make_dirs(Path(out) / VERSIONS)
+    return Path(tempfile.mkdtemp(prefix=BUILD_PREFIX, dir=root))  # 0700, and so is the version it becomes
 
 
 def remove_dead_builds(out: Path, idle_seconds: float) -> list[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -15,28 +16,47 @@ import time
 
 import uvicorn
 
+from embedctl.serve import connection
 from embedctl.serve.config import ServeConfig
+
+
+class _Terminated(BaseException):
+    """SIGTERM arrived: unwind through the cleanup, then end of the signal."""
+
+
+def _terminate(_signum: int, _frame) -> None:
+    raise _Terminated
 
 
 def main() -> int:
     config = ServeConfig.from_env()
-    # every worker writes its metrics here, and /metrics sums them (serve.metrics)
+    # the workers' metric files (prometheus_client opens them with the umask's mode) are private like the folder
+    os.umask(os.umask(0o077) | 0o077)
+    # every worker writes its metrics here (mkdtemp: 0700), and /metrics sums them (serve.metrics)
     folder = tempfile.mkdtemp(prefix="embedctl-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+    # uvicorn handles SIGTERM while it serves, then puts this handler back and raises the signal again; the
+    # default action would end the process there, before the `finally` below removes the folder
+    signal.signal(signal.SIGTERM, _terminate)
+    exporters = terminated = None
     try:
-        exporters = _start_exporters(config)
-    except Exception as exc:  # noqa: BLE001 - SegmentError and the like: one line, before any worker starts
-        shutil.rmtree(folder, ignore_errors=True)
-        print(f"Error: {exc}", file=sys.stderr)
-        return 1
-    try:
+        try:
+            exporters = _start_exporters(config)
+        except Exception as exc:  # noqa: BLE001 - SegmentError and the like: one line, before any worker starts
+            print(f"Error: {exc}", file=sys.stderr)
+            return 1
         uvicorn.run("embedctl.serve.app:create_app", factory=True, host=config.host, port=config.port,
                     workers=config.workers, log_level=os.environ.get("EMBEDCTL_LOG_LEVEL", "info").lower(),
-                    access_log=False, timeout_graceful_shutdown=10)
+                    access_log=False, timeout_graceful_shutdown=10, **connection.uvicorn_options(config))
+    except _Terminated:
+        terminated = signal.SIGTERM
     finally:
         shutil.rmtree(folder, ignore_errors=True)
         if exporters is not None:
             exporters.stop()
+    if terminated is not None:  # end as SIGTERM's default action would have: its exit status says so
+        signal.signal(terminated, signal.SIG_DFL)
+        signal.raise_signal(terminated)
     return 0
 
 

@@ -4,7 +4,8 @@ indexes, `/health` and `/metrics`.
 One app runs in each worker process. At start-up it loads in the background (attaching the model's weights from
 shared memory when they are published, opening and checking every index) while `/health` answers 503; once
 ready, requests are served from that one model, merged into batches (`serve.batcher`). Errors have OpenAI's
-shape, `{"error": {"message", "type", "param", "code"}}`, and never carry a stack trace.
+shape, `{"error": {"message", "type", "param", "code"}}`, and never carry a stack trace. A request's body must
+arrive within --body-timeout of its headers (408 otherwise; its headers have their deadline in serve.connection).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
 
 from embedctl.pipeline.errors import ConfigError, EmbedctlError
 from embedctl.serve import metrics
@@ -28,7 +30,7 @@ from embedctl.serve.batcher import Overloaded
 from embedctl.serve.config import ServeConfig
 from embedctl.serve.engine import Engine
 from embedctl.serve.indexes import ServedIndexes, UnknownIndex
-from embedctl.serve.protocol import JSON, ApiError, EmbeddingRequest, SearchRequest, encode_vector
+from embedctl.serve.protocol import JSON, ApiError, EmbeddingRequest, SearchRequest, encode_vector, send_error
 
 LOG = logging.getLogger("embedctl.serve")
 
@@ -151,12 +153,14 @@ def worker_device(config: ServeConfig) -> tuple[str, object]:
 
 
 class Guard:
-    """Pure ASGI middleware in front of every route: the API key, the body size limit and the request metrics."""
+    """Pure ASGI middleware in front of every route: the API key, the body's size limit and deadline, and the request
+    metrics."""
 
-    def __init__(self, app, api_key: str | None, max_body: int):
+    def __init__(self, app, api_key: str | None, max_body: int, body_timeout: float):
         self.app = app
         self.api_key = api_key.encode() if api_key else None
         self.max_body = max_body
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -165,6 +169,8 @@ class Guard:
         route = path if path in ROUTES else "other"
         status = [500]
         started = time.perf_counter()
+        # the whole body, not each chunk, has a deadline: a client sending a byte a second would pass any idle timeout
+        deadline = asyncio.get_running_loop().time() + self.body_timeout
 
         async def sending(message):
             if message["type"] == "http.response.start":
@@ -174,22 +180,33 @@ class Guard:
         try:
             headers = dict(scope["headers"])
             if self.api_key is not None and path not in OPEN_ROUTES and not self._authorised(headers):
-                return await _respond(sending, ApiError(401, "Incorrect or missing API key: send the header "
-                                                       "`Authorization: Bearer KEY` with the server's --api-key",
-                                                       code="invalid_api_key"))
+                return await send_error(sending, ApiError(401, "Incorrect or missing API key: send the header "
+                                                          "`Authorization: Bearer KEY` with the server's --api-key",
+                                                          code="invalid_api_key"))
             declared = headers.get(b"content-length")
             if declared is not None and declared.isdigit() and int(declared) > self.max_body:
                 if int(declared) <= DRAIN:  # read it away, so that a client still sending gets the answer
-                    await _drain(receive)
-                return await _respond(sending, _too_large(self.max_body))
-            received = [0]
+                    try:
+                        async with asyncio.timeout_at(deadline):
+                            await _drain(receive)
+                    except TimeoutError:
+                        return await send_error(sending, _too_slow(self.body_timeout))
+                return await send_error(sending, _too_large(self.max_body))
+            received, complete = [0], [False]
 
             async def receiving():
-                message = await receive()
+                if complete[0]:  # the body is in: what follows is the disconnect, whenever it comes
+                    return await receive()
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        message = await receive()
+                except TimeoutError:
+                    raise _too_slow(self.body_timeout) from None
                 if message["type"] == "http.request":
                     received[0] += len(message.get("body", b""))
                     if received[0] > self.max_body:
                         raise _too_large(self.max_body)
+                    complete[0] = not message.get("more_body", False)
                 return message
 
             await self.app(scope, receiving, sending)
@@ -216,37 +233,47 @@ def _too_large(limit: int) -> ApiError:
                     "shorter inputs per request (or raise --max-body)", code="request_too_large")
 
 
-async def _respond(send, error: ApiError) -> None:
-    body = json.dumps(error.body()).encode()
-    await send({"type": "http.response.start", "status": error.status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
+def _too_slow(limit: float) -> ApiError:
+    return ApiError(408, f"the request body did not arrive within {limit:g} s of its headers (--body-timeout); send "
+                    "it at once", code="request_timeout", close=True)
 
 
 def _error_response(error: ApiError, route: str) -> JSONResponse:
     metrics.ERRORS.labels(route, error.code or error.type).inc()
-    return JSONResponse(error.body(), status_code=error.status)
+    return JSONResponse(error.body(), status_code=error.status,
+                        headers={"connection": "close"} if error.close else None)
 
 
-def _validation_message(exc: ValidationError) -> tuple[str, str | None]:
+def _shown(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _validation_message(exc: ValidationError, model) -> str:
+    """One line for the first error: the field, and what it takes or what was wrong with the value."""
     first = exc.errors()[0]
-    where = ".".join(str(p) for p in first.get("loc", ()) if not isinstance(p, int) or p)
-    return f"invalid request: {where or 'body'}: {first.get('msg')}", (str(first["loc"][0]) if first.get("loc")
-                                                                       else None)
+    loc, kind = first["loc"], first["type"]
+    if kind == "json_invalid":
+        error = first["ctx"]["error"]
+        hint = ""
+        if "surrogate" in error or "hex escape" in error or "unicode" in error:  # what pydantic's parser says of them
+            hint = " (texts must be Unicode: UTF-8, and a \\ud800-\\udfff escape only as half of a surrogate pair)"
+        return f"the request body is not valid JSON: {error}{hint}"
+    if not loc:
+        return "the request body must be a JSON object"
+    if len(loc) > 1 and loc[0] in model.SHAPES:  # one error per member of the union: name what the field takes
+        return f"invalid request: {loc[0]} must be {model.SHAPES[loc[0]]}"
+    message = f"invalid request: {'.'.join(map(str, loc))}: {first['msg']}"
+    return message if kind in ("missing", "extra_forbidden") else f"{message}, got {_shown(first['input'])}"
 
 
 async def _parse(request: Request, model):
+    """The body as `model`, parsed strictly (serve.protocol), or a 400 in OpenAI's shape naming the field."""
     try:
-        data = json.loads(await request.body() or b"null")
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "the request body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    try:
-        return model.model_validate(data)
+        return model.model_validate_json(await request.body() or b"null")
     except ValidationError as exc:
-        message, param = _validation_message(exc)
-        raise ApiError(400, message, param=param) from None
+        first = exc.errors()[0]["loc"]
+        raise ApiError(400, _validation_message(exc, model), param=str(first[0]) if first else None) from None
 
 
 def _texts(value, name: str) -> list[str]:
@@ -278,7 +305,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     state = ServerState(config)
     app = FastAPI(title="embedctl", lifespan=state.lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
-    app.add_middleware(Guard, api_key=config.api_key, max_body=config.max_body)
+    app.add_middleware(Guard, api_key=config.api_key, max_body=config.max_body, body_timeout=config.body_timeout)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
@@ -288,6 +315,11 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     async def overloaded(request: Request, exc: Overloaded):
         return _error_response(ApiError(429, f"the server is busy ({exc}); retry shortly", type="rate_limit_error",
                                         code="overloaded"), request.url.path)
+
+    @app.exception_handler(ClientDisconnect)
+    async def gone(request: Request, exc: ClientDisconnect):
+        # the client hung up before its body was in: nobody reads the answer, and nothing went wrong here
+        return Response(status_code=499)  # nginx's "client closed request", for the metrics
 
     @app.exception_handler(404)
     async def not_found(request: Request, exc):

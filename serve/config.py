@@ -8,6 +8,7 @@ fresh interpreter, so the environment is the one channel they all share).
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 
@@ -24,6 +25,15 @@ DEFAULT_BATCH_WAIT_MS = 2.0
 """How long the first request of a batch waits for others while clients are concurrent (serve.batcher)."""
 DEFAULT_CACHE = 16384
 """(text, instruction) embeddings kept per worker (16,384 x 2560 dims x 4 bytes = 160 MiB at the reference model)."""
+DEFAULT_HEADER_TIMEOUT = 10.0
+"""Seconds a connection has to send a request's headers (from connecting, or from the request's first byte on a
+kept-alive connection) before it is closed: headers are a few hundred bytes, sent at once by any real client."""
+DEFAULT_BODY_TIMEOUT = 30.0
+"""Seconds a request's whole body has to arrive after its headers before the answer is 408: the largest body
+(--max-body, 4 MiB) at 1.1 Mbit/s. A deadline for the whole body, not for each chunk, which one byte a second meets."""
+DEFAULT_MAX_CONNECTIONS = 1000
+"""Open connections per worker; past it a request is answered 503. With the two timeouts above, a client that
+never finishes its requests must open 25 connections a second to reach it."""
 
 
 @dataclass(frozen=True)
@@ -44,8 +54,20 @@ class ServeConfig:
     max_body: int = DEFAULT_MAX_BODY
     max_inputs: int = DEFAULT_MAX_INPUTS
     cache: int = DEFAULT_CACHE
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
     verify: bool = True  # check index files against their checksums when (re)loading them
     share: dict | None = None  # {"folder", "dtype", "devices"}: the weight exporters the supervisor runs
+
+    def __post_init__(self):
+        for name, low in (("workers", 1), ("max_queue", 1), ("max_body", 1), ("max_inputs", 1), ("cache", 0),
+                          ("max_connections", 1)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)!r}")
+        for name in ("header_timeout", "body_timeout"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a finite number of seconds > 0, got {getattr(self, name)!r}")
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "indexes": list(self.indexes)})

@@ -3,12 +3,18 @@
 Extensions to OpenAI's embeddings request (ignored by clients that do not send them): `instruction`, a task put
 before every input in the model's instruction format (the Qwen3 `Instruct: ...\\nQuery:` template; as given for
 other models), and `prefix`, a text put before every input as it is (what an index records as its query prefix).
+
+Requests are parsed by pydantic's JSON parser into strict models: a number field takes a JSON integer only (not
+`true`, `12.0` or `"12"`: Python's bool is an int, and lax parsing would coerce the others), a text field a JSON
+string only, and a string holding a lone surrogate escape (`"\\ud800"`, not Unicode) is refused as invalid JSON
+instead of reaching the tokenizer.
 """
 
 from __future__ import annotations
 
 import base64
-from typing import Literal
+import json
+from typing import ClassVar, Literal
 
 import numpy as np
 import orjson
@@ -17,7 +23,10 @@ from starlette.responses import Response
 
 
 class EmbeddingRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
+    SHAPES: ClassVar[dict[str, str]] = {  # what a union field takes, for the error message
+        "input": "a string, a list of strings, a list of token ids or a list of lists of token ids (token ids are "
+                 "JSON integers: not booleans, floats or strings)"}
 
     input: str | list[str] | list[int] | list[list[int]]
     model: str
@@ -29,7 +38,8 @@ class EmbeddingRequest(BaseModel):
 
 
 class SearchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
+    SHAPES: ClassVar[dict[str, str]] = {"query": "a string or a list of strings"}
 
     index: str
     query: str | list[str]
@@ -43,12 +53,28 @@ class ApiError(Exception):
     """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
+                 type: str = "invalid_request_error", close: bool = False):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.close = close  # answer with `Connection: close` (the client's request was not read to its end)
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"connection", b"close")] if self.close else []
+
+    def payload(self) -> bytes:
+        return json.dumps(self.body()).encode()
+
+
+async def send_error(send, error: ApiError) -> None:
+    """Answer `error` through an ASGI `send` (where no app's exception handler is around to do it)."""
+    body = error.payload()
+    await send({"type": "http.response.start", "status": error.status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *error.headers()]})
+    await send({"type": "http.response.body", "body": body})
 
 
 class JSON(Response):

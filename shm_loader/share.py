@@ -75,7 +75,8 @@ def socket_dir() -> Path:
     """This user's folder of exporter sockets (created 0700; refused if another user owns it or can enter it)."""
     base = os.environ.get("XDG_RUNTIME_DIR")
     path = Path(base) / "embedctl" if base else Path(f"/tmp/embedctl-{os.getuid()}")
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for folder in reversed([p for p in (path, *path.parents) if not p.exists()]):
+        folder.mkdir(mode=0o700, exist_ok=True)  # parents too: mkdir(parents=True) makes them 0777 less the umask
     stat = path.stat()
     if stat.st_uid != os.getuid() or stat.st_mode & 0o077:
         raise SegmentError(f"{path} must belong to this user with mode 0700 (it holds weight-sharing sockets); "

@@ -1,6 +1,8 @@
 """Start and watch the weight exporters of a host (one per device): what `embedctl worker` and `embedctl serve`
 run beside their workers. An exporter that exits is started again from the host segment (after a growing pause
 when it keeps failing); the processes that mapped it fail their current work (see share.py) and map the new one.
+`Deaths` is the same policy for the Celery worker that `embedctl worker` runs beside them: started again after 1,
+2, 4 ... s, given up after 5 deaths within 300 s.
 
 The exporters run in a session of their own, so a terminal's Ctrl-C or a signal to the bootstrap's group stops the
 workers first; the bootstrap stops the exporters last. The key of a bootstrap (its pid) is in its exporters'
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -25,7 +28,49 @@ from embedctl.shm_loader.share import KEY_ENV, socket_path
 LOG = logging.getLogger(__name__)
 
 MAX_PAUSE = 60.0
-"""The longest pause before starting again an exporter that keeps failing (1, 2, 4, ... seconds)."""
+"""The longest pause before starting again a process that keeps failing (1, 2, 4, ... seconds)."""
+
+DEATH_LIMIT = 5
+"""Deaths of a restarted process (the Celery worker of `embedctl worker`) within `DEATH_WINDOW` after which its
+supervisor gives up (EMBEDCTL_WORKER_DEATHS)."""
+
+DEATH_WINDOW = 300.0
+"""Seconds over which deaths are counted (EMBEDCTL_WORKER_DEATH_WINDOW)."""
+
+
+def backoff(failures: int) -> float:
+    """Seconds to wait before starting again what failed `failures` times in a row: 1, 2, 4 ... MAX_PAUSE."""
+    return min(MAX_PAUSE, 2.0 ** max(0, failures - 1))
+
+
+def describe_exit(code: int) -> str:
+    """How a child ended, from its return code: 'was killed by signal 9 (SIGKILL)', 'exited with code 1'."""
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = "unknown signal"
+        return f"was killed by signal {-code} ({name})"
+    return f"exited with code {code}"
+
+
+class Deaths:
+    """The deaths of a process that is started again when it dies: the pause before its next start (`backoff` of
+    the deaths within the window), and when to give up (`limit` deaths within `window` seconds)."""
+
+    def __init__(self, limit: int = DEATH_LIMIT, window: float = DEATH_WINDOW, clock=time.monotonic):
+        if limit < 1 or window <= 0:
+            raise ValueError(f"limit must be >= 1 and window > 0, got {limit!r} and {window!r}")
+        self.limit = limit
+        self.window = float(window)
+        self.clock = clock
+        self.times: list[float] = []
+
+    def record(self) -> float | None:
+        """Note a death now; returns the pause before the next start, or None: give up."""
+        now = self.clock()
+        self.times = [t for t in self.times if now - t <= self.window] + [now]
+        return None if len(self.times) >= self.limit else backoff(len(self.times))
 
 
 @dataclass
@@ -116,7 +161,7 @@ class Exporters:
                                  "restarting it from the host segment; work that was using it is retried")
                     else:
                         exporter.failures += 1
-                        pause = min(MAX_PAUSE, 2.0 ** (exporter.failures - 1))
+                        pause = backoff(exporter.failures)
                         self.log(f"the weight exporter on {device} failed to start ({code}); trying again in "
                                  f"{pause:.0f} s")
                         exporter.not_before = now + pause

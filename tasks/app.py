@@ -2,7 +2,8 @@
 
 Its settings come from `embedctl.jobs.broker.Settings.from_env()`: EMBEDCTL_BROKER_URL, else CELERY_BROKER_URL, for
 the broker and the result backend alike. A worker or beat started with neither refuses to start (one line on
-stderr, exit 1) instead of guessing a broker.
+stderr, exit 1) instead of guessing a broker; so does every `celery -A embedctl.tasks ...` command given a broker URL
+that cannot be read (a password with a raw '/', say): one line that says how to write it, never a piece of it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from celery import Celery
 from celery.signals import beat_init, celeryd_init
 
 from embedctl.jobs.broker import Settings, celery_config
+from embedctl.pipeline.errors import ConfigError
 
 
 def create_app(settings: Settings | None = None) -> Celery:
@@ -47,4 +49,14 @@ def _refuse_without_broker(**_kw) -> None:
         raise SystemExit(1)
 
 
-app = create_app()
+def _app_or_exit() -> Celery:
+    """The app from the environment; a bad setting ends the command in one line (Celery would print a traceback
+    that quotes the URL)."""
+    try:
+        return create_app()
+    except ConfigError as exc:
+        sys.stderr.write(f"Error: {exc}\n")
+        raise SystemExit(1) from None
+
+
+app = _app_or_exit()

@@ -190,6 +190,42 @@ def test_a_truncated_index_makes_the_next_run_build_a_new_version(index_copy, sa
     assert "rewriting segment" in caplog.text and invoke("verify", index_copy).exit_code == 0
 
 
+def test_a_same_size_damaged_index_without_stored_vectors_is_rebuilt_by_the_next_index_run(index_copy, pristine,
+                                                                                           sample_slice):
+    """The documented path after `cache prune --all`: query names the damage, verify --repair says the vectors
+    are gone and to run index, and index (which a size check alone called up to date) embeds everything again."""
+    assert invoke("cache", "prune", index_copy, "--all").exit_code == 0
+    path = _version_file(index_copy, "index-384.faiss")
+    size = path.stat().st_size
+    damage(path, "garbled")
+    assert path.stat().st_size == size
+    one_line_error(invoke("query", index_copy, QUERY), str(path), "verify")
+    one_line_error(invoke("verify", index_copy, "--repair", "--quiet"), "embedctl index")
+    rerun = invoke("index", sample_slice, "--out", index_copy, "--model", "minilm", "--chunk-rows", 200, "--dims", 128,
+                   "--quiet", "--json")
+    assert rerun.exit_code == 0, rerun.output
+    report = json.loads(rerun.stdout)
+    assert report["status"] == "published" and report["rows_embedded"] == 600, report
+    assert invoke("verify", index_copy).exit_code == 0
+    assert _hits(index_copy) == pristine[1]
+
+
+def test_the_up_to_date_check_reads_only_files_changed_since_they_last_matched(index_copy, sample_slice,
+                                                                               monkeypatch):
+    from embedctl.pipeline import checksum
+
+    args = ("index", sample_slice, "--out", index_copy, "--model", "minilm", "--chunk-rows", 200, "--dims", 128,
+            "--quiet")
+    assert invoke(*args).stdout.startswith("up to date")  # a copied folder: every file is read once
+    read = []
+    real = checksum.checksum
+    monkeypatch.setattr(checksum, "checksum", lambda path: read.append(Path(path).name) or real(path))
+    assert invoke(*args).stdout.startswith("up to date") and read == []
+    rows = _version_file(index_copy, "rows.parquet")
+    os.utime(rows)  # touched, not changed: read again, still up to date
+    assert invoke(*args).stdout.startswith("up to date") and read == ["rows.parquet"]
+
+
 def test_a_dangling_current_is_one_line(index_copy):
     os.rename(index_copy / "versions" / "v000001", index_copy / "versions" / "gone")
     one_line_error(invoke("query", index_copy, QUERY), "current points to versions/v000001", "missing or incomplete")

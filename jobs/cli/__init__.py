@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from embedctl.jobs.cli.common import setup_logging
+from embedctl.jobs.cli.common import quiet_when_stdout_closes, setup_logging
 from embedctl.jobs.cli.index import index
 from embedctl.jobs.cli.jobs import cache, jobs
 from embedctl.jobs.cli.query import evaluate_cmd, info, query
@@ -14,7 +14,20 @@ from embedctl.jobs.cli.status import status, worker
 from embedctl.jobs.cli.verify import verify
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+class _Main(click.Group):
+    """The `embedctl` group: every command, and the help, ends quietly when the reader of stdout goes away
+    (`embedctl info | head -1`)."""
+
+    def make_context(self, *args, **kwargs) -> click.Context:
+        with quiet_when_stdout_closes():  # `embedctl --help` prints while its arguments are parsed
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: click.Context):
+        with quiet_when_stdout_closes():
+            return super().invoke(ctx)
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
 @click.version_option(package_name="embedctl")
 def main(verbose: int) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
 import os
+import select
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import click
@@ -19,8 +21,52 @@ def one_line(message: str) -> str:
     return " ".join(str(message).split())
 
 
+def _reader_gone(fd: int) -> bool:
+    """Whether `fd` is a pipe (or socket) whose reading end is closed: poll reports an error on its write end."""
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
+def stdout_gone() -> bool:
+    """Whether the reader of stdout has gone (False where stdout is no file, as under CliRunner)."""
+    try:
+        return _reader_gone(sys.stdout.fileno())
+    except (OSError, ValueError):
+        return False
+
+
+@contextmanager
+def quiet_when_stdout_closes() -> Iterator[None]:
+    """End the command quietly (exit 0, nothing on stderr) when the reader of stdout goes away mid-output.
+
+    Python's recipe (docs.python.org/3/library/signal.html#note-on-sigpipe): point stdout at /dev/null so that
+    the interpreter's last flush of what is still buffered cannot fail again, then exit. Restoring SIGPIPE's
+    default action instead would also kill `serve` and the workers on a broken socket. Exit 0 rather than a
+    shell's 141: Python's buffered stdout takes a short write to a pipe whose reader has gone as success and drops
+    the rest, so one cut output raises nothing and another raises here; 0 both ways keeps the status the same
+    (a `set -o pipefail` script does not fail at random because its reader stopped early, by choice).
+    """
+    try:
+        yield
+        sys.stdout.flush()  # what is still buffered fails here, not at exit
+    except OSError as exc:
+        if exc.errno != errno.EPIPE or not stdout_gone():
+            raise  # a broken socket (a server, the broker) is an error like any other
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for stream in (sys.stdout, sys.stderr):  # stderr too when it is the same pipe (`2>&1 | head`)
+            if _reader_gone(stream.fileno()):
+                os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+        sys.exit(0)
+
+
 def handle_errors(func: Callable) -> Callable:
-    """Turn project errors into one line on stderr and exit 1 (never a traceback for a user mistake)."""
+    """Turn project errors into one line on stderr and exit 1 (never a traceback for a user mistake); a reader of
+    stdout that went away ends the command quietly instead (`quiet_when_stdout_closes`)."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -34,6 +80,8 @@ def handle_errors(func: Callable) -> Callable:
             raise click.ClickException(f"permission denied: {exc.filename}; check the folder's owner and mode") \
                 from None
         except OSError as exc:
+            if exc.errno == errno.EPIPE and stdout_gone():
+                raise  # not a failure: the entry point ends the command quietly
             where = f" ({exc.filename})" if exc.filename else ""
             raise click.ClickException(one_line(f"{exc.strerror or exc}{where}")) from None
 

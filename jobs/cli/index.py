@@ -15,6 +15,7 @@ from embedctl.jobs.cli.common import (
     shm_option,
     tqdm_progress,
 )
+from embedctl.jobs.interrupts import InterruptedAfterPublish
 from embedctl.jobs.spec import JobSpec
 from embedctl.pipeline import defaults
 from embedctl.pipeline.errors import EmbedctlError
@@ -97,15 +98,28 @@ def index(corpus: str, out: str, model: str, text_column: str, id_column: str, i
 
         try:
             report = run_embedded(spec, progress=tqdm_progress(quiet))
+        except InterruptedAfterPublish as exc:
+            _interrupted_after_publish(exc.report)
         except KeyboardInterrupt:
             click.echo("\ninterrupted: complete chunks are kept; run the same command again to resume", err=True)
             sys.exit(130)
         except EmbedctlError as exc:
             raise click.ClickException(one_line(str(exc))) from None
-    if as_json:
-        print_json(report.to_dict())
-        return
-    click.echo(summary(report))
+    try:
+        if as_json:
+            print_json(report.to_dict())
+        else:
+            click.echo(summary(report))
+    except KeyboardInterrupt:
+        _interrupted_after_publish(report)
+
+
+def _interrupted_after_publish(report) -> None:
+    """Ctrl-C once the run had ended: say what it did (a published version is complete and current), exit 130."""
+    done = (f"{report.version} of {report.out} is published and current ({report.rows_indexed} rows)"
+            if report.status == "published" else f"the run had ended ({report.status})")
+    click.echo(f"\ninterrupted after the run: {done}; nothing to resume", err=True)
+    sys.exit(130)
 
 
 def summary(report) -> str:

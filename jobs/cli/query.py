@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import codecs
 import shutil
+import sys
 from pathlib import Path
 
 import click
@@ -39,23 +41,55 @@ def _query_prefix(info: VersionInfo, query_instruction: str | None) -> str:
     return format_instruction(query_instruction, info.instruction_format)
 
 
+def _undecodable(text: str) -> str | None:
+    """Where an argument holds bytes the locale could not decode (Python keeps them as lone surrogates), or None."""
+    for position, char in enumerate(text):
+        if "\ud800" <= char <= "\udfff":
+            what = f"byte 0x{ord(char) - 0xDC00:02x}" if char >= "\udc80" else f"a lone surrogate U+{ord(char):04X}"
+            return f"{what} at character {position + 1}"
+    return None
+
+
+def _read_query_file(file: str) -> list[str]:
+    """The queries of a UTF-8 text file, one a line (a leading byte order mark is dropped)."""
+    try:
+        data = Path(file).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read --file {file!r}: {exc.strerror}") from None
+    if data.startswith(b"PAR1"):
+        raise ConfigError(f"--file {file!r} is a Parquet file; give a text file with one query a line (eval "
+                          "--queries reads labelled queries from Parquet)")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"--file {file!r} is not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}); save "
+                          "it as UTF-8, e.g. iconv -f latin1 -t utf-8 FILE > queries.txt") from None
+    if "\0" in text:
+        line = text.count("\n", 0, text.index("\0")) + 1
+        raise ConfigError(f"--file {file!r} holds NUL bytes (line {line}): UTF-16 or binary? save the queries as "
+                          "UTF-8 text, one a line")
+    queries = [q for q in (line.strip() for line in text.splitlines()) if q]
+    if not queries:
+        raise ConfigError(f"--file {file!r} holds no queries (one query a line)")
+    return queries
+
+
 def _read_queries(texts: tuple[str, ...], file: str | None) -> list[str]:
     if file and texts:
         raise click.UsageError("give query texts or --file, not both")
     if file:
-        try:
-            lines = Path(file).read_text(encoding="utf-8").splitlines()
-        except OSError as exc:
-            raise ConfigError(f"cannot read --file {file!r}: {exc.strerror}") from None
-        queries = [q for q in (line.strip() for line in lines) if q]
-        if not queries:
-            raise ConfigError(f"--file {file!r} holds no queries (one query a line)")
-        return queries
+        return _read_query_file(file)
     if not texts:
         raise click.UsageError("give a query text or --file FILE")
-    blank = [i for i, t in enumerate(texts) if not t.strip()]
-    if blank:
-        raise ConfigError(f"query {blank[0] + 1} is empty; give a text to search for")
+    for number, text in enumerate(texts, 1):
+        if not text.strip():
+            raise ConfigError(f"query {number} is empty; give a text to search for")
+        where = _undecodable(text)
+        if where is not None:  # argv bytes the locale cannot decode (Latin-1 in a UTF-8 shell): Python keeps them
+            encoding = codecs.lookup(sys.getfilesystemencoding()).name.upper()  # as lone surrogates
+            raise ConfigError(f"query {number} is not valid {encoding} ({where}); give it in {encoding}, the "
+                              f"encoding of this locale (convert it with iconv -t {encoding})")
     return list(texts)
 
 

@@ -9,6 +9,7 @@ The settings travel as JSON in EMBEDCTL_SERVE_CONFIG (read back by `embedctl.ser
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import sys
@@ -64,6 +65,12 @@ def _check_port(host: str, port: int) -> None:
             help="Most texts in one request.")
 @env_option("--cache", env="CACHE", type=int, default=16384, show_default=True,
             help="Recent (text, instruction) embeddings kept per worker (0: no cache).")
+@env_option("--header-timeout", env="HEADER_TIMEOUT", type=float, default=10.0, show_default=True,
+            help="Seconds a connection has to send a request's headers; then it is closed (408).")
+@env_option("--body-timeout", env="BODY_TIMEOUT", type=float, default=30.0, show_default=True,
+            help="Seconds a request's whole body has to arrive after its headers; then 408.")
+@env_option("--max-connections", env="MAX_CONNECTIONS", type=int, default=1000,
+            show_default=True, help="Open connections per worker; past it requests are answered 503.")
 @env_option("--no-verify", env="NO_VERIFY", is_flag=True,
             help="Do not check index files against their checksums when (re)loading them.")
 @env_option("--device-share", env="DEVICE_SHARE", type=click.Choice(["auto", "on", "off"]), default="auto",
@@ -73,7 +80,8 @@ def _check_port(host: str, port: int) -> None:
 def serve(index_dirs: tuple[str, ...], model: str | None, workers: int | None, host: str, port: int,
           api_key: str | None, device: str, dtype: str, shm: str, threads: int | None, batch_tokens: int | None,
           batch_wait_ms: float, max_queue: int, max_body: int, max_inputs: int, cache: int,
-          no_verify: bool, device_share: str) -> None:
+          header_timeout: float, body_timeout: float, max_connections: int, no_verify: bool,
+          device_share: str) -> None:
     """Serve MODEL over HTTP (OpenAI's /v1/embeddings) and search INDEX_DIRS (/v1/search, by folder name).
 
     Routes: POST /v1/embeddings, POST /v1/search, GET /v1/models, GET /health, GET /metrics (Prometheus).
@@ -83,9 +91,13 @@ def serve(index_dirs: tuple[str, ...], model: str | None, workers: int | None, h
     for name, value, low in (("--workers", workers, 1), ("--threads", threads, 1), ("--batch-tokens", batch_tokens, 1),
                              ("--max-queue", max_queue, 1), ("--max-body", max_body, 1),
                              ("--max-inputs", max_inputs, 1), ("--cache", cache, 0), ("--batch-wait-ms",
-                                                                                          batch_wait_ms, 0)):
+                                                                                          batch_wait_ms, 0),
+                             ("--max-connections", max_connections, 1)):
         if value is not None and value < low:
             raise ConfigError(f"{name} must be >= {low}, got {value}")
+    for name, value in (("--header-timeout", header_timeout), ("--body-timeout", body_timeout)):
+        if not 0 < value < math.inf:
+            raise ConfigError(f"{name} must be a finite number of seconds > 0, got {value}")
     infos = [read_info(resolve_index_dir(Path(f))) for f in index_dirs]  # one line when one is not published
     if model is None:
         if not infos:
@@ -131,7 +143,9 @@ def serve(index_dirs: tuple[str, ...], model: str | None, workers: int | None, h
               "workers": count, "host": host, "port": port, "api_key": api_key, "device": device,
               "dtype": dtype, "shm": shm, "threads": threads, "batch_tokens": batch_tokens,
               "batch_wait_ms": batch_wait_ms, "max_queue": max_queue, "max_body": max_body,
-              "max_inputs": max_inputs, "cache": cache, "verify": not no_verify, "share": share}
+              "max_inputs": max_inputs, "cache": cache, "header_timeout": header_timeout,
+              "body_timeout": body_timeout, "max_connections": max_connections, "verify": not no_verify,
+              "share": share}
     click.echo(f"serving {model} on http://{host}:{port} with {config['workers']} worker(s); indexes: "
                f"{', '.join(names) or 'none'}", err=True)
     env = dict(os.environ, EMBEDCTL_SERVE_CONFIG=json.dumps(config))

@@ -67,6 +67,7 @@ def worker(model: str, broker: str | None, concurrency: int | None, queues: str 
     if shm == "off" and device_share == "on":
         raise click.UsageError("--device-share on (or EMBEDCTL_DEVICE_SHARE=on) needs the shared-memory segment it "
                                "copies to the devices, and --shm off (or EMBEDCTL_SHM=off) turns it off; drop one")
+    deaths = _deaths_from_env()
     settings = Settings.from_env(broker_url=broker)
     check_broker(settings)
     folder = read_profile(resolve_model(model).path).transformer_path
@@ -102,21 +103,47 @@ def worker(model: str, broker: str | None, concurrency: int | None, queues: str 
     except SegmentError as exc:
         exporters.stop()
         raise click.ClickException(str(exc)) from None
-    raise SystemExit(_supervise(argv, env, exporters))
+    raise SystemExit(_supervise(argv, env, exporters, deaths, log=lambda line: click.echo(line, err=True)))
 
 
-def _supervise(argv: list[str], env: dict, exporters) -> int:
+def _deaths_from_env():
+    """How many deaths of the Celery worker within how long end `embedctl worker` (EMBEDCTL_WORKER_DEATHS,
+    EMBEDCTL_WORKER_DEATH_WINDOW)."""
+    from embedctl.shm_loader.supervise import DEATH_LIMIT, DEATH_WINDOW, Deaths
+
+    values = {}
+    for name, default in (("EMBEDCTL_WORKER_DEATHS", DEATH_LIMIT), ("EMBEDCTL_WORKER_DEATH_WINDOW", DEATH_WINDOW)):
+        raw = os.environ.get(name, "").strip()
+        try:
+            values[name] = int(raw) if raw else default
+        except ValueError:
+            values[name] = 0
+        if values[name] <= 0:
+            raise click.ClickException(f"{name} must be a positive integer, got {raw!r}")
+    return Deaths(values["EMBEDCTL_WORKER_DEATHS"], values["EMBEDCTL_WORKER_DEATH_WINDOW"])
+
+
+def _supervise(argv: list[str], env: dict, exporters, deaths, log) -> int:
     """Run the Celery worker as a child beside the exporters, restart an exporter that exits, and return Celery's
-    exit code.
+    exit code once it stops as asked.
 
     SIGTERM or SIGINT sent to this process becomes a SIGTERM to Celery (a warm shutdown, also when a terminal's
     Ctrl-C reached Celery too); SIGHUP, SIGQUIT and SIGUSR1 are passed on as they are (Celery's restart, cold
     shutdown and traceback dump). Once a shutdown is asked for, exporters are no longer restarted; they stop after
     Celery has exited (they are in a session of their own, out of reach of the terminal's Ctrl-C). Celery gets
     SIGTERM if this process dies (PR_SET_PDEATHSIG), so it never runs on without its exporters.
+
+    A Celery worker that dies unasked (a signal, a non-zero exit: an OOM kill, a `kill -9`) is logged with its
+    cause and started again after 1, 2, 4 ... s (`deaths`, a `supervise.Deaths`), beside the same exporters; one
+    that keeps dying (5 times within 300 s by default) ends this command in one line, exit 1. Its pool children
+    see their parent gone and exit (a busy one after its task). An exit with code 0 is a shutdown that someone asked
+    Celery for (`celery control shutdown`): this command ends too.
     """
     import signal
     import subprocess
+    import time
+
+    from embedctl.shm_loader.supervise import describe_exit
 
     stopping: list[int] = []
     celery: list[subprocess.Popen] = []
@@ -131,19 +158,38 @@ def _supervise(argv: list[str], env: dict, exporters) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1):
         signal.signal(sig, forward)
     try:
-        celery.append(subprocess.Popen(argv, env=env, preexec_fn=_die_with_parent))
-        while celery[0].poll() is None:
-            try:
-                celery[0].wait(timeout=1.0)
-            except subprocess.TimeoutExpired:
-                if not stopping:
-                    exporters.watch()
+        while True:
+            celery[:] = [subprocess.Popen(argv, env=env, preexec_fn=_die_with_parent)]
+            while celery[0].poll() is None:
+                try:
+                    celery[0].wait(timeout=1.0)
+                except subprocess.TimeoutExpired:
+                    if not stopping:
+                        exporters.watch()
+            code, pid = celery[0].returncode, celery[0].pid
+            if stopping or code == 0:
+                return code
+            pause = deaths.record()
+            if pause is None:
+                raise click.ClickException(
+                    f"the Celery worker died {len(deaths.times)} times within {deaths.window:.0f} s (the last time, "
+                    f"pid {pid} {describe_exit(code)}); giving up: find what ends it (the log above; `dmesg` for the "
+                    "kernel's out-of-memory killer) and start `embedctl worker` again")
+            died = len(deaths.times)
+            log(f"the Celery worker (pid {pid}) {describe_exit(code)}: restarting it in {pause:.0f} s ({died} "
+                f"death{'s' if died > 1 else ''} within {deaths.window:.0f} s; at {deaths.limit} `embedctl worker` "
+                "gives up)")
+            deadline = time.monotonic() + pause
+            while time.monotonic() < deadline and not stopping:
+                time.sleep(0.1)
+                exporters.watch()
+            if stopping:
+                return 0  # asked to stop while nothing ran: nothing failed
     finally:
         if celery and celery[0].poll() is None:
             celery[0].terminate()
             celery[0].wait(timeout=60)
         exporters.stop()
-    return celery[0].returncode
 
 
 def _die_with_parent() -> None:
