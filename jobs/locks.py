@@ -62,22 +62,15 @@ def _machine() -> str | None:
         return None
 
 
-def _process_stat(pid: int) -> tuple[str, int] | None:
-    """(state, start time in clock ticks after boot) of process `pid` from /proc/PID/stat; None if unreadable."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rpartition(")")[2].split()  # after the command name, which may hold spaces and parentheses
-    try:
-        return fields[0], int(fields[19])  # fields 3 and 22 of proc(5)
-    except (IndexError, ValueError):
-        return None
+def _process_start(pid: int) -> float | None:
+    """When process `pid` started (seconds since the epoch, as psutil reads it from the kernel: the same for the
+    whole life of the process, different for a later one that reuses the pid); None if it cannot be read."""
+    import psutil
 
-
-def _process_start(pid: int) -> int | None:
-    stat = _process_stat(pid)
-    return stat[1] if stat else None
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
 
 
 def holder_gone(holder: dict | None) -> str | None:
@@ -89,17 +82,16 @@ def holder_gone(holder: dict | None) -> str | None:
     machine, pid = holder.get("machine"), holder.get("pid")
     if not machine or machine != _machine() or not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         return None
+    import psutil
+
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        process = psutil.Process(pid)
+        status, start = process.status(), process.create_time()
+    except psutil.NoSuchProcess:
         return f"pid {pid} is gone"
-    except PermissionError:
-        return None  # a process of another user has that pid: it is not ours to judge
-    stat = _process_stat(pid)
-    if stat is None:
-        return None
-    state, start = stat
-    if state in ("Z", "X"):
+    except psutil.Error:
+        return None  # a process we may not inspect (another user's): not ours to judge
+    if status in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
         return f"pid {pid} has exited"
     if holder.get("pid_start") is not None and start != holder["pid_start"]:
         return f"pid {pid} is another process now"

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
+from cachetools import LRUCache
 
 from embedctl.pipeline.encoder import Encoder, Prepared
 from embedctl.pipeline.errors import ConfigError, WeightsLost
@@ -26,28 +26,22 @@ thread, so that other requests are not held up."""
 
 
 class LRU:
-    """The `size` most recently used entries (used only from the event loop's thread)."""
+    """The `size` most recently used entries (`cachetools.LRUCache`; `size` 0: nothing is kept). Used only from the
+    event loop's thread."""
 
     def __init__(self, size: int):
         self.size = size
-        self._items: OrderedDict[str, tuple[np.ndarray, int]] = OrderedDict()
+        self._items: LRUCache | None = LRUCache(maxsize=size) if size > 0 else None
 
     def get(self, key: str) -> tuple[np.ndarray, int] | None:
-        item = self._items.get(key)
-        if item is not None:
-            self._items.move_to_end(key)
-        return item
+        return self._items.get(key) if self._items is not None else None
 
     def put(self, key: str, value: tuple[np.ndarray, int]) -> None:
-        if self.size <= 0:
-            return
-        self._items[key] = value
-        self._items.move_to_end(key)
-        while len(self._items) > self.size:
-            self._items.popitem(last=False)
+        if self._items is not None:
+            self._items[key] = value
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._items) if self._items is not None else 0
 
 
 @dataclass

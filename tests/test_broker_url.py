@@ -85,9 +85,6 @@ def test_every_command_refuses_an_ambiguous_broker_url_in_one_line(how, sample_s
     if how != "--broker":  # the plain Celery commands read the environment only
         commands += [[sys.executable, "-m", "celery", "-A", "embedctl.tasks", "worker", "--loglevel", "INFO"],
                      [sys.executable, "-m", "celery", "-A", "embedctl.tasks", "inspect", "ping"]]
-    if how == "CELERY_BROKER_URL":  # `index` and `jobs run` read EMBEDCTL_BROKER_URL only: the same URL by --broker
-        commands[0] += ["--broker", url]
-        commands[1] += ["--broker", url]
     for argv in commands:
         result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
         shown = result.stdout + result.stderr

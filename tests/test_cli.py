@@ -233,3 +233,43 @@ def test_interrupted_run_resumes_with_only_missing_chunks(tmp_path, sample_corpu
     assert report["rows_indexed"] == 3000
     ids = indexfiles.live_ids(out)
     assert sorted(ids) == sorted(pq.read_table(sample_corpus).column("id").to_pylist())
+
+
+def _commands(group, path=()):
+    for name, command in group.commands.items():
+        yield (*path, name), command
+        if hasattr(command, "commands"):
+            yield from _commands(command, (*path, name))
+
+
+def test_every_option_of_every_command_has_its_embedctl_variable():
+    import click
+
+    from embedctl.jobs.cli import main
+
+    missing = []
+    for path, command in [((), main), *_commands(main)]:
+        for param in command.params:
+            if not isinstance(param, click.Option) or param.name in ("help", "version") or param.hidden:
+                continue
+            names = [param.envvar] if isinstance(param.envvar, str) else list(param.envvar or [])
+            if not any(name.startswith("EMBEDCTL_") for name in names):
+                missing.append(f"embedctl {' '.join(path)} {param.opts[0]}")
+    assert missing == [], missing
+
+
+def test_progress_draws_bars_only_on_a_terminal_and_one_line_a_stage_elsewhere(capsys):
+    from embedctl.jobs.cli.common import tqdm_progress
+
+    for terminal in (False, True):
+        with tqdm_progress(quiet=False, terminal=terminal)("embed", 300, "rows", 100) as update:
+            for _ in range(200):
+                update(1)
+            update.note("2 chunks")
+    err = capsys.readouterr().err
+    lines = err.split("\n")
+    assert lines[0].startswith("embed: 300/300 rows (100 done before) in ") and lines[0].endswith(" s, 2 chunks")
+    assert "\r" not in lines[0] and "\r" in err  # the terminal's bar redraws itself
+    with tqdm_progress(quiet=True, terminal=False)("embed", 3) as update:
+        update(3)
+    assert capsys.readouterr().err == ""

@@ -28,7 +28,7 @@ class _Main(click.Group):
 
 
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-@click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
+@click.option("-v", "--verbose", count=True, envvar="EMBEDCTL_VERBOSE", show_envvar=True, help="Log more (-v info, -vv debug).")
 @click.version_option(package_name="embedctl")
 def main(verbose: int) -> None:
     """embedctl: batch text embedding into FAISS HNSW indexes (full dim plus Matryoshka slices)."""

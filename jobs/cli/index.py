@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from embedctl.jobs.broker import BROKER_ENV
 from embedctl.jobs.cli.common import (
     env_option,
     handle_errors,
@@ -63,8 +64,8 @@ from embedctl.pipeline.errors import EmbedctlError
 @env_option("--keep", env="KEEP", type=int, default=defaults.DEFAULT_KEEP_VERSIONS, show_default=True,
       help="Index versions kept in --out (older ones are removed; the current one never).")
 @shm_option
-@env_option("--broker", env="BROKER_URL", default=None,
-      help="Redis URL: fan the chunks out to Celery workers (default: run in this process).")
+@click.option("--broker", envvar=list(BROKER_ENV), show_envvar=True, default=None,
+              help="Redis URL: fan the chunks out to Celery workers (default: run in this process).")
 @env_option("--detach", env="DETACH", is_flag=True, help="With --broker: print the job id and return at once.")
 @env_option("--quiet", "-q", env="QUIET", is_flag=True, help="No progress bars.")
 @env_option("--json", "as_json", env="JSON", is_flag=True, help="Print the run report as JSON.")

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import click
 
-from embedctl.jobs.cli.common import handle_errors, print_json, tqdm_progress
+from embedctl.jobs.broker import BROKER_ENV
+from embedctl.jobs.cli.common import env_option, handle_errors, print_json, tqdm_progress
 from embedctl.pipeline.errors import EmbedctlError
 
 
@@ -38,7 +39,7 @@ def jobs() -> None:
 
 @jobs.command("list")
 @_jobs_option
-@click.option("--json", "as_json", is_flag=True, help="Print the jobs as JSON.")
+@env_option("--json", "as_json", env="JSON", is_flag=True, help="Print the jobs as JSON.")
 @handle_errors
 def list_jobs(jobs_file: str | None, as_json: bool) -> None:
     """List the jobs of the spec file with their schedule, corpus and output folder (validates the file)."""
@@ -61,11 +62,11 @@ def list_jobs(jobs_file: str | None, as_json: bool) -> None:
 @jobs.command("run")
 @click.argument("name")
 @_jobs_option
-@click.option("--broker", envvar="EMBEDCTL_BROKER_URL", show_envvar=True, default=None,
+@click.option("--broker", envvar=list(BROKER_ENV), show_envvar=True, default=None,
               help="Run on the Celery workers (default: in this process).")
-@click.option("--detach", is_flag=True, help="With a broker: return once the run is queued.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-@click.option("--json", "as_json", is_flag=True, help="Print the run record as JSON.")
+@env_option("--detach", env="DETACH", is_flag=True, help="With a broker: return once the run is queued.")
+@env_option("--quiet", "-q", env="QUIET", is_flag=True, help="No progress bars.")
+@env_option("--json", "as_json", env="JSON", is_flag=True, help="Print the run record as JSON.")
 @handle_errors
 def run(name: str, jobs_file: str | None, broker: str | None, detach: bool, quiet: bool, as_json: bool) -> None:
     """Run job NAME now (embedded, or on the workers with a broker); skipped while another run of it is going."""
@@ -110,8 +111,8 @@ def _describe(name: str, report) -> str:
 @jobs.command("status")
 @click.argument("name")
 @_jobs_option
-@click.option("--limit", "-n", type=int, default=10, show_default=True, help="Runs shown, newest first.")
-@click.option("--json", "as_json", is_flag=True, help="Print the runs as JSON.")
+@env_option("--limit", "-n", env="RUNS_LIMIT", type=int, default=10, show_default=True, help="Runs shown, newest first.")
+@env_option("--json", "as_json", env="JSON", is_flag=True, help="Print the runs as JSON.")
 @handle_errors
 def job_status(name: str, jobs_file: str | None, limit: int, as_json: bool) -> None:
     """The last runs of job NAME, newest first: started, status, rows embedded/reused/deleted, seconds, version."""
@@ -142,9 +143,9 @@ def cache() -> None:
 
 @cache.command()
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--all", "all_", is_flag=True,
+@env_option("--all", "all_", env="PRUNE_ALL", is_flag=True,
               help="Also drop the vectors of the current version (the next run embeds everything again).")
-@click.option("--json", "as_json", is_flag=True)
+@env_option("--json", "as_json", env="JSON", is_flag=True, help="Print what was removed as JSON.")
 @handle_errors
 def prune(out: str, all_: bool, as_json: bool) -> None:
     """Remove stored vectors of OUT that no published version needs (published versions stay servable)."""

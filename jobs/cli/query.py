@@ -168,7 +168,7 @@ def _search_here(index_dir: str, queries: list[str], k: int, dim: int | None, ef
 
 @click.command()
 @click.argument("index_dir", type=click.Path(file_okay=False))
-@click.option("--json", "as_json", is_flag=True, envvar="EMBEDCTL_JSON", help="Print the index info as JSON.")
+@env_option("--json", "as_json", env="JSON", is_flag=True, help="Print the index info as JSON.")
 @handle_errors
 def info(index_dir: str, as_json: bool) -> None:
     """Describe the index published in INDEX_DIR: model, dims, rows, version, files."""
@@ -199,11 +199,12 @@ def info(index_dir: str, as_json: bool) -> None:
 @click.argument("index_dir", type=click.Path(file_okay=False))
 @click.option("--queries", "queries_path", required=True, envvar="EMBEDCTL_QUERIES", show_envvar=True,
               type=click.Path(dir_okay=False), help="Parquet file of queries with the id of their relevant row.")
-@click.option("--query-column", default="query", show_default=True)
-@click.option("--relevant-column", default="relevant_id", show_default=True)
-@click.option("-k", "ks", default="1,10", show_default=True, help="Comma-separated cut-offs for recall@k.")
-@click.option("--ef", type=int, default=None, help="HNSW efSearch [default: the index's].")
-@click.option("--limit", type=int, default=None, help="Evaluate only the first N queries.")
+@env_option("--query-column", env="QUERY_COLUMN", default="query", show_default=True, help="Column of the query texts.")
+@env_option("--relevant-column", env="RELEVANT_COLUMN", default="relevant_id", show_default=True,
+            help="Column of the id of each query's relevant row.")
+@env_option("-k", "ks", env="EVAL_K", default="1,10", show_default=True, help="Comma-separated cut-offs for recall@k.")
+@env_option("--ef", env="EF", type=int, default=None, help="HNSW efSearch [default: the index's].")
+@env_option("--limit", env="EVAL_LIMIT", type=int, default=None, help="Evaluate only the first N queries.")
 @env_option("--query-instruction", env="QUERY_INSTRUCTION", default=None,
       help="Instruction for the queries [default: the one recorded in the index; '' for none].")
 @env_option("--device", env="DEVICE", default="auto", show_default=True)
@@ -213,7 +214,7 @@ def info(index_dir: str, as_json: bool) -> None:
 @shm_option
 @no_verify_option
 @server_options
-@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@env_option("--json", "as_json", env="JSON", is_flag=True, help="Print the metrics as JSON.")
 @handle_errors
 def evaluate_cmd(index_dir: str, queries_path: str, query_column: str, relevant_column: str, ks: str,
                  ef: int | None, limit: int | None, query_instruction: str | None, device: str, exact_device: str,

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-from embedctl.jobs.cli.common import exported_devices, handle_errors, print_json, shm_option
+from embedctl.jobs.broker import BROKER_ENV
+from embedctl.jobs.cli.common import env_option, exported_devices, handle_errors, print_json, shm_option
 from embedctl.pipeline import defaults
 
 
@@ -35,8 +36,8 @@ def status(job: str, as_json: bool) -> None:
 @click.command(context_settings={"ignore_unknown_options": True})
 @click.option("--model", "-m", envvar="EMBEDCTL_MODEL", show_envvar=True, default=defaults.DEFAULT_MODEL,
               show_default=True, help="The model this host serves: published to shared memory, attached by children.")
-@click.option("--broker", default=None,
-              help="Redis URL of the broker [default: EMBEDCTL_BROKER_URL, else CELERY_BROKER_URL; none: refused].")
+@click.option("--broker", envvar=list(BROKER_ENV), show_envvar=True, default=None,
+              help="Redis URL of the broker (none: refused).")
 @click.option("--concurrency", "-c", type=int, envvar="EMBEDCTL_CONCURRENCY", show_envvar=True, default=None,
               help="Pool children [default: one per GPU, else one per CPU core].")
 @click.option("--queues", "-Q", envvar="EMBEDCTL_QUEUES", show_envvar=True, default=None,
@@ -47,7 +48,7 @@ def status(job: str, as_json: bool) -> None:
               type=click.Choice(["auto", "on", "off"]),
               help="One device copy of the weights per GPU, mapped by every child on it (auto: on CUDA hosts).")
 @shm_option
-@click.option("--loglevel", "-l", default="INFO", show_default=True)
+@env_option("--loglevel", "-l", env="LOGLEVEL", default="INFO", show_default=True, help="Celery's log level.")
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
 @handle_errors
 def worker(model: str, broker: str | None, concurrency: int | None, queues: str | None, dtype: str, device: str,
