@@ -288,16 +288,12 @@ def test_every_command_into_a_pipe_closed_before_it_writes_exits_quietly(index, 
 
 def test_a_broken_pipe_to_a_server_is_still_an_error():
     """Only stdout's reader going away is quiet: the same error on another pipe or socket is reported."""
-    from embedctl.jobs.cli.common import handle_errors
-
-    @handle_errors
-    def talk():
-        raise BrokenPipeError(32, "Broken pipe")
-
     import click
 
-    with pytest.raises(click.ClickException, match="Broken pipe"):
-        talk()
+    from embedctl.jobs.cli.common import user_errors
+
+    with pytest.raises(click.ClickException, match="Broken pipe"), user_errors():
+        raise BrokenPipeError(32, "Broken pipe")
 
 
 def test_json_output_is_unchanged_for_a_reader_that_reads_it_all(index):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from embedctl.jobs.cli.common import quiet_when_stdout_closes, setup_logging
+from embedctl.jobs.cli.common import quiet_when_stdout_closes, setup_logging, user_errors
 from embedctl.jobs.cli.index import index
 from embedctl.jobs.cli.jobs import cache, jobs
 from embedctl.jobs.cli.query import evaluate_cmd, info, query
@@ -15,7 +15,8 @@ from embedctl.jobs.cli.verify import verify
 
 
 class _Main(click.Group):
-    """The `embedctl` group: every command, and the help, ends quietly when the reader of stdout goes away
+    """The `embedctl` group: every command runs in `user_errors` (errors are mapped to one line and an exit code
+    there only), and every command and the help end quietly when the reader of stdout goes away
     (`embedctl info | head -1`)."""
 
     def make_context(self, *args, **kwargs) -> click.Context:
@@ -23,7 +24,7 @@ class _Main(click.Group):
             return super().make_context(*args, **kwargs)
 
     def invoke(self, ctx: click.Context):
-        with quiet_when_stdout_closes():
+        with quiet_when_stdout_closes(), user_errors():
             return super().invoke(ctx)
 
 

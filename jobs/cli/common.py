@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import functools
 import json
 import logging
 import os
@@ -64,28 +63,28 @@ def quiet_when_stdout_closes() -> Iterator[None]:
         sys.exit(0)
 
 
-def handle_errors(func: Callable) -> Callable:
-    """Turn project errors into one line on stderr and exit 1 (never a traceback for a user mistake); a reader of
-    stdout that went away ends the command quietly instead (`quiet_when_stdout_closes`)."""
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """The one place where an error becomes what the user sees (the `embedctl` group runs every command in it):
+    a project error is one line on stderr and exit 1 (never a traceback for a user mistake), Ctrl-C that no
+    command explained is exit 130; a reader of stdout that went away is left to `quiet_when_stdout_closes`."""
+    from embedctl.shm_loader.errors import SegmentError
 
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        from embedctl.shm_loader.errors import SegmentError
-
-        try:
-            return func(*args, **kwargs)
-        except (EmbedctlError, SegmentError) as exc:
-            raise click.ClickException(one_line(str(exc))) from None
-        except PermissionError as exc:
-            raise click.ClickException(f"permission denied: {exc.filename}; check the folder's owner and mode") \
-                from None
-        except OSError as exc:
-            if exc.errno == errno.EPIPE and stdout_gone():
-                raise  # not a failure: the entry point ends the command quietly
-            where = f" ({exc.filename})" if exc.filename else ""
-            raise click.ClickException(one_line(f"{exc.strerror or exc}{where}")) from None
-
-    return wrapper
+    try:
+        yield
+    except (EmbedctlError, SegmentError) as exc:
+        raise click.ClickException(one_line(str(exc))) from None
+    except PermissionError as exc:
+        raise click.ClickException(f"permission denied: {exc.filename}; check the folder's owner and mode") \
+            from None
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted", err=True)
+        sys.exit(130)
+    except OSError as exc:
+        if exc.errno == errno.EPIPE and stdout_gone():
+            raise  # not a failure: the entry point ends the command quietly
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise click.ClickException(one_line(f"{exc.strerror or exc}{where}")) from None
 
 
 def env_option(*names, env: str, **kw):

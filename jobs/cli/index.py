@@ -9,8 +9,6 @@ import click
 from embedctl.jobs.broker import BROKER_ENV
 from embedctl.jobs.cli.common import (
     env_option,
-    handle_errors,
-    one_line,
     parse_dims,
     print_json,
     shm_option,
@@ -19,7 +17,6 @@ from embedctl.jobs.cli.common import (
 from embedctl.jobs.interrupts import InterruptedAfterPublish
 from embedctl.jobs.spec import JobSpec
 from embedctl.pipeline import defaults
-from embedctl.pipeline.errors import EmbedctlError
 
 
 @click.command()
@@ -69,7 +66,6 @@ from embedctl.pipeline.errors import EmbedctlError
 @env_option("--detach", env="DETACH", is_flag=True, help="With --broker: print the job id and return at once.")
 @env_option("--quiet", "-q", env="QUIET", is_flag=True, help="No progress bars.")
 @env_option("--json", "as_json", env="JSON", is_flag=True, help="Print the run report as JSON.")
-@handle_errors
 def index(corpus: str, out: str, model: str, text_column: str, id_column: str, instruction: str | None,
           query_instruction: str | None, instruction_format: str | None, dims: tuple[int, ...] | None,
           chunk_rows: int, batch_tokens: int | None,
@@ -104,8 +100,6 @@ def index(corpus: str, out: str, model: str, text_column: str, id_column: str, i
         except KeyboardInterrupt:
             click.echo("\ninterrupted: complete chunks are kept; run the same command again to resume", err=True)
             sys.exit(130)
-        except EmbedctlError as exc:
-            raise click.ClickException(one_line(str(exc))) from None
     try:
         if as_json:
             print_json(report.to_dict())

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from embedctl.jobs.broker import BROKER_ENV
-from embedctl.jobs.cli.common import env_option, handle_errors, print_json, tqdm_progress
+from embedctl.jobs.cli.common import env_option, print_json, tqdm_progress
 from embedctl.pipeline.errors import EmbedctlError
 
 
@@ -40,7 +40,6 @@ def jobs() -> None:
 @jobs.command("list")
 @_jobs_option
 @env_option("--json", "as_json", env="JSON", is_flag=True, help="Print the jobs as JSON.")
-@handle_errors
 def list_jobs(jobs_file: str | None, as_json: bool) -> None:
     """List the jobs of the spec file with their schedule, corpus and output folder (validates the file)."""
     from embedctl.jobs.history import history
@@ -67,7 +66,6 @@ def list_jobs(jobs_file: str | None, as_json: bool) -> None:
 @env_option("--detach", env="DETACH", is_flag=True, help="With a broker: return once the run is queued.")
 @env_option("--quiet", "-q", env="QUIET", is_flag=True, help="No progress bars.")
 @env_option("--json", "as_json", env="JSON", is_flag=True, help="Print the run record as JSON.")
-@handle_errors
 def run(name: str, jobs_file: str | None, broker: str | None, detach: bool, quiet: bool, as_json: bool) -> None:
     """Run job NAME now (embedded, or on the workers with a broker); skipped while another run of it is going."""
     from embedctl.jobs.schedule import jobs_path, load_named
@@ -113,7 +111,6 @@ def _describe(name: str, report) -> str:
 @_jobs_option
 @env_option("--limit", "-n", env="RUNS_LIMIT", type=int, default=10, show_default=True, help="Runs shown, newest first.")
 @env_option("--json", "as_json", env="JSON", is_flag=True, help="Print the runs as JSON.")
-@handle_errors
 def job_status(name: str, jobs_file: str | None, limit: int, as_json: bool) -> None:
     """The last runs of job NAME, newest first: started, status, rows embedded/reused/deleted, seconds, version."""
     from embedctl.jobs.history import history
@@ -146,7 +143,6 @@ def cache() -> None:
 @env_option("--all", "all_", env="PRUNE_ALL", is_flag=True,
               help="Also drop the vectors of the current version (the next run embeds everything again).")
 @env_option("--json", "as_json", env="JSON", is_flag=True, help="Print what was removed as JSON.")
-@handle_errors
 def prune(out: str, all_: bool, as_json: bool) -> None:
     """Remove stored vectors of OUT that no published version needs (published versions stay servable)."""
     from embedctl.jobs.state import published_version

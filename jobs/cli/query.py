@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from embedctl.jobs.cli.common import env_option, handle_errors, print_json, shm_option
+from embedctl.jobs.cli.common import env_option, print_json, shm_option
 from embedctl.pipeline import defaults
 from embedctl.pipeline.errors import ConfigError, ModelError
 from embedctl.pipeline.manifest import VersionInfo, read_info
@@ -115,7 +115,6 @@ def server_options(func):
 @no_verify_option
 @server_options
 @env_option("--json", "as_json", env="JSON", is_flag=True, help="Print a list of {id, score, text} per query.")
-@handle_errors
 def query(index_dir: str, texts: tuple[str, ...], k: int, dim: int | None, ef: int | None,
           query_instruction: str | None, file: str | None, device: str, shm: str, no_verify: bool,
           server: str | None, api_key: str | None, as_json: bool) -> None:
@@ -169,7 +168,6 @@ def _search_here(index_dir: str, queries: list[str], k: int, dim: int | None, ef
 @click.command()
 @click.argument("index_dir", type=click.Path(file_okay=False))
 @env_option("--json", "as_json", env="JSON", is_flag=True, help="Print the index info as JSON.")
-@handle_errors
 def info(index_dir: str, as_json: bool) -> None:
     """Describe the index published in INDEX_DIR: model, dims, rows, version, files."""
     version_dir = resolve_index_dir(Path(index_dir))
@@ -215,7 +213,6 @@ def info(index_dir: str, as_json: bool) -> None:
 @no_verify_option
 @server_options
 @env_option("--json", "as_json", env="JSON", is_flag=True, help="Print the metrics as JSON.")
-@handle_errors
 def evaluate_cmd(index_dir: str, queries_path: str, query_column: str, relevant_column: str, ks: str,
                  ef: int | None, limit: int | None, query_instruction: str | None, device: str, exact_device: str,
                  shm: str, no_verify: bool, server: str | None, api_key: str | None, as_json: bool) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import click
 
-from embedctl.jobs.cli.common import env_option, exported_devices, handle_errors, shm_option
+from embedctl.jobs.cli.common import env_option, exported_devices, shm_option
 from embedctl.pipeline.errors import ConfigError, ModelError
 from embedctl.pipeline.manifest import read_info
 from embedctl.pipeline.versions import index_names, resolve_index_dir
@@ -76,7 +76,6 @@ def _check_port(host: str, port: int) -> None:
 @env_option("--device-share", env="DEVICE_SHARE", type=click.Choice(["auto", "on", "off"]), default="auto",
             show_default=True, help="One device copy of the weights per GPU, mapped by every worker on it "
                                     "(auto: on CUDA).")
-@handle_errors
 def serve(index_dirs: tuple[str, ...], model: str | None, workers: int | None, host: str, port: int,
           api_key: str | None, device: str, dtype: str, shm: str, threads: int | None, batch_tokens: int | None,
           batch_wait_ms: float, max_queue: int, max_body: int, max_inputs: int, cache: int,

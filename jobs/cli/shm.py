@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from embedctl.jobs.cli.common import env_option, handle_errors, print_json
+from embedctl.jobs.cli.common import env_option, print_json
 from embedctl.pipeline import defaults
 from embedctl.shm_loader.segment import human_bytes
 
@@ -23,7 +23,6 @@ def shm() -> None:
               help="The workers' device (decides what dtype auto means).")
 @env_option("--replace", env="SHM_REPLACE", is_flag=True, help="Publish again even when the segment is up to date.")
 @env_option("--json", "as_json", env="JSON", is_flag=True, help="Print the segment's manifest summary as JSON.")
-@handle_errors
 def publish(model: str, dtype: str, device: str, replace: bool, as_json: bool) -> None:
     """Place the weights of MODEL, converted to the compute dtype, in one shared-memory segment.
 
@@ -52,7 +51,6 @@ def publish(model: str, dtype: str, device: str, replace: bool, as_json: bool) -
 
 @shm.command()
 @env_option("--json", "as_json", env="JSON", is_flag=True, help="Print the segments as JSON.")
-@handle_errors
 def status(as_json: bool) -> None:
     """List the segments: model folder, dtype, size, created, state, processes that map it."""
     from embedctl.shm_loader.segment import default_shm_dir, list_segments
@@ -74,7 +72,6 @@ def status(as_json: bool) -> None:
 @click.argument("names", nargs=-1)
 @env_option("--all", "all_", env="SHM_RELEASE_ALL", is_flag=True, help="Release every embedctl segment.")
 @env_option("--force", env="SHM_FORCE", is_flag=True, help="Release even while processes map it (they keep their mapping).")
-@handle_errors
 def release(names: tuple[str, ...], all_: bool, force: bool) -> None:
     """Unlink segments NAMES (or --all); refused while processes map them, unless --force."""
     from embedctl.shm_loader.segment import release as release_segments

@@ -9,14 +9,14 @@ from pathlib import Path
 import click
 
 from embedctl.jobs.broker import BROKER_ENV
-from embedctl.jobs.cli.common import env_option, exported_devices, handle_errors, print_json, shm_option
+from embedctl.jobs.cli.common import env_option, exported_devices, print_json, shm_option
 from embedctl.pipeline import defaults
+from embedctl.pipeline.errors import ConfigError, EmbedctlError
 
 
 @click.command()
 @click.argument("job", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, envvar="EMBEDCTL_JSON", help="Print the job state as JSON.")
-@handle_errors
 def status(job: str, as_json: bool) -> None:
     """State of the newest job in an --out folder JOB (or of a job folder OUT/work/<job id>), read from disk."""
     from embedctl.jobs.state import status as job_status
@@ -50,7 +50,6 @@ def status(job: str, as_json: bool) -> None:
 @shm_option
 @env_option("--loglevel", "-l", env="LOGLEVEL", default="INFO", show_default=True, help="Celery's log level.")
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
-@handle_errors
 def worker(model: str, broker: str | None, concurrency: int | None, queues: str | None, dtype: str, device: str,
            device_share: str, shm: str, loglevel: str, celery_args: tuple[str, ...]) -> None:
     """Publish MODEL's weights to shared memory (if needed) and start a prefork Celery worker on them.
@@ -97,13 +96,11 @@ def worker(model: str, broker: str | None, concurrency: int | None, queues: str 
     if exporters is None:
         # exec: the worker parent starts fresh, without the torch state this process created while publishing
         os.execvpe(argv[0], argv, env)
-    from embedctl.shm_loader.errors import SegmentError
-
     try:
         exporters.start()
-    except SegmentError as exc:
+    except BaseException:
         exporters.stop()
-        raise click.ClickException(str(exc)) from None
+        raise
     raise SystemExit(_supervise(argv, env, exporters, deaths, log=lambda line: click.echo(line, err=True)))
 
 
@@ -120,7 +117,7 @@ def _deaths_from_env():
         except ValueError:
             values[name] = 0
         if values[name] <= 0:
-            raise click.ClickException(f"{name} must be a positive integer, got {raw!r}")
+            raise ConfigError(f"{name} must be a positive integer, got {raw!r}")
     return Deaths(values["EMBEDCTL_WORKER_DEATHS"], values["EMBEDCTL_WORKER_DEATH_WINDOW"])
 
 
@@ -172,7 +169,7 @@ def _supervise(argv: list[str], env: dict, exporters, deaths, log) -> int:
                 return code
             pause = deaths.record()
             if pause is None:
-                raise click.ClickException(
+                raise EmbedctlError(
                     f"the Celery worker died {len(deaths.times)} times within {deaths.window:.0f} s (the last time, "
                     f"pid {pid} {describe_exit(code)}); giving up: find what ends it (the log above; `dmesg` for the "
                     "kernel's out-of-memory killer) and start `embedctl worker` again")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from embedctl.jobs.cli.common import env_option, handle_errors, print_json, shm_option, tqdm_progress
+from embedctl.jobs.cli.common import env_option, print_json, shm_option, tqdm_progress
 
 
 @click.command()
@@ -17,7 +17,6 @@ from embedctl.jobs.cli.common import env_option, handle_errors, print_json, shm_
 @env_option("--quiet", "-q", env="QUIET", is_flag=True, help="No progress bars.")
 @shm_option
 @env_option("--json", "as_json", env="JSON", is_flag=True, help="Print what was checked (and repaired) as JSON.")
-@handle_errors
 def verify(out: str, repair: bool, quiet: bool, shm: str, as_json: bool) -> None:
     """Check every file of OUT's current version and of its stored vectors against their checksums.
 
