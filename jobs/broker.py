@@ -120,8 +120,9 @@ def _check_url(url: str) -> None:
         raise ConfigError(f"the broker URL cannot be parsed (a port that is not a number?); if it holds a password "
                           f"with reserved characters, {PERCENT_ENCODE}") from None
     if _ambiguous(parts):
-        raise ConfigError(f"the broker URL cannot be read: a raw '/', '?' or '#' in its password ends the host name "
-                          f"early; {PERCENT_ENCODE}")
+        raise ConfigError(f"the broker URL cannot be read: an '@' follows its host (a raw '/', '?' or '#' in the "
+                          f"password ends the host early; an '@' in a query value reads the same); {PERCENT_ENCODE}, "
+                          "and an '@' in a query value as %40")
     if url.startswith("redis+socket://"):
         return
     if not parts.hostname:

@@ -42,6 +42,10 @@ WORKER_WAIT_SECONDS = 5.0
 """How long a submitter waits for a worker that is starting to answer before it says that none consumes a queue."""
 
 
+BROKER_PATIENCE = 5
+"""A follower whose broker does not answer for this many times EMBEDCTL_STALL_SECONDS gives up in one line."""
+
+
 class JobFailed(EmbedctlError):
     """A chunk or the build of a distributed job failed for good, or no worker is left to run it."""
 
@@ -139,9 +143,7 @@ def follow(submitted: Submitted, progress: ProgressFactory = no_progress, poll: 
         return submitted.report
     run, settings = submitted.run, submitted.settings
     plan = run.plan
-    total_chunks = len(plan.corpus.chunks)
     watchdog = Watchdog(run, settings)
-    t0 = time.monotonic()
     _chunks, rows = state.progress(plan)
     followed = getattr(run.lease, "mark_followed", None)  # a Redis lease: its follower keeps it
 
@@ -155,6 +157,28 @@ def follow(submitted: Submitted, progress: ProgressFactory = no_progress, poll: 
         renew()
     except Exception as exc:  # noqa: BLE001 - a broker hiccup: keep_alive tries again
         LOG.debug("run %s: cannot renew yet (%s)", run.run_id, exc)
+    try:
+        report = _follow_until_reported(run, progress, poll, timeout, watchdog, renew, rows)
+    except BaseException:
+        unmark = getattr(run.lease, "unmark_followed", None)
+        if unmark is not None and not run.ended:  # the run lives on in its workers: never take its lease over
+            try:
+                unmark()
+            except Exception as exc:  # noqa: BLE001 - Redis gone: the mark lapses with the lease
+                LOG.debug("run %s: cannot clear the follower mark (%s)", run.run_id, exc)
+        raise
+    if report.status == "failed":
+        raise JobFailed(f"job {plan.plan_id} failed: {report.error}; fix the cause and run the same command again "
+                        "(complete chunks are kept)")
+    return report
+
+
+def _follow_until_reported(run: lifecycle.Run, progress: ProgressFactory, poll: float, timeout: float | None,
+                           watchdog: Watchdog, renew, rows: int) -> RunReport:
+    """Show the progress of `run` and keep its lease until its report is written; returns the report."""
+    plan = run.plan
+    total_chunks = len(plan.corpus.chunks)
+    t0 = time.monotonic()
     with locks.keep_alive(renew, run.lease_seconds / 3, f"run {run.run_id}"), \
             progress("embed", plan.corpus.rows, "rows", rows) as update:
         while True:
@@ -176,9 +200,6 @@ def follow(submitted: Submitted, progress: ProgressFactory = no_progress, poll: 
                 raise JobFailed(f"job {plan.plan_id} did not finish within {timeout:.0f} s; it keeps running on the "
                                 f"workers: follow it with `embedctl status {plan.out}`")
             time.sleep(poll)
-    if report.status == "failed":
-        raise JobFailed(f"job {plan.plan_id} failed: {report.error}; fix the cause and run the same command again "
-                        "(complete chunks are kept)")
     return report
 
 
@@ -253,6 +274,11 @@ class Watchdog:
             self._lost_since = time.monotonic()
             LOG.warning("job %s: lost the broker at %s (%s): following the job from disk, trying again every %.0f s",
                         self.run.plan.plan_id, self.settings.masked_broker, reason, self.every)
+        patience = BROKER_PATIENCE * self.stall
+        if time.monotonic() - self._lost_since > patience:  # a cron or CI run must end, and say why
+            raise JobFailed(f"the broker at {self.settings.masked_broker} has not answered for {patience:.0f} s "
+                            f"({reason}); job {self.run.plan.plan_id} is kept on disk: once Redis is back, run the "
+                            "same command again (complete chunks are kept)")
         self._reconnect()
 
     def _reconnect(self) -> None:

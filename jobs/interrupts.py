@@ -29,7 +29,7 @@ class Hold:
         if self._previous is not None or threading.current_thread() is not threading.main_thread():
             return
         previous = signal.getsignal(signal.SIGINT)
-        if previous is None:  # a handler installed outside Python: leave it alone
+        if previous is None or previous is signal.SIG_IGN:  # set outside Python, or ignored (`cmd &`): leave it
             return
         self._previous = previous
         signal.signal(signal.SIGINT, self._hold)

@@ -175,7 +175,7 @@ def begin_plan(plan: WorkPlan, mode: str, settings: Settings | None = None, job:
         taken_over = getattr(lease, "taken_over", None)
         if taken_over:
             _close_taken_over(plan, taken_over.get("run_id"))
-        run = Run(record, plan, lease, settings, up_to_date=None if force else state.published_version(plan))
+        run = Run(record, plan, lease, settings, up_to_date=None if force else state.published_version(plan, contents=True))
         if run.up_to_date is None:
             state.write_run(plan, record)
             history.record(out, {"run_id": run_id, "job": job, "job_id": plan.plan_id, "mode": mode,

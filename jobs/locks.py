@@ -42,6 +42,10 @@ HOLDER_FILE = ".embedctl.lock.json"
 
 FOLLOWED = ":followed"
 """Suffix of the key that says a lease's taker keeps it alive itself (value: its run id; same time-to-live)."""
+_UNMARK = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
 
 
 def holder_record(run_id: str, mode: str, job: str | None = None) -> dict:
@@ -62,15 +66,22 @@ def _machine() -> str | None:
         return None
 
 
-def _process_start(pid: int) -> float | None:
-    """When process `pid` started (seconds since the epoch, as psutil reads it from the kernel: the same for the
-    whole life of the process, different for a later one that reuses the pid); None if it cannot be read."""
-    import psutil
-
+def _process_stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time in clock ticks after boot) of process `pid` from /proc/PID/stat; None if unreadable."""
     try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return None
+    fields = stat.rpartition(")")[2].split()  # after the command name, which may hold spaces and parentheses
+    try:
+        return fields[0], int(fields[19])  # fields 3 and 22 of proc(5)
+    except (IndexError, ValueError):
+        return None
+
+
+def _process_start(pid: int) -> int | None:
+    stat = _process_stat(pid)
+    return stat[1] if stat else None
 
 
 def holder_gone(holder: dict | None) -> str | None:
@@ -82,16 +93,17 @@ def holder_gone(holder: dict | None) -> str | None:
     machine, pid = holder.get("machine"), holder.get("pid")
     if not machine or machine != _machine() or not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         return None
-    import psutil
-
     try:
-        process = psutil.Process(pid)
-        status, start = process.status(), process.create_time()
-    except psutil.NoSuchProcess:
+        os.kill(pid, 0)
+    except ProcessLookupError:
         return f"pid {pid} is gone"
-    except psutil.Error:
-        return None  # a process we may not inspect (another user's): not ours to judge
-    if status in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+    except PermissionError:
+        return None  # a process of another user has that pid: it is not ours to judge
+    stat = _process_stat(pid)
+    if stat is None:
+        return None
+    state, start = stat
+    if state in ("Z", "X"):
         return f"pid {pid} has exited"
     if holder.get("pid_start") is not None and start != holder["pid_start"]:
         return f"pid {pid} is another process now"
@@ -191,6 +203,12 @@ class RedisLease:
         LOG.warning("took over the lease of %s: its follower died (%s); this run goes on with the job (complete "
                     "chunks are kept)", describe_holder(holder), reason)
         return True
+
+    def unmark_followed(self) -> None:
+        """Say that nobody follows the run any more although it lives on in its workers (its follower stopped
+        following: Ctrl-C, a timeout): its lease is then waited out, never taken over."""
+        run_id = json.loads(self.token).get("run_id", "")
+        self._client.eval(_UNMARK, 1, self.key + FOLLOWED, run_id)
 
     def mark_followed(self) -> None:
         """Say that the process that took this lease keeps it alive itself (it follows its run), for as long as

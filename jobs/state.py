@@ -163,10 +163,12 @@ def progress(plan: WorkPlan) -> tuple[int, int]:
     return len(done), sum(c.rows for c in plan.corpus.chunks if c.number in done)
 
 
-def published_version(plan: WorkPlan) -> tuple[str, int] | None:
+def published_version(plan: WorkPlan, contents: bool = False) -> tuple[str, int] | None:
     """(version name, rows) of the current version when it was built from exactly this plan and these index
     settings (the job is up to date), else None (a version whose info.json is damaged is not up to date: the next
-    run builds a new one)."""
+    run builds a new one). `contents`: check the files' checksums too (what a run's up-to-date check does; it may
+    read files and record verdicts), else only that they exist with their sizes (what readers such as `status`
+    ask: they read no file whole and write nothing)."""
     current = versions.current_version(plan.out)
     if current is None:
         return None
@@ -177,7 +179,7 @@ def published_version(plan: WorkPlan) -> tuple[str, int] | None:
         return None
     if info.index_key != plan.index_key:
         return None
-    damaged = damaged_files(current, info)  # reads only the files whose stat changed since they last matched
+    damaged = damaged_files(current, info, contents)
     if damaged:
         LOG.warning("%s is damaged (%s): building a new version", damaged[0][1], damaged[0][2])
         return None
@@ -206,7 +208,7 @@ def status(target: Path) -> dict:
     plan = load_plan(work_dir)
     run = read_run(plan)
     chunks_done, rows_done = progress(plan)
-    published = published_version(plan)
+    published = published_version(plan)  # sizes only: status reads, never writes
     failed = failures(plan)
     report = read_report(work_dir)
     ended = report if report is not None and run is not None and report.run_id == run.run_id else None

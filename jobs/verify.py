@@ -120,8 +120,7 @@ def _check_file(result: Check, verdicts: checksum.Verdicts, path: Path, expected
                 segment: str | None = None) -> None:
     result.files += 1
     result.bytes += _size(path)
-    problem = checksum.problem(path, expected)
-    verdicts.record(path, expected, problem)
+    problem = verdicts.check(path, expected)
     if problem is not None:
         result.damaged.append(Damage(str(path), problem, kind, segment=segment))
 

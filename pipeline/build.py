@@ -25,7 +25,6 @@ from embedctl.pipeline.manifest import (
     VersionInfo,
     damaged_files,
     read_info,
-    trust_written,
     write_deletions,
     write_info,
 )
@@ -146,7 +145,6 @@ def publish(plan: WorkPlan, build: BuildPlan,
     except BaseException:
         versions.discard(folder)
         raise
-    trust_written(target, info, {new.id for new in build.new})
     LOG.info("published %s (%d rows in %d segments) in %.1fs", target, info.rows, len(segments),
              time.perf_counter() - t0)
     return replace(info), target

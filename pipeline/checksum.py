@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 from embedctl.pipeline.errors import StorageError
@@ -97,13 +98,20 @@ VERDICTS = ".verified.json"
 """The file of an output folder that remembers which of its files last matched their checksum, and their stat."""
 
 
+RACY_SECONDS = 2.0
+"""A file changed this recently is not given a verdict: a write within the same timestamp tick as the stat would
+leave the stat unchanged (git's "racily clean" rule)."""
+
+
 class Verdicts:
     """Which files of an output folder matched their checksum when last read whole, keyed by the `os.stat` they had
     then (size, mtime, ctime, inode): a file whose stat is unchanged is trusted without reading it again, any other is
     read whole. Writing a file in place changes its mtime and ctime (ctime cannot be set back), so a same-size
     overwrite is caught; damage below the filesystem (bit rot) is what `embedctl verify` reads everything for, and
-    a damaged verdict it finds drops the file from here. A cache: losing it costs one full read, never a wrong
-    answer; it is rewritten only when it changed."""
+    a damaged verdict it finds drops the file from here. A verdict is kept only when the stat was the same before
+    and after the read and the file had not changed in the last `RACY_SECONDS` (a write racing the read, or within
+    one timestamp tick, is never taken for sound). Files are immutable once published, so each is read whole once
+    in its life. A cache: losing it costs one full read, never a wrong answer."""
 
     def __init__(self, out: Path):
         self.path = Path(out) / VERDICTS
@@ -131,30 +139,38 @@ class Verdicts:
         path = Path(path)
         if not expected or ALGORITHM not in expected:
             return size_problem(path, expected)
-        key = self._key(path)
         try:
             stamp = self._stamp(path)
         except OSError:
             return size_problem(path, expected)  # missing or unreadable: says which
-        if self._known.get(key) == [*stamp, expected[ALGORITHM]]:
+        if self._known.get(self._key(path)) == [*stamp, expected[ALGORITHM]]:
             return None
-        found = problem(path, expected)
-        self.record(path, expected, found, stamp)
-        return found
+        return self.check(path, expected, stamp)
 
-    def record(self, path: Path, expected: dict | None, found: str | None, stamp: list[int] | None = None) -> None:
-        """Remember the verdict of a full read of `path` (`found`: its problem, None when it matched)."""
+    def check(self, path: Path, expected: dict | None, stamp: list[int] | None = None) -> str | None:
+        """Read `path` whole against `expected` (what `embedctl verify` does for every file) and keep the verdict."""
+        path = Path(path)
+        try:
+            before = stamp or self._stamp(path)
+        except OSError:
+            before = None
+        found = problem(path, expected)
         key = self._key(path)
-        if found is None and expected and ALGORITHM in expected:
+        if found is None and before is not None and expected and ALGORITHM in expected:
             try:
-                entry = [*(stamp or self._stamp(path)), expected[ALGORITHM]]
+                after = self._stamp(path)
             except OSError:
-                return
-            if self._known.get(key) != entry:
-                self._known[key] = entry
-                self._changed = True
-        elif self._known.pop(key, None) is not None:
+                after = None
+            settled = time.time_ns() - max(before[1], before[2]) > RACY_SECONDS * 1e9
+            if after == before and settled:
+                entry = [*before, expected[ALGORITHM]]
+                if self._known.get(key) != entry:
+                    self._known[key] = entry
+                    self._changed = True
+                return found
+        if self._known.pop(key, None) is not None:
             self._changed = True
+        return found
 
     def save(self) -> None:
         """Write the verdicts when they changed; a folder that cannot be written keeps none (the next check reads

@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from embedctl.pipeline.errors import StorageError
-from embedctl.pipeline.fsutil import atomic_write, read_json, write_json
+from embedctl.pipeline.fsutil import read_json, write_json, write_npy
 from embedctl.pipeline.manifest import VersionInfo, read_deletions
 from embedctl.pipeline.merge import MergePolicy, SegmentState
 from embedctl.pipeline.plan import WorkPlan
@@ -228,11 +228,7 @@ def _positions(ids: pa.ChunkedArray, value_set: pa.Array) -> np.ndarray:
 
 
 def _save(path: Path, array: np.ndarray) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as fh:
-            np.save(fh, np.asarray(array, dtype=np.int64), allow_pickle=False)
-
-    atomic_write(path, write)
+    write_npy(path, np.asarray(array, dtype=np.int64))
 
 
 def gather_rows(plan: WorkPlan, rows: PlanRows, positions: np.ndarray) -> pa.Table:

@@ -319,10 +319,22 @@ def _read_range(plan: CorpusPlan, start: int, stop: int) -> Iterator[pa.RecordBa
         for batch in pf.iter_batches(batch_size=_READ_BATCH_ROWS, columns=_columns(plan)):
             b_lo, b_hi = max(lo - pos, 0), min(hi - pos, batch.num_rows)
             if b_lo < b_hi:
-                yield batch.slice(b_lo, b_hi - b_lo)
+                yield _plain(batch.slice(b_lo, b_hi - b_lo))
             pos += batch.num_rows
             if pos >= hi:
                 break
+
+
+def _plain(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """A batch whose columns hold their values plainly (dictionaries decoded, strings as large strings), so that
+    the batches of files that encode one column differently make one table."""
+    columns = []
+    for column in batch.columns:
+        type_ = _values(column.type)
+        if pa.types.is_string(type_):
+            type_ = pa.large_string()
+        columns.append(column if column.type == type_ else column.cast(type_))
+    return pa.RecordBatch.from_arrays(columns, names=batch.schema.names)
 
 
 def _to_rows(plan: CorpusPlan, start: int, batches: list[pa.RecordBatch]) -> ChunkRows:

@@ -115,3 +115,20 @@ def write_json(path: Path, data: dict) -> Path:
 def read_json(path: Path) -> dict:
     """Read a JSON file written by `write_json` (raises OSError or ValueError: callers say what the file is)."""
     return json.loads(Path(path).read_text())
+
+
+def write_npy(path: Path, array, before_replace: Callable[[Path], None] | None = None) -> Path:
+    """Write `array` as a `.npy` file (np.save's bytes), atomically. The bytes are written by Python rather than
+    numpy's fwrite: a short fwrite (a full disk) raises an OSError without errno ("76800 requested and 44992
+    written") that cannot be told from other failures, while Python's write raises ENOSPC, which `atomic_write`
+    reports as a full disk naming `path`."""
+    import numpy as np
+
+    array = np.ascontiguousarray(array)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:  # a file object: np.save would append ".npy" to a temporary name
+            np.lib.format.write_array_header_1_0(fh, np.lib.format.header_data_from_array_1_0(array))
+            fh.write(array.data)
+
+    return atomic_write(path, write, before_replace=before_replace)

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from embedctl.pipeline.checksum import DamagedFile, Verdicts, digest_bytes, verify
+from embedctl.pipeline.checksum import DamagedFile, Verdicts, digest_bytes, size_problem, verify
 from embedctl.pipeline.errors import StorageError
-from embedctl.pipeline.fsutil import atomic_write, read_json, write_json
+from embedctl.pipeline.fsutil import read_json, write_json, write_npy
 
 INFO = "info.json"
 FORMAT = 2
@@ -176,11 +176,7 @@ def write_deletions(version_dir: Path, segment: SegmentRef, deleted: np.ndarray)
         return replace(segment, deleted=0, deletions=None), {}
     name = deletions_file(segment.id)
 
-    def save(tmp: Path) -> None:
-        with open(tmp, "wb") as fh:
-            np.save(fh, deleted, allow_pickle=False)
-
-    path = atomic_write(Path(version_dir) / name, save)
+    path = write_npy(Path(version_dir) / name, deleted)
     return replace(segment, deleted=len(deleted), deletions=name), {name: checksum(path)}
 
 
@@ -199,35 +195,27 @@ def read_deletions(version_dir: Path, info: VersionInfo, segment: SegmentRef, ch
     return deleted
 
 
-def _files(version: Path, info: VersionInfo, segments: set[str] | None = None):
-    """(segment or None for the version's own files, path, recorded checksum) of each file of a version
-    (`segments`: only those segments' files)."""
+def _files(version: Path, info: VersionInfo):
+    """(segment or None for the version's own files, path, recorded checksum) of each file of a version."""
     version = Path(version)
     out = version.parent.parent
     for name, expected in info.checksums.items():
         yield None, version / name, expected
     for ref in info.segments:
-        if segments is None or ref.id in segments:
-            for name, expected in ref.files.items():
-                yield ref, ref.folder(out) / name, expected
+        for name, expected in ref.files.items():
+            yield ref, ref.folder(out) / name, expected
 
 
-def damaged_files(version: Path, info: VersionInfo) -> list[tuple[SegmentRef | None, Path, str]]:
+def damaged_files(version: Path, info: VersionInfo, contents: bool = True) -> list[tuple[SegmentRef | None, Path, str]]:
     """(segment or None for the version's own files, path, problem) of the files of a version that are missing or
     whose contents differ from their checksum. A file is read whole only when its stat changed since it last
     matched (`checksum.Verdicts`), so the check of an untouched version reads no file; `embedctl verify` reads
-    them all."""
+    them all. `contents` False: existence and sizes only (no file read, nothing written)."""
+    if not contents:
+        return [(ref, path, p) for ref, path, expected in _files(version, info)
+                if (p := size_problem(path, expected))]
     verdicts = Verdicts(Path(version).parent.parent)
     found = [(ref, path, p) for ref, path, expected in _files(version, info)
              if (p := verdicts.problem(path, expected))]
     verdicts.save()
     return found
-
-
-def trust_written(version: Path, info: VersionInfo, segments: set[str]) -> None:
-    """Record the files a run has just written and checksummed (the version's own and those of its new
-    `segments`) as matching, so the next run's check does not read them back."""
-    verdicts = Verdicts(Path(version).parent.parent)
-    for _ref, path, expected in _files(version, info, segments):
-        verdicts.record(path, expected, None)
-    verdicts.save()

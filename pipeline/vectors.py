@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from embedctl.pipeline import checksum
 from embedctl.pipeline.errors import StorageError
-from embedctl.pipeline.fsutil import atomic_write, read_json, write_json
+from embedctl.pipeline.fsutil import atomic_write, read_json, write_json, write_npy
 
 _DONE = re.compile(r"^chunk-(\d{6,})\.npy$")
 
@@ -85,7 +85,7 @@ class ChunkStore:
             files["vectors"] = checksum.checksum(tmp)
             write_json(self.report_path(number), report)
 
-        atomic_write(self.vectors_path(number), lambda tmp: _save_npy(tmp, half), before_replace=record)
+        write_npy(self.vectors_path(number), half, before_replace=record)
         return report
 
     def verify(self, number: int) -> list[tuple[Path, str]]:
@@ -125,13 +125,3 @@ class ChunkStore:
 
     def read_report(self, number: int) -> dict:
         return read_json(self._path(number, ".json"))
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    """np.save's bytes, written by Python rather than numpy's fwrite: a short fwrite (a full disk) raises an OSError
-    without errno ("76800 requested and 44992 written") that cannot be told from other failures; Python's write
-    raises ENOSPC, which `atomic_write` reports as a full disk naming the chunk file."""
-    array = np.ascontiguousarray(array)
-    with open(path, "wb") as fh:  # a file object: np.save would append ".npy" to a temporary name
-        np.lib.format.write_array_header_1_0(fh, np.lib.format.header_data_from_array_1_0(array))
-        fh.write(array.data)

@@ -216,14 +216,34 @@ def test_the_up_to_date_check_reads_only_files_changed_since_they_last_matched(i
 
     args = ("index", sample_slice, "--out", index_copy, "--model", "minilm", "--chunk-rows", 200, "--dims", 128,
             "--quiet")
-    assert invoke(*args).stdout.startswith("up to date")  # a copied folder: every file is read once
     read = []
     real = checksum.checksum
     monkeypatch.setattr(checksum, "checksum", lambda path: read.append(Path(path).name) or real(path))
-    assert invoke(*args).stdout.startswith("up to date") and read == []
+    assert invoke(*args).stdout.startswith("up to date")  # a folder copied just now: read, but no verdict kept
+    assert len(read) == 3
+    assert invoke(*args).stdout.startswith("up to date") and len(read) == 6  # still racy: read again
+    monkeypatch.setattr(checksum, "RACY_SECONDS", 0.0)  # as if they had settled
+    assert invoke(*args).stdout.startswith("up to date") and len(read) == 9
+    read.clear()
+    assert invoke(*args).stdout.startswith("up to date") and read == []  # settled and unchanged: nothing read
     rows = _version_file(index_copy, "rows.parquet")
     os.utime(rows)  # touched, not changed: read again, still up to date
     assert invoke(*args).stdout.startswith("up to date") and read == ["rows.parquet"]
+
+
+def test_a_same_size_change_in_place_is_rebuilt_by_index_with_no_verify_between(index_copy, sample_slice,
+                                                                                 monkeypatch, caplog):
+    from embedctl.pipeline import checksum
+
+    monkeypatch.setattr(checksum, "RACY_SECONDS", 0.0)
+    args = ("index", sample_slice, "--out", index_copy, "--model", "minilm", "--chunk-rows", 200, "--dims", 128,
+            "--quiet")
+    assert invoke(*args).stdout.startswith("up to date")  # the verdicts are kept
+    path = _version_file(index_copy, "index-128.faiss")
+    damage(path, "garbled")
+    result = invoke(*args)
+    assert result.stdout.startswith("published v000002"), result.output
+    assert "rewriting segment" in caplog.text and invoke("verify", index_copy).exit_code == 0
 
 
 def test_a_dangling_current_is_one_line(index_copy):

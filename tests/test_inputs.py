@@ -186,6 +186,28 @@ def test_dictionary_encoded_and_large_text_columns_index_like_plain_strings(corp
         np.testing.assert_array_equal(vectors, plain_vectors, err_msg=kind)
 
 
+def test_files_that_encode_the_columns_differently_make_one_corpus(corpus, tmp_path):
+    """A folder of files whose text and id columns are plain in one, dictionary-encoded or large in the next: one
+    chunk spans them all, and the index holds every row as the plain corpus does."""
+    table = pq.read_table(corpus).slice(0, 90)
+    texts, ids = table.column("text").combine_chunks(), table.column("id").combine_chunks()
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    encodings = [lambda a: a, lambda a: a.dictionary_encode(), lambda a: a.cast(pa.large_string())]
+    for i, encode in enumerate(encodings):
+        part = slice(30 * i, 30 * (i + 1))
+        pq.write_table(pa.table({"id": encode(ids[part]), "text": encode(texts[part])}), folder / f"part-{i}.parquet")
+    plain = tmp_path / "plain.parquet"
+    pq.write_table(pa.table({"id": ids, "text": texts}), plain)
+    for source, out in ((folder, tmp_path / "out-mixed"), (plain, tmp_path / "out-plain")):
+        result = invoke("index", source, "--out", out, "--model", "minilm", "--dims", "128", "--chunk-rows", 90,
+                        "--quiet")
+        assert result.exit_code == 0, result.output
+    mixed, plain_store = _store(tmp_path / "out-mixed"), _store(tmp_path / "out-plain")
+    assert mixed[1] == plain_store[1] and mixed[2] == plain_store[2]
+    np.testing.assert_array_equal(mixed[0], plain_store[0])
+
+
 # -- 11. schedules ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("schedule, ok", [("0.001s", False), ("0.5s", False), ("0.01m", False), ("0s", False),

@@ -151,6 +151,29 @@ def test_a_rerun_after_a_killed_follower_takes_its_lease_over_at_once(celery_env
     assert "its follower died" in dead["error"], dead
 
 
+@pytest.mark.slow
+def test_a_follower_stopped_by_ctrl_c_leaves_a_run_that_is_never_taken_over(celery_env, start_worker, sample_slice,
+                                                                           tmp_path):
+    """Ctrl-C stops following, not the job: the run lives on in its workers, so a re-run is refused (busy), not
+    handed the lease of a live run."""
+    env = {**celery_env, "EMBEDCTL_LEASE_SECONDS": "120"}
+    subprocess.run([EMBEDCTL, "shm", "publish", "--model", "minilm"], env=env, check=True, capture_output=True)
+    start_worker(EMBEDCTL_MODEL="minilm", concurrency=1)
+    out = tmp_path / "o"
+    first = _follow(env, sample_slice, out, "--chunk-rows", "50")
+    wait_until(lambda: _done(out) >= 1, 180, "a chunk")
+    first.send_signal(signal.SIGINT)
+    _, stderr = first.communicate(timeout=60)
+    assert first.returncode == 130 and "keeps running on the workers" in stderr, stderr
+    again = subprocess.run([EMBEDCTL, "index", str(sample_slice), "--out", str(out), "--model", "minilm", "--dims",
+                            "128", "--quiet", "--chunk-rows", "50", "--broker", env["EMBEDCTL_BROKER_URL"]],
+                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    published = (out / "current").exists()
+    if not published:  # the job may have finished meanwhile; while it runs, a re-run is refused
+        assert again.returncode == 1 and "is being written by run" in again.stderr, again.stderr
+    assert "took over" not in again.stderr, again.stderr
+
+
 # -- item 7: the Celery parent of `embedctl worker` dies -------------------------------------------------------
 
 def _celery_parent(bootstrap: int) -> int | None:
@@ -217,3 +240,29 @@ def test_deaths_back_off_and_give_up_only_within_the_window():
     now[0] = 170
     assert deaths.record() is None  # three within 100 s: give up
     assert describe_exit(-9) == "was killed by signal 9 (SIGKILL)" and describe_exit(3) == "exited with code 3"
+
+
+def test_a_follower_whose_broker_stays_down_gives_up_in_one_line(monkeypatch):
+    """While Redis is down the follower follows from disk; past BROKER_PATIENCE x EMBEDCTL_STALL_SECONDS it ends
+    (a cron or CI run must not hang for ever), naming the broker (masked) and what to do."""
+    from types import SimpleNamespace
+
+    from embedctl.jobs import distributed
+    from embedctl.jobs.broker import Settings
+    from tests.services import free_port
+
+    settings = Settings.from_env({"EMBEDCTL_BROKER_URL": f"redis://:s3cret@127.0.0.1:{free_port()}/0",
+                                  "EMBEDCTL_STALL_SECONDS": "1"})
+    run = SimpleNamespace(plan=SimpleNamespace(plan_id="p1"))
+    watchdog = distributed.Watchdog(run, settings, every=0.0)
+    clock = [time.monotonic() + 1000.0]
+    monkeypatch.setattr(distributed.time, "monotonic", lambda: clock[0])
+    assert watchdog.check() == []  # lost: followed from disk
+    clock[0] += distributed.BROKER_PATIENCE * 1 - 0.5
+    assert watchdog.check() == []  # still within its patience
+    clock[0] += 1.0
+    with pytest.raises(distributed.JobFailed) as failed:
+        watchdog.check()
+    message = str(failed.value)
+    assert "has not answered for 5 s" in message and "run the same command again" in message
+    assert "s3cret" not in message
