@@ -4,8 +4,9 @@ indexes, `/health` and `/metrics`.
 One app runs in each worker process. At start-up it loads in the background (attaching the model's weights from
 shared memory when they are published, opening and checking every index) while `/health` answers 503; once
 ready, requests are served from that one model, merged into batches (`serve.batcher`). Errors have OpenAI's
-shape, `{"error": {"message", "type", "param", "code"}}`, and never carry a stack trace. A request's body must
-arrive within --body-timeout of its headers (408 otherwise; its headers have their deadline in serve.connection).
+shape, `{"error": {"message", "type", "param", "code"}}`, and never carry a stack trace. A request's headers and body
+have their deadlines (--header-timeout, --body-timeout) in serve.connection, which holds them whether or not the app
+reads the body.
 """
 
 from __future__ import annotations
@@ -153,14 +154,12 @@ def worker_device(config: ServeConfig) -> tuple[str, object]:
 
 
 class Guard:
-    """Pure ASGI middleware in front of every route: the API key, the body's size limit and deadline, and the request
-    metrics."""
+    """Pure ASGI middleware in front of every route: the API key, the body's size limit, and the request metrics."""
 
-    def __init__(self, app, api_key: str | None, max_body: int, body_timeout: float):
+    def __init__(self, app, api_key: str | None, max_body: int):
         self.app = app
         self.api_key = api_key.encode() if api_key else None
         self.max_body = max_body
-        self.body_timeout = body_timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -169,8 +168,6 @@ class Guard:
         route = path if path in ROUTES else "other"
         status = [500]
         started = time.perf_counter()
-        # the whole body, not each chunk, has a deadline: a client sending a byte a second would pass any idle timeout
-        deadline = asyncio.get_running_loop().time() + self.body_timeout
 
         async def sending(message):
             if message["type"] == "http.response.start":
@@ -180,28 +177,21 @@ class Guard:
         try:
             headers = dict(scope["headers"])
             if self.api_key is not None and path not in OPEN_ROUTES and not self._authorised(headers):
+                # `close`: the body is not read (and serve.connection closes a connection answered before its body is in)
                 return await send_error(sending, ApiError(401, "Incorrect or missing API key: send the header "
                                                           "`Authorization: Bearer KEY` with the server's --api-key",
-                                                          code="invalid_api_key"))
+                                                          code="invalid_api_key", close=True))
             declared = headers.get(b"content-length")
             if declared is not None and declared.isdigit() and int(declared) > self.max_body:
-                if int(declared) <= DRAIN:  # read it away, so that a client still sending gets the answer
-                    try:
-                        async with asyncio.timeout_at(deadline):
-                            await _drain(receive)
-                    except TimeoutError:
-                        return await send_error(sending, _too_slow(self.body_timeout))
+                if int(declared) <= DRAIN:  # read it away (by --body-timeout), so that a client still sending gets
+                    await _drain(receive)  # the answer
                 return await send_error(sending, _too_large(self.max_body))
             received, complete = [0], [False]
 
             async def receiving():
                 if complete[0]:  # the body is in: what follows is the disconnect, whenever it comes
                     return await receive()
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        message = await receive()
-                except TimeoutError:
-                    raise _too_slow(self.body_timeout) from None
+                message = await receive()
                 if message["type"] == "http.request":
                     received[0] += len(message.get("body", b""))
                     if received[0] > self.max_body:
@@ -230,12 +220,7 @@ async def _drain(receive) -> None:
 
 def _too_large(limit: int) -> ApiError:
     return ApiError(413, f"the request body is larger than the server's limit of {limit} bytes; send fewer or "
-                    "shorter inputs per request (or raise --max-body)", code="request_too_large")
-
-
-def _too_slow(limit: float) -> ApiError:
-    return ApiError(408, f"the request body did not arrive within {limit:g} s of its headers (--body-timeout); send "
-                    "it at once", code="request_timeout", close=True)
+                    "shorter inputs per request (or raise --max-body)", code="request_too_large", close=True)
 
 
 def _error_response(error: ApiError, route: str) -> JSONResponse:
@@ -305,7 +290,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     state = ServerState(config)
     app = FastAPI(title="embedctl", lifespan=state.lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
-    app.add_middleware(Guard, api_key=config.api_key, max_body=config.max_body, body_timeout=config.body_timeout)
+    app.add_middleware(Guard, api_key=config.api_key, max_body=config.max_body)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):

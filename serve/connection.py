@@ -5,9 +5,13 @@ uvicorn closes a kept-alive connection that stays silent (`timeout_keep_alive`),
 after connecting, or half of a request's headers, is held forever and reaches no app that could time it out: enough
 of them (slowloris) hold every socket the worker may open. Here a request's headers must arrive within
 `header_timeout` seconds of the connection (or of the request's first byte on a kept-alive connection); a late
-connection is answered 408 (closed silently if it sent nothing) and closed. The body has its own deadline in the app
-(`serve.app.Guard`, which sees it arrive). Past `max_connections` open connections a request is answered 503 and its
-connection closed: uvicorn's `limit_concurrency`, in OpenAI's error shape.
+connection is answered 408 (closed silently if it sent nothing) and closed. Its body must then arrive within
+`body_timeout` seconds of its headers, whether or not the app reads it (the answers to /health or to a missing API key
+do not, and each byte the client sends puts uvicorn's keep-alive timer off): a late one is answered 408, or just
+closed once the app's answer began. A connection whose answer is complete while its body is still coming is closed
+(as uvicorn's h11 protocol does): the rest of the body would be read as the next request. Past `max_connections` open
+connections a request is answered 503 and its connection closed: uvicorn's `limit_concurrency`, in OpenAI's error
+shape.
 """
 
 from __future__ import annotations
@@ -33,11 +37,12 @@ SPARE_FILES = 256
 class Connection(HttpToolsProtocol):
     """One client connection; uvicorn makes one per accepted socket (`uvicorn_options`)."""
 
-    def __init__(self, *args, header_timeout: float, max_connections: int, **kwargs):
+    def __init__(self, *args, header_timeout: float, body_timeout: float, max_connections: int, **kwargs):
         super().__init__(*args, **kwargs)
         self.header_timeout = header_timeout
+        self.body_timeout = body_timeout
         self.max_connections = max_connections
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None  # the deadline of the current request's headers, then body
         self._begun = False  # a byte of a request arrived
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -53,14 +58,29 @@ class Connection(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._stop()
         if len(self.connections) <= self.max_connections:
-            return super().on_headers_complete()
-        LOG.warning("%d open connections (--max-connections %d): answering 503", len(self.connections),
-                    self.max_connections)
-        app, self.app = self.app, self._busy  # uvicorn runs self.app for the request it has just parsed
-        try:
             super().on_headers_complete()
-        finally:
-            self.app = app
+        else:
+            LOG.warning("%d open connections (--max-connections %d): answering 503", len(self.connections),
+                        self.max_connections)
+            app, self.app = self.app, self._busy  # uvicorn runs self.app for the request it has just parsed
+            try:
+                super().on_headers_complete()
+            finally:
+                self.app = app
+        if not self.pipeline:  # a request queued behind another's answer is not read yet: its time starts then
+            self._timer = self.loop.call_later(self.body_timeout, self._body_late)
+
+    def on_message_complete(self) -> None:
+        self._stop()
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        if not self.pipeline and self.cycle.more_body and not self.transport.is_closing():
+            self.transport.close()  # answered before its body came: the rest of the body would parse as a request
+        super().on_response_complete()
+        if self.pipeline or self.transport.is_closing() or not self.cycle.more_body or self._timer is not None:
+            return
+        self._timer = self.loop.call_later(self.body_timeout, self._body_late)  # its queued request's turn came
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop()
@@ -85,6 +105,20 @@ class Connection(HttpToolsProtocol):
                 code="request_timeout", close=True)))
         self.transport.close()
 
+    def _body_late(self) -> None:
+        """The body did not arrive in time (whether or not the app is reading it)."""
+        self._timer = None
+        cycle = self.cycle
+        if self.transport.is_closing():
+            return
+        if not cycle.response_started:
+            self.transport.write(_raw(ApiError(
+                408, f"the request body did not arrive within {self.body_timeout:g} s of its headers "
+                     "(--body-timeout); send it at once", code="request_timeout", close=True)))
+        cycle.disconnected = True  # what the app still sends goes nowhere, and it reads a disconnect
+        cycle.message_event.set()
+        self.transport.close()
+
     async def _busy(self, scope, receive, send) -> None:
         await send_error(send, ApiError(
             503, f"the server holds {len(self.connections)} connections, its limit (--max-connections "
@@ -104,7 +138,7 @@ def uvicorn_options(config: ServeConfig) -> dict:
     they inherit its limit of open files, raised here to hold --max-connections sockets each)."""
     _reserve_files(config.max_connections)
     return {"http": functools.partial(Connection, header_timeout=config.header_timeout,
-                                      max_connections=config.max_connections)}
+                                      body_timeout=config.body_timeout, max_connections=config.max_connections)}
 
 
 def _reserve_files(max_connections: int) -> None:

@@ -21,6 +21,11 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
+MAX_DIM = 65_536
+"""Most dimensions a request may name (no embedding model has more): a bound that keeps a huge JSON integer a 400."""
+MAX_EF = 100_000
+"""Largest HNSW search breadth (`ef`) a search may ask for; 2**63 and above overflowed in the index (a 500)."""
+
 
 class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
@@ -30,7 +35,7 @@ class EmbeddingRequest(BaseModel):
 
     input: str | list[str] | list[int] | list[list[int]]
     model: str
-    dimensions: int | None = None
+    dimensions: int | None = Field(default=None, le=MAX_DIM)  # and at most the model's (checked when served)
     encoding_format: Literal["float", "base64"] = "float"
     user: str | None = None
     instruction: str | None = None
@@ -44,8 +49,8 @@ class SearchRequest(BaseModel):
     index: str
     query: str | list[str]
     k: int = Field(default=10, ge=1, le=10_000)
-    dim: int | None = None
-    ef: int | None = Field(default=None, ge=1)
+    dim: int | None = Field(default=None, le=MAX_DIM)
+    ef: int | None = Field(default=None, ge=1, le=MAX_EF)
     instruction: str | None = None
 
 

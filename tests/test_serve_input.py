@@ -1,7 +1,8 @@
 """What `embedctl serve` refuses and whom it stops waiting for: texts that are not Unicode (a lone surrogate escape),
 numbers that are not JSON integers (booleans, floats, numeric strings), and clients that never finish sending
 their request (half the headers, half the body, one byte at a time), which must neither hold a connection forever
-nor keep real clients from being answered. One real server process, its limits set through EMBEDCTL_* variables."""
+nor keep real clients from being answered, even where the server answers without reading the body (no API key,
+/health). One real server process with an API key, its limits set through EMBEDCTL_* variables."""
 
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ from tests.test_serve import _cli, _env
 TIMEOUT = 2.0  # --header-timeout and --body-timeout of the server under test
 CAP = 250  # its --max-connections
 SLOW = 200  # half-sent connections in the slow-client test
+SLACK = 30.0  # what a loaded machine may add to a deadline: a connection the server never closes still fails
+KEY = "sesame"  # the server's --api-key
+AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +41,7 @@ def server(tmp_path_factory, sample_slice):
     assert result.returncode == 0, result.stderr
     env.update(EMBEDCTL_HEADER_TIMEOUT=str(TIMEOUT), EMBEDCTL_BODY_TIMEOUT=str(TIMEOUT),
                EMBEDCTL_MAX_CONNECTIONS=str(CAP))
-    served = Server(["wordnet", "--model", "minilm"], env, home / "server.log", home)
+    served = Server(["wordnet", "--model", "minilm"], env, home / "server.log", home, api_key=KEY)
     try:
         yield served.start()
     finally:
@@ -48,7 +52,8 @@ def server(tmp_path_factory, sample_slice):
 
 
 def _post(server, path: str, body: bytes, timeout: float = 30) -> tuple[int, dict]:
-    request = urllib.request.Request(server.url + path, data=body, headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(server.url + path, data=body,
+                                     headers={"Content-Type": "application/json", **AUTH})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, json.loads(response.read())
@@ -113,6 +118,12 @@ NOT_INTEGERS = [  # (path, body, param): each was accepted (coerced) before
     ("/v1/search", {**QUERY, "ef": "64"}, "ef"),
     ("/v1/search", {**QUERY, "ef": True}, "ef"),
     ("/v1/search", {**QUERY, "ef": 64.0}, "ef"),
+    # integers too large for any use (an ef of 2**63 or more was an OverflowError in the index, and a 500)
+    ("/v1/search", {**QUERY, "ef": 10**400}, "ef"),
+    ("/v1/search", {**QUERY, "ef": 2**63}, "ef"),
+    ("/v1/search", {**QUERY, "k": 10**400}, "k"),
+    ("/v1/search", {**QUERY, "dim": 10**400}, "dim"),
+    ("/v1/embeddings", {**TEXT, "dimensions": 10**400}, "dimensions"),
     # strings are not coerced either way
     ("/v1/embeddings", {"model": "minilm", "input": "text", "instruction": 5}, "instruction"),
     ("/v1/embeddings", {"model": "minilm", "input": "text", "prefix": True}, "prefix"),
@@ -121,7 +132,7 @@ NOT_INTEGERS = [  # (path, body, param): each was accepted (coerced) before
 
 
 @pytest.mark.parametrize(("path", "body", "param"), NOT_INTEGERS,
-                         ids=[f"{p[4:]}-{json.dumps(b)}" for p, b, _ in NOT_INTEGERS])
+                         ids=[f"{p[4:]}-{json.dumps(b)[:60]}" for p, b, _ in NOT_INTEGERS])
 def test_a_number_that_is_not_an_integer_is_a_400(server, path, body, param):
     error = _assert_openai_error(*_post(server, path, json.dumps(body).encode()), 400, param)
     assert error["message"].startswith("invalid request: ") and param in error["message"], error
@@ -172,7 +183,41 @@ def _timed_request(server, i: int) -> float:
 
 
 HEAD = (b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Content-Length: 1000\r\n\r\n")
+        b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 1000\r\n\r\n")
+
+
+def _drip(sock: socket.socket, data: bytes, every: float, stop: threading.Event) -> threading.Thread:
+    """A thread sending `data` to `sock` one byte every `every` s, until `stop` is set or the server hangs up."""
+    def drip():
+        for byte in data:
+            if stop.wait(every):
+                return
+            try:
+                sock.send(bytes([byte]))
+            except OSError:
+                return
+
+    thread = threading.Thread(target=drip)
+    thread.start()
+    return thread
+
+
+def _one_response(sock: socket.socket) -> bytes:
+    """Exactly one response of a kept-alive connection: its headers, then Content-Length bytes of body (a recv may
+    return the headers alone; what it left would be read as the start of the next answer)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, data
+        body += chunk
+    assert len(body) == length, (head, body)
+    return head + b"\r\n\r\n" + body
 
 
 def test_slow_clients_are_timed_out_and_do_not_starve_real_ones(server):
@@ -191,27 +236,17 @@ def test_slow_clients_are_timed_out_and_do_not_starve_real_ones(server):
     silent = [_connect(server) for _ in range(5)]
     second = _connect(server)  # one request answered, then half the headers of the next on the same connection
     second.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert second.recv(65536).startswith(b"HTTP/1.1 200")
+    assert _one_response(second).startswith(b"HTTP/1.1 200")
     second.sendall(b"GET /health HTTP/1.1\r\nHo")
     oversized = _connect(server)  # declares more than --max-body: the server reads it away before its 413
     oversized.sendall(HEAD.replace(b"1000", b"5000000") + b"x" * 1000)
     dripping, stop = _connect(server), threading.Event()
     dripping.sendall(HEAD)
-
-    def drip():  # under the body timeout between any two bytes, far over it in all
-        for byte in b'{"model": "minilm", "input": "' + b"x" * 900:
-            if stop.wait(0.4):
-                return
-            try:
-                dripping.send(bytes([byte]))
-            except OSError:
-                return
-
-    dripper = threading.Thread(target=drip)
-    dripper.start()
+    # under the body timeout between any two bytes, far over it in all
+    dripper = _drip(dripping, b'{"model": "minilm", "input": "' + b"x" * 900, 0.4, stop)
     try:
         loaded = [_timed_request(server, 100 + i) for i in range(20)]
-        deadline = opened + TIMEOUT + 3
+        deadline = opened + TIMEOUT + SLACK
         for sock in [*half_body, oversized, dripping]:
             answer = _answer(sock, deadline)
             assert answer.startswith(b"HTTP/1.1 408"), answer
@@ -237,17 +272,58 @@ def test_slow_clients_are_timed_out_and_do_not_starve_real_ones(server):
     assert max(loaded) < 3.0
 
 
+def _until(deadline: float, request, status: int) -> tuple[int, dict]:
+    """`request()` again until it is answered `status` or `deadline` passes; its last answer."""
+    while True:
+        answer = request()
+        if answer[0] == status or time.monotonic() >= deadline:
+            return answer
+        time.sleep(0.05)
+
+
 def test_connections_above_the_cap_get_a_503_in_openais_error_shape(server):
+    def embed() -> tuple[int, dict]:
+        return _post(server, "/v1/embeddings", json.dumps(TEXT).encode())
+
+    opened = time.monotonic()
     idle = [_connect(server) for _ in range(CAP + 10)]
     try:
-        time.sleep(0.3)  # let the server accept them all
-        error = _assert_openai_error(*_post(server, "/v1/embeddings", json.dumps(TEXT).encode()), 503)
+        # the server accepts them in the order they came, and holds each for --header-timeout from then: a request
+        # behind them is refused until then (a 200 meanwhile: the server has not accepted them all yet)
+        status, body = _until(opened + TIMEOUT, embed, 503)
+        error = _assert_openai_error(status, body, 503)
         assert error["code"] == "overloaded" and "--max-connections" in error["message"], error
     finally:
         for sock in idle:
             sock.close()
-    time.sleep(0.3)
-    assert _post(server, "/v1/embeddings", json.dumps(TEXT).encode())[0] == 200
+    status, body = _until(time.monotonic() + SLACK, embed, 200)  # until the server has let the closed ones go
+    assert status == 200, body
+
+
+DRIPPED = [  # (request head, answer) of routes that answer without reading the body
+    (b"GET /health HTTP/1.1\r\nHost: x\r\n", b"HTTP/1.1 200"),
+    (b"GET /v1/models HTTP/1.1\r\nHost: x\r\n", b"HTTP/1.1 401"),  # no API key
+    (b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\n", b"HTTP/1.1 401"),
+    (b"GET /nowhere HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() + b"\r\n", b"HTTP/1.1 404"),
+]
+
+
+@pytest.mark.parametrize(("head", "status"), DRIPPED, ids=lambda v: v.split(b"\r\n")[0].decode())
+def test_a_body_dripped_to_a_route_that_does_not_read_it_does_not_hold_the_connection(server, head, status):
+    """Every byte a client sends put uvicorn's keep-alive timer off, and the app's body deadline applied only when
+    it read the body: a byte a second to /health or to a 401 held the connection forever."""
+    sock, stop = _connect(server), threading.Event()
+    started = time.monotonic()
+    sock.sendall(head + b"Content-Length: 1000\r\n\r\n")
+    dripper = _drip(sock, b"x" * 1000, 0.3, stop)
+    try:
+        answer = _answer(sock, started + TIMEOUT + SLACK)
+    finally:
+        stop.set()
+        dripper.join()
+        sock.close()
+    assert answer.startswith(status), answer
+    assert time.monotonic() - started < TIMEOUT + SLACK
 
 
 def test_a_client_that_hangs_up_mid_body_costs_no_error(server):
