@@ -121,17 +121,23 @@ def test_a_lease_held_by_a_dead_follower_on_this_host_is_taken_over_at_once(case
         old.release()
 
 
+def _a_followed_job_under_way(celery_env, start_worker, corpus: Path, tmp_path: Path):
+    """(env, out, follower) of a 12-chunk job on one worker, once its first chunk is done (the lease has 120 s)."""
+    env = {**celery_env, "EMBEDCTL_LEASE_SECONDS": "120"}
+    subprocess.run([EMBEDCTL, "shm", "publish", "--model", "minilm"], env=env, check=True, capture_output=True)
+    start_worker(EMBEDCTL_MODEL="minilm", concurrency=1)
+    out = tmp_path / "o"
+    first = _follow(env, corpus, out, "--chunk-rows", "50")
+    wait_until(lambda: _done(out) >= 1, 180, "a chunk")
+    return env, out, first
+
+
 @pytest.mark.slow
 def test_a_rerun_after_a_killed_follower_takes_its_lease_over_at_once(celery_env, start_worker, sample_slice,
                                                                       tmp_path):
     """The follower of a job is killed; the same command, run again at once (the lease has 120 s to go and the
     worker renews it), takes the run over, says so in one line and publishes."""
-    env = {**celery_env, "EMBEDCTL_LEASE_SECONDS": "120"}
-    subprocess.run([EMBEDCTL, "shm", "publish", "--model", "minilm"], env=env, check=True, capture_output=True)
-    start_worker(EMBEDCTL_MODEL="minilm", concurrency=1)
-    out = tmp_path / "o"
-    first = _follow(env, sample_slice, out, "--chunk-rows", "50")
-    wait_until(lambda: _done(out) >= 1, 180, "a chunk")
+    env, out, first = _a_followed_job_under_way(celery_env, start_worker, sample_slice, tmp_path)
     first.kill()
     first.communicate(timeout=20)
     t0 = time.monotonic()
@@ -156,12 +162,7 @@ def test_a_follower_stopped_by_ctrl_c_leaves_a_run_that_is_never_taken_over(cele
                                                                            tmp_path):
     """Ctrl-C stops following, not the job: the run lives on in its workers, so a re-run is refused (busy), not
     handed the lease of a live run."""
-    env = {**celery_env, "EMBEDCTL_LEASE_SECONDS": "120"}
-    subprocess.run([EMBEDCTL, "shm", "publish", "--model", "minilm"], env=env, check=True, capture_output=True)
-    start_worker(EMBEDCTL_MODEL="minilm", concurrency=1)
-    out = tmp_path / "o"
-    first = _follow(env, sample_slice, out, "--chunk-rows", "50")
-    wait_until(lambda: _done(out) >= 1, 180, "a chunk")
+    env, out, first = _a_followed_job_under_way(celery_env, start_worker, sample_slice, tmp_path)
     first.send_signal(signal.SIGINT)
     _, stderr = first.communicate(timeout=60)
     assert first.returncode == 130 and "keeps running on the workers" in stderr, stderr
