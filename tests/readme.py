@@ -27,6 +27,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
+EXECUTED: set[str] = set()
+"""Ids of the blocks run, started or written in this session (test_readme checks that none was left out)."""
 _DIRECTIVE = re.compile(r"^<!--\s*readme-test:\s*(?P<body>.*?)\s*-->\s*$")
 _FENCE = re.compile(r"^```(?P<lang>[\w+-]*)\s*$")
 _FLOAT = re.compile(r"(?<![\w.])-?\d+\.\d+(?![\w.])")
@@ -131,6 +133,7 @@ def match_output(expected: str, actual: str, tolerance: float = 0.0) -> str | No
 
 def run(block: Block, cwd: Path, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run a command block in bash (errexit, pipefail), exactly as printed."""
+    EXECUTED.add(block.id)
     return subprocess.run(["bash", "-e", "-o", "pipefail", "-c", block.code], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -147,10 +150,19 @@ def check(block: Block, cwd: Path, env: dict, timeout: float = 600) -> subproces
     return result
 
 
+def write(block: Block, folder: Path) -> Path:
+    """Write a file block where the README says (its `file=` option, in `folder`)."""
+    EXECUTED.add(block.id)
+    path = folder / block.options["file"]
+    path.write_text(block.code)
+    return path
+
+
 class Background:
     """A long-running README command (a worker, beat, a server) in its own process group."""
 
     def __init__(self, block: Block, cwd: Path, env: dict, log: Path):
+        EXECUTED.add(block.id)
         self.block, self.log = block, log
         with open(log, "wb") as fh:
             self.proc = subprocess.Popen(["bash", "-c", block.code], cwd=cwd, env=env, stdout=fh,

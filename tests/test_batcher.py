@@ -14,10 +14,15 @@ import pytest
 from embedctl.serve.batcher import Batcher, Overloaded
 
 
-def _model(calls: list, gate: threading.Event | None = None, fail_on: int | None = None):
+def _model(calls: list, gate: threading.Event | None = None, fail_on: int | None = None,
+           entered: threading.Event | None = None):
+    """A model that records its calls; with `gate`, each call waits for it (after setting `entered`)."""
+
     def run(sequences: list[list[int]]) -> np.ndarray:
+        if entered is not None:
+            entered.set()
         if gate is not None:
-            gate.wait(10)
+            assert gate.wait(10), "the test never opened the gate"
         calls.append([list(s) for s in sequences])
         if fail_on is not None and any(s[0] == fail_on for s in sequences):
             raise RuntimeError("model failed")
@@ -26,15 +31,29 @@ def _model(calls: list, gate: threading.Event | None = None, fail_on: int | None
     return run
 
 
+async def _busy(entered: threading.Event) -> None:
+    """Until the model thread is inside a call."""
+    assert await asyncio.to_thread(entered.wait, 10), "the model was never called"
+
+
+async def _queued(batcher: Batcher, n: int) -> None:
+    """Until `n` requests wait in the batcher's queue (a submit queues its request at its first step)."""
+    for _ in range(1000):
+        if batcher.waiting == n:
+            return
+        await asyncio.sleep(0)  # let the submitting tasks run
+    raise AssertionError(f"{batcher.waiting} requests queued, not {n}")
+
+
 def test_requests_that_arrive_while_the_model_runs_form_the_next_batch():
     async def main():
-        calls, gate = [], threading.Event()
-        batcher = Batcher(_model(calls, gate), budget=100, max_wait=0)
+        calls, gate, entered = [], threading.Event(), threading.Event()
+        batcher = Batcher(_model(calls, gate, entered=entered), budget=100, max_wait=0)
         batcher.start()
         first = asyncio.create_task(batcher.submit([[1, 1, 1]]))
-        await asyncio.sleep(0.05)  # the model is busy with the first request
+        await _busy(entered)  # the model is busy with the first request
         rest = [asyncio.create_task(batcher.submit([[n] * 10, [n + 100] * 5])) for n in range(2, 8)]
-        await asyncio.sleep(0.05)
+        await _queued(batcher, 6)
         gate.set()
         results = await asyncio.gather(first, *rest)
         await batcher.close()
@@ -49,14 +68,14 @@ def test_requests_that_arrive_while_the_model_runs_form_the_next_batch():
 
 def test_the_token_budget_splits_batches_and_a_long_request_runs_alone():
     async def main():
-        calls, gate = [], threading.Event()
-        batcher = Batcher(_model(calls, gate), budget=20, max_wait=0)
+        calls, gate, entered = [], threading.Event(), threading.Event()
+        batcher = Batcher(_model(calls, gate, entered=entered), budget=20, max_wait=0)
         batcher.start()
         blocker = asyncio.create_task(batcher.submit([[0]]))
-        await asyncio.sleep(0.05)
+        await _busy(entered)
         tasks = [asyncio.create_task(batcher.submit([[n] * 8])) for n in range(1, 5)]
         tasks.append(asyncio.create_task(batcher.submit([[9] * 50])))  # over the budget by itself
-        await asyncio.sleep(0.05)
+        await _queued(batcher, 5)
         gate.set()
         await asyncio.gather(blocker, *tasks)
         await batcher.close()
@@ -66,40 +85,55 @@ def test_the_token_budget_splits_batches_and_a_long_request_runs_alone():
     assert [[s[0] for s in c] for c in calls] == [[0], [1, 2], [3, 4], [9]]
 
 
-def test_concurrent_clients_wait_briefly_for_each_other_and_a_lone_client_never_waits():
+def test_a_lone_client_never_waits():
+    """A client alone (the last batch held its request only) is answered at once, however long `max_wait`."""
     async def main():
-        calls, gate = [], threading.Event()
-        batcher = Batcher(_model(calls, gate), budget=1000, max_wait=0.2)
+        calls, stats, took = [], [], []
+        batcher = Batcher(_model(calls), budget=1000, max_wait=30.0, on_batch=stats.append)
         batcher.start()
-        t0 = time.perf_counter()
-        lone = asyncio.create_task(batcher.submit([[1]]))
-        await asyncio.sleep(0.01)
-        started_at_once = bool(calls) or batcher.waiting == 0  # taken by the model without waiting 0.2 s
-        pair = [asyncio.create_task(batcher.submit([[n]])) for n in (2, 3)]
-        await asyncio.sleep(0.01)
-        gate.set()
-        await asyncio.gather(lone, *pair)
-        first = asyncio.create_task(batcher.submit([[4]]))  # the last batch merged two: wait for company
-        await asyncio.sleep(0.05)
-        second = asyncio.create_task(batcher.submit([[5]]))
-        await asyncio.gather(first, second)
+        for n in range(3):
+            t0 = time.perf_counter()
+            await asyncio.wait_for(batcher.submit([[n]]), 5.0)  # well under the 30 s a waiting request takes
+            took.append(time.perf_counter() - t0)
         await batcher.close()
-        return calls, started_at_once, time.perf_counter() - t0
+        return calls, stats, took
 
-    calls, started_at_once, _ = asyncio.run(main())
-    assert started_at_once and [[s[0] for s in c] for c in calls] == [[1], [2, 3], [4, 5]]
+    calls, stats, took = asyncio.run(main())
+    assert [[s[0] for s in c] for c in calls] == [[0], [1], [2]]
+    assert max(took) < 5.0 and all(w < 5.0 for s in stats for w in s.waits), (took, stats)
+
+
+def test_concurrent_clients_wait_for_each_other():
+    """Once a batch merged several requests, the first request of the next one waits `max_wait` for company."""
+    async def main():
+        calls, stats, gate, entered = [], [], threading.Event(), threading.Event()
+        batcher = Batcher(_model(calls, gate, entered=entered), budget=1000, max_wait=0.2, on_batch=stats.append)
+        batcher.start()
+        lone = asyncio.create_task(batcher.submit([[1]]))
+        await _busy(entered)
+        pair = [asyncio.create_task(batcher.submit([[n]])) for n in (2, 3)]
+        await _queued(batcher, 2)
+        gate.set()
+        await asyncio.gather(lone, *pair)  # batches [1] and [2, 3]: the last one merged two clients
+        await asyncio.gather(batcher.submit([[4]]), batcher.submit([[5]]))
+        await batcher.close()
+        return calls, stats
+
+    calls, stats = asyncio.run(main())
+    assert [[s[0] for s in c] for c in calls] == [[1], [2, 3], [4, 5]]
+    assert stats[2].waits[0] >= 0.2 - 0.01, stats  # [4] waited for company (asyncio may wake a tick early)
 
 
 def test_a_full_queue_refuses_and_a_failed_batch_fails_only_its_requests():
     async def main():
-        calls, gate = [], threading.Event()
-        batcher = Batcher(_model(calls, gate, fail_on=66), budget=4, max_wait=0, max_queue=2)
+        calls, gate, entered = [], threading.Event(), threading.Event()
+        batcher = Batcher(_model(calls, gate, fail_on=66, entered=entered), budget=4, max_wait=0, max_queue=2)
         batcher.start()
         running = asyncio.create_task(batcher.submit([[1]]))
-        await asyncio.sleep(0.05)
+        await _busy(entered)
         bad = asyncio.create_task(batcher.submit([[66, 1, 1, 1]]))
         good = asyncio.create_task(batcher.submit([[5, 1, 1, 1]]))
-        await asyncio.sleep(0.01)
+        await _queued(batcher, 2)
         with pytest.raises(Overloaded):
             await batcher.submit([[7]])
         gate.set()

@@ -258,8 +258,12 @@ def test_a_dangling_current_is_one_line(index_copy):
 def test_a_damaged_run_history(how, tmp_path, sample_slice):
     spec = tmp_path / "jobs.toml"
     spec.write_text(f'[jobs.demo]\ncorpus = "{sample_slice}"\nmodel = "minilm"\ndims = [128]\nchunk_rows = 300\n')
-    assert invoke("jobs", "run", "demo", "--jobs", spec, "--quiet").exit_code == 0
+    for _ in range(3):  # three runs, two lines each: a damage in the middle leaves whole runs before (and after) it
+        assert invoke("jobs", "run", "demo", "--jobs", spec, "--quiet").exit_code == 0
     history = tmp_path / "demo" / "runs.jsonl"
+    lines = history.read_text().splitlines()
+    before = {run["run_id"]: run for run in json.loads(invoke("jobs", "status", "demo", "--jobs", spec, "--json").stdout)}
+    assert len(before) == 3
     damage(history, how)
     status = invoke("jobs", "status", "demo", "--jobs", spec, "--json")
     if how == "unreadable":
@@ -268,7 +272,15 @@ def test_a_damaged_run_history(how, tmp_path, sample_slice):
         assert _hits(tmp_path / "demo")  # the published version is untouched
         return
     assert status.exit_code == 0, status.output
-    assert len(json.loads(status.stdout)) <= 1  # the damaged line is skipped, the rest is read
+    after = {run["run_id"]: run for run in json.loads(status.stdout)}
+    # the lines the damage spared are read: a run with every line spared as before, one with some of them listed
+    kept = set(history.read_bytes().decode(errors="replace").splitlines()) if history.exists() else set()
+    spared = {json.loads(line)["run_id"] for line in lines if line in kept}
+    whole = spared - {json.loads(line)["run_id"] for line in lines if line not in kept}
+    assert whole or how == "deleted", "the damage spared no run: the test proves nothing"
+    assert spared <= after.keys() <= (before.keys() if kept else set()), (spared, after)
+    assert all(after[run] == before[run] for run in whole), (before, after)
+    assert list(after) == [run for run in before if run in after]  # newest first still
     again = invoke("jobs", "run", "demo", "--jobs", spec, "--quiet", "--json")
     assert again.exit_code == 0 and json.loads(again.stdout)["status"] == "up-to-date"
     assert json.loads(invoke("jobs", "status", "demo", "--jobs", spec, "--json").stdout)[0]["status"] == "up-to-date"

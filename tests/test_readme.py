@@ -3,11 +3,13 @@ repository, with a real Redis and real workers where the block needs them (`test
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
 import sys
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -17,26 +19,14 @@ from tests.services import ROOT
 
 BLOCKS, UNTESTED = readme.parse()
 VENV_BIN = Path(sys.executable).parent
-RUN_BY_TESTS = {  # block id -> the test that runs it
-    "quickstart": "test_quick_start_on_a_fresh_clone",
-    "tour-setup": "tour (fixture)",
-    "tour-index": "test_tour", "tour-rerun": "test_tour", "tour-eval": "test_tour", "tour-errors": "test_tour",
-    "cache-prune": "test_tour", "tour-verify": "test_tour",
-    "worker": "test_distributed_example", "celery-worker": "test_distributed_example",
-    "distributed": "test_distributed_example", "detached": "test_distributed_example",
-    "jobs-toml": "test_scheduled_jobs", "jobs": "test_scheduled_jobs", "beat": "test_scheduled_jobs",
-    "shm": "test_shared_memory_commands",
-    "serve": "test_serving", "serve-client-py": "test_serving", "serve-client": "test_serving",
-    "serve-search": "test_serving",
-}
 TRAP = "open({marker!r}, 'a').write(__name__ + '\\n')\nraise SystemExit('decoy imported')\n"
 
 
-def test_every_command_block_is_run_by_a_test():
+def test_every_command_block_has_a_directive():
+    """Every command block is named for the tests (which must then run it: `test_every_block_ran`) or skipped
+    with a reason."""
     assert not UNTESTED, f"README.md lines {UNTESTED}: command blocks without a readme-test directive"
-    skipped = {i for i, b in BLOCKS.items() if "skip" in b.options}
-    assert set(BLOCKS) - skipped == set(RUN_BY_TESTS), set(BLOCKS) ^ (set(RUN_BY_TESTS) | skipped)
-    assert all(BLOCKS[i].options["skip"].strip() for i in skipped)
+    assert all(b.options["skip"].strip() for b in BLOCKS.values() if "skip" in b.options)
 
 
 def _env(home: Path, extra: dict | None = None) -> dict:
@@ -56,8 +46,7 @@ def tour(tmp_path):
     home.mkdir()
     env = _env(home)
     block = BLOCKS["tour-setup"]
-    result = subprocess.run(["bash", "-e", "-c", block.code + "\npwd\n"], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=60)
+    result = readme.run(dataclasses.replace(block, code=block.code + "\npwd\n"), ROOT, env, timeout=60)
     assert result.returncode == 0, result.stderr
     folder = Path(result.stdout.strip().splitlines()[-1])
     assert folder != ROOT and ROOT not in folder.parents and (folder / "glosses.parquet").is_file()
@@ -104,7 +93,7 @@ def test_distributed_example(worker_block, tour, redis_server, tmp_path):
 @pytest.mark.slow
 def test_scheduled_jobs(tour, redis_server, tmp_path):
     folder, env, _ = tour
-    (folder / BLOCKS["jobs-toml"].options["file"]).write_text(BLOCKS["jobs-toml"].code)
+    readme.write(BLOCKS["jobs-toml"], folder)
     readme.check(BLOCKS["jobs"], folder, env)
     redis_server.flush()
     beat = readme.Background(BLOCKS["beat"], folder, {**env, "EMBEDCTL_BROKER_URL": redis_server.url},
@@ -123,7 +112,7 @@ def test_serving(tour, tmp_path):
     server = readme.Background(BLOCKS["serve"], folder, env, tmp_path / "serve.log")
     try:
         server.wait_ready()
-        (folder / BLOCKS["serve-client-py"].options["file"]).write_text(BLOCKS["serve-client-py"].code)
+        readme.write(BLOCKS["serve-client-py"], folder)
         readme.check(BLOCKS["serve-client"], folder, env)
         readme.check(BLOCKS["serve-search"], folder, env)
     finally:
@@ -155,3 +144,26 @@ def test_quick_start_on_a_fresh_clone(tmp_path):
     finally:
         shutil.rmtree(env["EMBEDCTL_SHM_DIR"], ignore_errors=True)
     assert (clone / ".venv" / "bin" / "embedctl").exists()
+
+
+def _cases(module: dict) -> Counter:
+    """Test name -> how many cases it has (its parametrizations multiplied)."""
+    cases = Counter()
+    for name, test in module.items():
+        if name.startswith("test_") and callable(test):
+            cases[name] = 1
+            for mark in getattr(test, "pytestmark", []):
+                if mark.name == "parametrize":
+                    cases[name] *= len(mark.args[1])
+    return cases
+
+
+@pytest.mark.slow
+def test_every_block_ran(request):
+    """Last of the module: every block with a readme-test id and no skip= was run, started or written by the tests
+    above, as they ran it (`readme.EXECUTED`). Only when every case of this module was selected."""
+    here = [item for item in request.session.items if item.path == request.node.path]
+    if Counter(item.originalname for item in here) != _cases(globals()) or here[-1] is not request.node:
+        pytest.skip("checks the blocks that the other tests of this module ran: select them all")
+    unrun = sorted(i for i, b in BLOCKS.items() if "skip" not in b.options and i not in readme.EXECUTED)
+    assert not unrun, f"README blocks that no test ran: {[f'{i} (README.md:{BLOCKS[i].line})' for i in unrun]}"

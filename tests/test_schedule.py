@@ -290,17 +290,26 @@ def test_celery_beat_runs_the_job_then_finds_it_unchanged(tmp_path, corpus, tiny
 
 @pytest.mark.slow
 def test_overlapping_celery_runs_one_runs_one_is_skipped(tmp_path, corpus, tiny_qwen3, celery_env, start_worker):
+    """A run that finds the output folder held by a run in progress is recorded as skipped, naming that run. The
+    first run is queued before any worker starts, so it is still in progress when the second begins, however fast
+    the machine."""
     spec = _spec_file(tmp_path, str(tiny_qwen3))
-    start_worker(EMBEDCTL_JOBS=str(spec))
     out = Path(load_jobs(spec)["docs"].spec.out)
     env = {**celery_env, "EMBEDCTL_JOBS": str(spec)}
-    runs = [subprocess.Popen([EMBEDCTL, "jobs", "run", "docs", "--json", "--quiet", "--broker",
-                              env["EMBEDCTL_BROKER_URL"]], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    results = [json.loads(p.communicate(timeout=300)[0]) for p in runs]
-    assert sorted(r["status"] for r in results) == ["published", "skipped"], results
-    statuses = sorted(r["status"] for r in history(out))
-    assert statuses == ["published", "skipped"]
-    again = subprocess.run([EMBEDCTL, "jobs", "run", "docs", "--json", "--broker", env["EMBEDCTL_BROKER_URL"]],
-                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert json.loads(again.stdout)["status"] == "up-to-date"  # the lock was released after the publish
+
+    def jobs_run(*options: str) -> dict:
+        result = subprocess.run([EMBEDCTL, "jobs", "run", "docs", "--json", "--quiet", "--broker",
+                                 env["EMBEDCTL_BROKER_URL"], *options], env=env, cwd=ROOT, capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    first = jobs_run("--detach")  # queued: it holds the folder until a worker publishes it
+    assert first["status"] == "submitted", first
+    second = jobs_run()
+    assert second["status"] == "skipped" and f"run {first['run_id']} (celery, job docs)" in second["reason"], second
+    start_worker(EMBEDCTL_JOBS=str(spec))
+    _wait(lambda: any(r["status"] == "published" for r in history(out)), 180, "the first run to publish")
+    assert {r["run_id"]: r["status"] for r in history(out)} == {first["run_id"]: "published",
+                                                                 second["run_id"]: "skipped"}
+    assert jobs_run()["status"] == "up-to-date"  # the lock was released after the publish

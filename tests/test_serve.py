@@ -5,12 +5,14 @@ search loop running while a re-index publishes a new version."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -278,8 +280,9 @@ def test_serve_workers_share_one_copy_and_survive_the_exporter(tmp_path):
         exporter = int(server.text().split("exporter pids ")[1].split(")")[0])
         assert server.text().count("weights from exporter:embedctl-") == 2
         os.kill(exporter, signal.SIGKILL)
-        for _ in range(8):  # both workers (requests spread over them) answer, on the restarted exporter's copy
-            after = np.array([d.embedding for d in client.embeddings.create(model="minilm", input=texts).data])
+        answered = _each_worker_embeds(server, texts)  # on the restarted exporter's copy
+        assert answered.keys() == _worker_pids(server), (answered.keys(), _worker_pids(server))
+        for after in answered.values():
             assert np.allclose(before, after, atol=1e-6)
         log = server.text()
         assert f"the weight exporter on cpu (pid {exporter}) exited with -9: restarting it" in log
@@ -289,3 +292,40 @@ def test_serve_workers_share_one_copy_and_survive_the_exporter(tmp_path):
         shutil.rmtree(env["EMBEDCTL_SHM_DIR"], ignore_errors=True)
         shutil.rmtree(env["XDG_RUNTIME_DIR"], ignore_errors=True)
     assert "Traceback" not in server.text(), server.text()[-3000:]
+
+
+def _worker_pids(server) -> set[int]:
+    """The pids of the server's uvicorn workers (children of its supervisor, beside the exporters)."""
+    import psutil
+
+    pids = set()
+    for child in psutil.Process(server.proc.pid).children():
+        with contextlib.suppress(psutil.ZombieProcess):  # the killed exporter, until the supervisor reaps it
+            if "spawn_main" in " ".join(child.cmdline()):
+                pids.add(child.pid)
+    return pids
+
+
+def _each_worker_embeds(server, texts: list[str], timeout: float = 120) -> dict[int, np.ndarray]:
+    """The vectors of `texts` from every worker: on one connection (one worker) /health says whose it is, then
+    /v1/embeddings runs there; new connections until each worker answered once (the kernel spreads them)."""
+    import http.client
+
+    answered: dict[int, np.ndarray] = {}
+    deadline = time.monotonic() + timeout
+    while answered.keys() != _worker_pids(server) and time.monotonic() < deadline:
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        try:
+            connection.request("GET", "/health")
+            pid = json.loads(connection.getresponse().read())["pid"]
+            if pid in answered:
+                continue
+            connection.request("POST", "/v1/embeddings", json.dumps({"model": "minilm", "input": texts}),
+                               {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            body = json.loads(response.read())
+            assert response.status == 200, (pid, body)
+            answered[pid] = np.array([d["embedding"] for d in body["data"]])
+        finally:
+            connection.close()
+    return answered
