@@ -1,5 +1,5 @@
 """`python -m embedctl`: the same as the `embedctl` command."""
 
-from embedctl.jobs.cli import main
+from embedctl.cli import main
 
 main()

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from embedctl.jobs.cli import main
+from embedctl.cli import main
 from tests import indexfiles
 
 EMBEDCTL = str(Path(sys.executable).parent / "embedctl")
@@ -245,7 +245,7 @@ def _commands(group, path=()):
 def test_every_option_of_every_command_has_its_embedctl_variable():
     import click
 
-    from embedctl.jobs.cli import main
+    from embedctl.cli import main
 
     missing = []
     for path, command in [((), main), *_commands(main)]:
@@ -259,7 +259,7 @@ def test_every_option_of_every_command_has_its_embedctl_variable():
 
 
 def test_progress_draws_bars_only_on_a_terminal_and_one_line_a_stage_elsewhere(capsys):
-    from embedctl.jobs.cli.common import tqdm_progress
+    from embedctl.cli.common import tqdm_progress
 
     for terminal in (False, True):
         with tqdm_progress(quiet=False, terminal=terminal)("embed", 300, "rows", 100) as update:

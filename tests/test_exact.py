@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from embedctl.jobs.cli import main
+from embedctl.cli import main
 from embedctl.jobs.runner import run_embedded
 from embedctl.jobs.spec import JobSpec
 from embedctl.pipeline import exact

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from embedctl.jobs.cli import main
+from embedctl.cli import main
 from tests import indexfiles
 from tests.services import mount_tmpfs
 

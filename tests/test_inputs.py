@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from embedctl.jobs.cli import main
+from embedctl.cli import main
 from embedctl.pipeline.corpus import plan_corpus, read_chunk
 from embedctl.pipeline.errors import ConfigError, CorpusError
 from tests.conftest import SAMPLE
@@ -312,7 +312,7 @@ def test_a_broken_pipe_to_a_server_is_still_an_error():
     """Only stdout's reader going away is quiet: the same error on another pipe or socket is reported."""
     import click
 
-    from embedctl.jobs.cli.common import user_errors
+    from embedctl.cli.common import user_errors
 
     with pytest.raises(click.ClickException, match="Broken pipe"), user_errors():
         raise BrokenPipeError(32, "Broken pipe")

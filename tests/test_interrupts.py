@@ -24,13 +24,13 @@ HARNESS = textwrap.dedent("""
             return target
         versions.publish = publish
     else:  # the run has ended; the summary is being printed
-        cli_index = importlib.import_module("embedctl.jobs.cli.index")
+        cli_index = importlib.import_module("embedctl.cli.index")
         real = cli_index.summary
         def summary(report):
             os.kill(os.getpid(), signal.SIGINT)
             return real(report)
         cli_index.summary = summary
-    from embedctl.jobs.cli import main
+    from embedctl.cli import main
     sys.argv[0] = "embedctl"
     main()
 """)

@@ -15,13 +15,14 @@ import pytest
 from tests.services import ROOT
 
 EMBEDCTL = str(Path(sys.executable).parent / "embedctl")
-PACKAGES = ("pipeline", "jobs", "tasks", "shm_loader", "serve")
+PACKAGES = ("pipeline", "jobs", "tasks", "shm_loader", "serve", "cli")
 ALLOWED = {  # package -> the packages it may import (DESIGN.md, "Boundaries")
     "shm_loader": set(),
     "pipeline": {"shm_loader"},
     "jobs": {"pipeline", "shm_loader"},
     "tasks": {"jobs", "pipeline", "shm_loader"},
     "serve": {"pipeline", "shm_loader"},
+    "cli": {"jobs", "serve", "tasks", "pipeline", "shm_loader"},  # the top: each package's commands
 }
 HEAVY = ("torch", "transformers", "faiss")
 
@@ -74,6 +75,7 @@ def test_imports_follow_the_layers_and_form_no_loop():
     for package in PACKAGES:
         visit(package, [])
     assert "tasks" not in graph.get("jobs", {}) and not graph.get("shm_loader")
+    assert all("cli" not in targets for targets in graph.values())  # nothing imports the CLI
 
 
 def test_the_lint_rule_bans_the_bare_package_names(tmp_path):
@@ -95,7 +97,7 @@ def test_the_wheel_holds_one_top_level_package(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
     assert top == {"embedctl"}, top
-    for package in ("pipeline", "jobs", "jobs/cli", "tasks", "shm_loader", "serve"):
+    for package in ("pipeline", "jobs", "cli", "tasks", "shm_loader", "serve"):
         assert f"embedctl/{package}/__init__.py" in names
     metadata = next(n for n in names if n.endswith("METADATA"))
     requires = [line for line in zipfile.ZipFile(wheel).read(metadata).decode().splitlines()
@@ -118,7 +120,7 @@ def test_commands_that_need_no_model_import_no_heavy_library(args, tmp_path, sam
     jobs.write_text(f'[jobs.demo]\ncorpus = "{sample_slice}"\nmodel = "minilm"\n')
     argv = [a.format(out=out, jobs=jobs) for a in args]
     result = subprocess.run([sys.executable, "-X", "importtime", "-c",
-                             "import sys; from embedctl.jobs.cli import main; sys.argv[0] = 'embedctl'; main()",
+                             "import sys; from embedctl.cli import main; sys.argv[0] = 'embedctl'; main()",
                              *argv], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
     imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}

@@ -199,7 +199,7 @@ def test_retention_keeps_the_newest_versions(tmp_path, corpus, tiny_qwen3):
 def test_cache_prune(tmp_path, corpus, tiny_qwen3):
     from click.testing import CliRunner
 
-    from embedctl.jobs.cli import main
+    from embedctl.cli import main
 
     ids, texts = corpus
     job = load_jobs(_spec_file(tmp_path, str(tiny_qwen3)))["docs"]

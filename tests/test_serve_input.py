@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from embedctl.jobs.cli import main
+from embedctl.cli import main
 from tests.services import Server
 from tests.test_serve import _cli, _env
 

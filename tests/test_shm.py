@@ -17,7 +17,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from embedctl.jobs.cli import main
+from embedctl.cli import main
 from embedctl.pipeline.encoder import load_encoder
 from embedctl.pipeline.models import ModelRef
 from embedctl.shm_loader.errors import SegmentError

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from embedctl.jobs.cli.common import env_option, print_json, shm_option, tqdm_progress
+from embedctl.cli.common import env_option, print_json, shm_option, tqdm_progress
 
 
 @click.command()

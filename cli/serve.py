@@ -17,7 +17,7 @@ from pathlib import Path
 
 import click
 
-from embedctl.jobs.cli.common import env_option, exported_devices, shm_option
+from embedctl.cli.common import env_option, exported_devices, shm_option
 from embedctl.pipeline.errors import ConfigError, ModelError
 from embedctl.pipeline.manifest import read_info
 from embedctl.pipeline.versions import index_names, resolve_index_dir

@@ -6,14 +6,14 @@ import sys
 
 import click
 
-from embedctl.jobs.broker import BROKER_ENV
-from embedctl.jobs.cli.common import (
+from embedctl.cli.common import (
     env_option,
     parse_dims,
     print_json,
     shm_option,
     tqdm_progress,
 )
+from embedctl.jobs.broker import BROKER_ENV
 from embedctl.jobs.interrupts import InterruptedAfterPublish
 from embedctl.jobs.spec import JobSpec
 from embedctl.pipeline import defaults

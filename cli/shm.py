@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from embedctl.jobs.cli.common import env_option, print_json
+from embedctl.cli.common import env_option, print_json
 from embedctl.pipeline import defaults
 from embedctl.shm_loader.segment import human_bytes
 

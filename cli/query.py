@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from embedctl.jobs.cli.common import env_option, print_json, shm_option
+from embedctl.cli.common import env_option, print_json, shm_option
 from embedctl.pipeline import defaults
 from embedctl.pipeline.errors import ConfigError, ModelError
 from embedctl.pipeline.manifest import VersionInfo, read_info

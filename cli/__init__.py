@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import click
 
-from embedctl.jobs.cli.common import quiet_when_stdout_closes, setup_logging, user_errors
-from embedctl.jobs.cli.index import index
-from embedctl.jobs.cli.jobs import cache, jobs
-from embedctl.jobs.cli.query import evaluate_cmd, info, query
-from embedctl.jobs.cli.serve import serve
-from embedctl.jobs.cli.shm import shm
-from embedctl.jobs.cli.status import status, worker
-from embedctl.jobs.cli.verify import verify
+from embedctl.cli.common import quiet_when_stdout_closes, setup_logging, user_errors
+from embedctl.cli.index import index
+from embedctl.cli.jobs import cache, jobs
+from embedctl.cli.query import evaluate_cmd, info, query
+from embedctl.cli.serve import serve
+from embedctl.cli.shm import shm
+from embedctl.cli.status import status, worker
+from embedctl.cli.verify import verify
 
 
 class _Main(click.Group):

@@ -1,0 +1,3 @@
+from embedctl.cli import main
+
+main()

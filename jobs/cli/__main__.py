@@ -1,3 +1,0 @@
-from embedctl.jobs.cli import main
-
-main()
