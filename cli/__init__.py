@@ -10,8 +10,9 @@ from embedctl.cli.jobs import cache, jobs
 from embedctl.cli.query import evaluate_cmd, info, query
 from embedctl.cli.serve import serve
 from embedctl.cli.shm import shm
-from embedctl.cli.status import status, worker
+from embedctl.cli.status import status
 from embedctl.cli.verify import verify
+from embedctl.cli.worker import worker
 
 
 class _Main(click.Group):

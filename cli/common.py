@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import click
 
 from embedctl.pipeline.errors import EmbedctlError
+from embedctl.settings import setting
 
 
 def one_line(message: str) -> str:
@@ -193,7 +194,7 @@ def shm_option(func: Callable) -> Callable:
     """`--shm auto|require|off` (EMBEDCTL_SHM); EMBEDCTL_REQUIRE_SHM=1 makes it `require`."""
 
     def resolve(_ctx, _param, value: str) -> str:
-        if os.environ.get("EMBEDCTL_REQUIRE_SHM", "").strip().lower() in {"1", "true", "yes"}:
+        if setting("require_shm"):
             return "require"
         return value
 

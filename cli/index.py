@@ -13,10 +13,10 @@ from embedctl.cli.common import (
     shm_option,
     tqdm_progress,
 )
-from embedctl.jobs.broker import BROKER_ENV
 from embedctl.jobs.interrupts import InterruptedAfterPublish
 from embedctl.jobs.spec import JobSpec
 from embedctl.pipeline import defaults
+from embedctl.settings import BROKER_ENV
 
 
 @click.command()

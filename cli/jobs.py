@@ -10,8 +10,8 @@ from pathlib import Path
 import click
 
 from embedctl.cli.common import env_option, print_json, tqdm_progress
-from embedctl.jobs.broker import BROKER_ENV
 from embedctl.pipeline.errors import EmbedctlError
+from embedctl.settings import BROKER_ENV
 
 
 def _jobs_option(func):

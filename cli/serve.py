@@ -3,16 +3,16 @@
 Like `embedctl worker`, this command checks what it can in one line each (model, index folders, port), publishes
 the model's weights once for the host, then replaces itself with `python -P -m embedctl.serve`, which starts the
 worker processes fresh: none inherits this process's torch state, and each attaches to the published weights.
-The settings travel as JSON in EMBEDCTL_SERVE_CONFIG (read back by `embedctl.serve.config.ServeConfig`).
+The command builds the server's `ServeConfig` (which checks every value and holds the defaults) and hands it to
+the server as JSON in EMBEDCTL_SERVE_CONFIG.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import socket
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -21,11 +21,12 @@ from embedctl.cli.common import env_option, exported_devices, shm_option
 from embedctl.pipeline.errors import ConfigError, ModelError
 from embedctl.pipeline.manifest import read_info
 from embedctl.pipeline.versions import index_names, resolve_index_dir
+from embedctl.serve import config
+from embedctl.serve.config import ENV as SERVE_CONFIG_ENV
+from embedctl.serve.config import ServeConfig
 
 
 def _check_port(host: str, port: int) -> None:
-    if not 0 < port < 65536:
-        raise ConfigError(f"--port must be between 1 and 65535, got {port}")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -45,7 +46,7 @@ def _check_port(host: str, port: int) -> None:
             help="Worker processes [default: one per GPU, else 1 using every core].")
 @env_option("--host", env="HOST", default="127.0.0.1", show_default=True,
             help="Address to listen on (0.0.0.0 for every interface: set --api-key then).")
-@env_option("--port", "-p", env="PORT", type=int, default=8000, show_default=True)
+@env_option("--port", "-p", env="PORT", type=int, default=config.DEFAULT_PORT, show_default=True)
 @env_option("--api-key", env="API_KEY", default=None,
             help="Require `Authorization: Bearer KEY` on every route but /health.")
 @env_option("--device", env="DEVICE", default="auto", show_default=True)
@@ -55,21 +56,21 @@ def _check_port(host: str, port: int) -> None:
             help="Torch threads per worker [default: the cores shared out among the workers].")
 @env_option("--batch-tokens", env="BATCH_TOKENS", type=int, default=None,
             help="Token budget of one model call [default: the encoder's, 1024 on CPU, 32768 on CUDA].")
-@env_option("--batch-wait-ms", env="BATCH_WAIT_MS", type=float, default=2.0, show_default=True,
+@env_option("--batch-wait-ms", env="BATCH_WAIT_MS", type=float, default=config.DEFAULT_BATCH_WAIT_MS, show_default=True,
             help="How long a batch's first request waits for others while clients are concurrent.")
-@env_option("--max-queue", env="MAX_QUEUE", type=int, default=256, show_default=True,
+@env_option("--max-queue", env="MAX_QUEUE", type=int, default=config.DEFAULT_MAX_QUEUE, show_default=True,
             help="Requests waiting for the model per worker before the server answers 429.")
-@env_option("--max-body", env="MAX_BODY", type=int, default=4 * 1024 * 1024, show_default=True,
+@env_option("--max-body", env="MAX_BODY", type=int, default=config.DEFAULT_MAX_BODY, show_default=True,
             help="Largest request body in bytes (413 above it).")
-@env_option("--max-inputs", env="MAX_INPUTS", type=int, default=2048, show_default=True,
+@env_option("--max-inputs", env="MAX_INPUTS", type=int, default=config.DEFAULT_MAX_INPUTS, show_default=True,
             help="Most texts in one request.")
-@env_option("--cache", env="CACHE", type=int, default=16384, show_default=True,
+@env_option("--cache", env="CACHE", type=int, default=config.DEFAULT_CACHE, show_default=True,
             help="Recent (text, instruction) embeddings kept per worker (0: no cache).")
-@env_option("--header-timeout", env="HEADER_TIMEOUT", type=float, default=10.0, show_default=True,
+@env_option("--header-timeout", env="HEADER_TIMEOUT", type=float, default=config.DEFAULT_HEADER_TIMEOUT, show_default=True,
             help="Seconds a connection has to send a request's headers; then it is closed (408).")
-@env_option("--body-timeout", env="BODY_TIMEOUT", type=float, default=30.0, show_default=True,
+@env_option("--body-timeout", env="BODY_TIMEOUT", type=float, default=config.DEFAULT_BODY_TIMEOUT, show_default=True,
             help="Seconds a request's whole body has to arrive after its headers; then 408.")
-@env_option("--max-connections", env="MAX_CONNECTIONS", type=int, default=1000,
+@env_option("--max-connections", env="MAX_CONNECTIONS", type=int, default=config.DEFAULT_MAX_CONNECTIONS,
             show_default=True, help="Open connections per worker; past it requests are answered 503.")
 @env_option("--no-verify", env="NO_VERIFY", is_flag=True,
             help="Do not check index files against their checksums when (re)loading them.")
@@ -87,16 +88,12 @@ def serve(index_dirs: tuple[str, ...], model: str | None, workers: int | None, h
     """
     from embedctl.pipeline.models import resolve_model
 
-    for name, value, low in (("--workers", workers, 1), ("--threads", threads, 1), ("--batch-tokens", batch_tokens, 1),
-                             ("--max-queue", max_queue, 1), ("--max-body", max_body, 1),
-                             ("--max-inputs", max_inputs, 1), ("--cache", cache, 0), ("--batch-wait-ms",
-                                                                                          batch_wait_ms, 0),
-                             ("--max-connections", max_connections, 1)):
-        if value is not None and value < low:
-            raise ConfigError(f"{name} must be >= {low}, got {value}")
-    for name, value in (("--header-timeout", header_timeout), ("--body-timeout", body_timeout)):
-        if not 0 < value < math.inf:
-            raise ConfigError(f"{name} must be a finite number of seconds > 0, got {value}")
+    served = ServeConfig(  # checked first, one line naming the option; model, workers and share follow
+        model=model or "", indexes=tuple(str(Path(f).resolve()) for f in index_dirs),
+        workers=1 if workers is None else workers, host=host, port=port, api_key=api_key, device=device, dtype=dtype, shm=shm, threads=threads,
+        batch_tokens=batch_tokens, batch_wait_ms=batch_wait_ms, max_queue=max_queue, max_body=max_body,
+        max_inputs=max_inputs, cache=cache, header_timeout=header_timeout, body_timeout=body_timeout,
+        max_connections=max_connections, verify=not no_verify)
     infos = [read_info(resolve_index_dir(Path(f))) for f in index_dirs]  # one line when one is not published
     if model is None:
         if not infos:
@@ -114,8 +111,6 @@ def serve(index_dirs: tuple[str, ...], model: str | None, workers: int | None, h
         info.require_model(fingerprint, model, folder)
     names = index_names(index_dirs)
     _check_port(host, port)
-    if api_key is not None and not api_key.strip():
-        raise ConfigError("--api-key is empty; give a key or leave the option out")
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         click.echo(f"warning: listening on {host} without --api-key: anyone who reaches this host can use it",
                    err=True)
@@ -138,16 +133,10 @@ def serve(index_dirs: tuple[str, ...], model: str | None, workers: int | None, h
         devices = exported_devices(device_share, dev, gpus, count)
         if devices:
             share = {"folder": str(folder), "dtype": str(torch_dtype).removeprefix("torch."), "devices": devices}
-    config = {"model": model, "indexes": [str(Path(f).resolve()) for f in index_dirs],
-              "workers": count, "host": host, "port": port, "api_key": api_key, "device": device,
-              "dtype": dtype, "shm": shm, "threads": threads, "batch_tokens": batch_tokens,
-              "batch_wait_ms": batch_wait_ms, "max_queue": max_queue, "max_body": max_body,
-              "max_inputs": max_inputs, "cache": cache, "header_timeout": header_timeout,
-              "body_timeout": body_timeout, "max_connections": max_connections, "verify": not no_verify,
-              "share": share}
-    click.echo(f"serving {model} on http://{host}:{port} with {config['workers']} worker(s); indexes: "
+    served = replace(served, model=model, workers=count, share=share)
+    click.echo(f"serving {model} on http://{host}:{port} with {served.workers} worker(s); indexes: "
                f"{', '.join(names) or 'none'}", err=True)
-    env = dict(os.environ, EMBEDCTL_SERVE_CONFIG=json.dumps(config))
+    env = dict(os.environ, **{SERVE_CONFIG_ENV: served.to_json()})
     env.pop("EMBEDCTL_API_KEY", None)  # the key travels in the config only
     argv = [sys.executable, "-P", "-m", "embedctl.serve"]
     sys.stdout.flush()

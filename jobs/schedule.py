@@ -6,18 +6,18 @@ finds it taken is recorded as `skipped` in the run history (`jobs.history`).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from embedctl.jobs.broker import RUN_JOB_TASK, Settings
 from embedctl.jobs.report import RunReport
 from embedctl.jobs.specfile import NamedJob, load_jobs, parse_schedule
 from embedctl.pipeline.errors import ConfigError
+from embedctl.settings import setting
 
 
 def jobs_path(explicit: str | None = None) -> Path:
     """The job spec file: --jobs, else EMBEDCTL_JOBS."""
-    value = explicit or os.environ.get("EMBEDCTL_JOBS")
+    value = explicit or setting("jobs_path")
     if not value:
         raise ConfigError("no job spec file: set EMBEDCTL_JOBS or pass --jobs jobs.toml")
     return Path(value)

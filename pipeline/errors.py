@@ -6,13 +6,10 @@ The CLI shows ``str(error)`` as one line (cause and remedy) and exits 1. `shm_lo
 
 from __future__ import annotations
 
+from embedctl.errors import ConfigError, EmbedctlError
 
-class EmbedctlError(Exception):
-    """Root of all errors whose message is meant for the user: one line, cause and remedy."""
-
-
-class ConfigError(EmbedctlError):
-    """A setting or job spec value is invalid."""
+__all__ = ["EmbedctlError", "ConfigError", "CorpusError", "ModelError", "WeightsLost", "StorageError",
+           "IndexNotFoundError", "BrokerError", "ServerError"]
 
 
 class CorpusError(EmbedctlError):

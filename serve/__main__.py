@@ -18,6 +18,7 @@ import uvicorn
 
 from embedctl.serve import connection
 from embedctl.serve.config import ServeConfig
+from embedctl.settings import setting
 
 
 class _Terminated(BaseException):
@@ -46,7 +47,7 @@ def main() -> int:
             print(f"Error: {exc}", file=sys.stderr)
             return 1
         uvicorn.run("embedctl.serve.app:create_app", factory=True, host=config.host, port=config.port,
-                    workers=config.workers, log_level=os.environ.get("EMBEDCTL_LOG_LEVEL", "info").lower(),
+                    workers=config.workers, log_level=setting("log_level"),
                     access_log=False, timeout_graceful_shutdown=10, **connection.uvicorn_options(config))
     except _Terminated:
         terminated = signal.SIGTERM

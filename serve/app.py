@@ -32,6 +32,7 @@ from embedctl.serve.config import ServeConfig
 from embedctl.serve.engine import Engine
 from embedctl.serve.indexes import ServedIndexes, UnknownIndex
 from embedctl.serve.protocol import JSON, ApiError, EmbeddingRequest, SearchRequest, encode_vector, send_error
+from embedctl.settings import setting
 
 LOG = logging.getLogger("embedctl.serve")
 
@@ -278,7 +279,7 @@ def _log_to_stderr() -> None:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)-9s %(message)s"))
         root.addHandler(handler)
-        root.setLevel(os.environ.get("EMBEDCTL_LOG_LEVEL", "INFO").upper())
+        root.setLevel(setting("log_level").upper())
         root.propagate = False
 
 

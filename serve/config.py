@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
+
+from embedctl.pipeline.errors import ConfigError
+from embedctl.settings import setting
 
 ENV = "EMBEDCTL_SERVE_CONFIG"
 
@@ -61,13 +63,19 @@ class ServeConfig:
     share: dict | None = None  # {"folder", "dtype", "devices"}: the weight exporters the supervisor runs
 
     def __post_init__(self):
-        for name, low in (("workers", 1), ("max_queue", 1), ("max_body", 1), ("max_inputs", 1), ("cache", 0),
-                          ("max_connections", 1)):
-            if getattr(self, name) < low:
-                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)!r}")
+        """Refuse a bad value in one line naming its option (each field is an option of `embedctl serve`)."""
+        for name, low in (("workers", 1), ("threads", 1), ("batch_tokens", 1), ("max_queue", 1), ("max_body", 1),
+                          ("max_inputs", 1), ("cache", 0), ("batch_wait_ms", 0), ("max_connections", 1)):
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise ConfigError(f"{_option(name)} must be >= {low}, got {value}")
         for name in ("header_timeout", "body_timeout"):
             if not 0 < getattr(self, name) < math.inf:
-                raise ValueError(f"{name} must be a finite number of seconds > 0, got {getattr(self, name)!r}")
+                raise ConfigError(f"{_option(name)} must be a finite number of seconds > 0, got {getattr(self, name)}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ConfigError("--api-key is empty; give a key or leave the option out")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"--port must be between 1 and 65535, got {self.port}")
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "indexes": list(self.indexes)})
@@ -79,7 +87,7 @@ class ServeConfig:
 
     @classmethod
     def from_env(cls) -> ServeConfig:
-        text = os.environ.get(ENV)
+        text = setting("serve_config")
         if not text:
             raise RuntimeError(f"{ENV} is not set: start the server with `embedctl serve`")
         return cls.from_json(text)
@@ -87,3 +95,7 @@ class ServeConfig:
     def torch_threads(self, cores: int) -> int:
         """Threads each worker's model uses: --threads, else the cores shared out among the workers."""
         return self.threads or max(1, cores // max(1, self.workers))
+
+
+def _option(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")

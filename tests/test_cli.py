@@ -273,3 +273,34 @@ def test_progress_draws_bars_only_on_a_terminal_and_one_line_a_stage_elsewhere(c
     with tqdm_progress(quiet=True, terminal=False)("embed", 3) as update:
         update(3)
     assert capsys.readouterr().err == ""
+
+
+def test_every_variable_that_is_no_option_is_read_by_the_settings_module_only():
+    """`embedctl/settings.py` reads the EMBEDCTL_* variables that are not options (click reads those): no other
+    module of the packages names one to a function (a reader or a helper of one), reads one from the environment,
+    or reads the environment by a computed name; so each is parsed once, one way."""
+    import ast
+    import re
+
+    from tests.services import ROOT
+
+    variable = re.compile(r"EMBEDCTL_[A-Z_]+")
+    readers = []
+    for folder in ("embedctl", "pipeline", "jobs", "tasks", "shm_loader", "serve", "cli"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            if path == ROOT / "embedctl" / "settings.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                where = f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', '?')}"
+                if isinstance(node, ast.Call) and not ast.unparse(node.func).endswith(".pop"):  # pop: a removal
+                    named = [a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)
+                             and variable.fullmatch(a.value)]
+                    readers += [f"{where} passes {name}" for name in named]
+                    func = ast.unparse(node.func)
+                    if (func in ("os.getenv", "os.environ.get") or func.endswith("environ.get")) and node.args \
+                            and not isinstance(node.args[0], ast.Constant):
+                        readers.append(f"{where} reads the environment by a computed name")
+                elif isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Load) \
+                        and "environ" in ast.unparse(node.value):
+                    readers.append(f"{where} reads {ast.unparse(node)}")
+    assert readers == [], "\n".join(readers)

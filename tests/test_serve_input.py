@@ -341,6 +341,10 @@ def test_a_client_that_hangs_up_mid_body_costs_no_error(server):
     ("--header-timeout", "0", "--header-timeout must be a finite number of seconds > 0, got 0.0"),
     ("--body-timeout", "inf", "--body-timeout must be a finite number of seconds > 0, got inf"),
     ("--max-connections", "0", "--max-connections must be >= 1, got 0"),
+    ("--workers", "0", "--workers must be >= 1, got 0"),
+    ("--batch-wait-ms", "-1", "--batch-wait-ms must be >= 0, got -1.0"),
+    ("--port", "70000", "--port must be between 1 and 65535, got 70000"),
+    ("--api-key", " ", "--api-key is empty; give a key or leave the option out"),
 ])
 def test_serve_refuses_limits_out_of_range(option, value, message):
     result = CliRunner().invoke(main, ["serve", "--model", "minilm", option, value])
