@@ -69,10 +69,15 @@ def user_errors() -> Iterator[None]:
     """The one place where an error becomes what the user sees (the `embedctl` group runs every command in it):
     a project error is one line on stderr and exit 1 (never a traceback for a user mistake), Ctrl-C that no
     command explained is exit 130; a reader of stdout that went away is left to `quiet_when_stdout_closes`."""
+    from embedctl.jobs.specfile import SpecFileError
     from embedctl.shm_loader.errors import SegmentError
 
     try:
         yield
+    except SpecFileError as exc:  # a job spec file: every error in it, one line each
+        for line in exc.errors:
+            click.echo(f"Error: {line}", err=True)
+        sys.exit(1)
     except (EmbedctlError, SegmentError) as exc:
         raise click.ClickException(one_line(str(exc))) from None
     except PermissionError as exc:

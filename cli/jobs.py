@@ -21,15 +21,10 @@ def _jobs_option(func):
 
 def _load(jobs_file: str | None):
     from embedctl.jobs.schedule import jobs_path
-    from embedctl.jobs.specfile import SpecFileError, load_jobs
+    from embedctl.jobs.specfile import load_jobs
 
     path = jobs_path(jobs_file)
-    try:
-        return path, load_jobs(path)
-    except SpecFileError as exc:
-        for line in exc.errors:
-            click.echo(f"Error: {line}", err=True)
-        sys.exit(1)
+    return path, load_jobs(path)
 
 
 @click.group()
