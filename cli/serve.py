@@ -120,7 +120,7 @@ def serve(index_dirs: tuple[str, ...], model: str | None, workers: int | None, h
         click.echo(f"warning: listening on {host} without --api-key: anyone who reaches this host can use it",
                    err=True)
 
-    from embedctl.pipeline.encoder import resolve_device, resolve_dtype
+    from embedctl.pipeline.loader import resolve_device, resolve_dtype
     from embedctl.pipeline.models import read_profile
     from embedctl.shm_loader.segment import publish
 
