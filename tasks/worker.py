@@ -135,8 +135,11 @@ def _child_init(**_kw) -> None:
                     "(publish it once per host with `embedctl shm publish --model %s`)", model, model)
         return
     _MODELS[loaded.key] = loaded
-    LOG.info("pool child %d: %s on %s from %s with %d threads", index, model, device, loaded.source,
-             torch.get_num_threads())
+    if loaded.lease is not None:
+        LOG.info("pool child %d mapped %s on %s from its exporter (pid %d)", index, model, device,
+                 loaded.lease.exporter_pid)
+    else:
+        LOG.info("pool child %d attached %s on %s with %d threads", index, model, device, torch.get_num_threads())
 
 
 def forget_lost_models() -> None:
