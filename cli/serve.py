@@ -122,7 +122,7 @@ def serve(index_dirs: tuple[str, ...], model: str | None, workers: int | None, h
 
     from embedctl.pipeline.loader import resolve_device, resolve_dtype
     from embedctl.pipeline.models import read_profile
-    from embedctl.shm_loader.segment import publish
+    from embedctl.shm_loader.segment import dtype_str, publish
 
     dev = resolve_device(device)
     gpus = __import__("torch").cuda.device_count() if dev.type == "cuda" and dev.index is None else 0
@@ -137,7 +137,7 @@ def serve(index_dirs: tuple[str, ...], model: str | None, workers: int | None, h
         click.echo(("published " if result["published"] else "attaching to ") + result["name"], err=True)
         devices = exported_devices(device_share, dev, gpus, count)
         if devices:
-            share = {"folder": str(folder), "dtype": str(torch_dtype).removeprefix("torch."), "devices": devices}
+            share = {"folder": str(folder), "dtype": dtype_str(torch_dtype), "devices": devices}
     config = {"model": model, "indexes": [str(Path(f).resolve()) for f in index_dirs],
               "workers": count, "host": host, "port": port, "api_key": api_key, "device": device,
               "dtype": dtype, "shm": shm, "threads": threads, "batch_tokens": batch_tokens,

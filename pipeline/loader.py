@@ -92,8 +92,9 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    """Short name of a torch dtype (fp32, fp16, bf16)."""
-    return {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[str(dtype).removeprefix("torch.")]
+    """Short name of a torch dtype (fp32, fp16, bf16; torch's name for any other)."""
+    name = str(dtype).removeprefix("torch.")
+    return {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(name, name)
 
 
 def default_batch_tokens(device: torch.device) -> int:
