@@ -118,6 +118,12 @@ class Encoder:
         return self.profile.dim
 
     @property
+    def token_limit(self) -> int:
+        """Tokens a text keeps (special tokens included): max_length, less the end token appended for last-token
+        pooling."""
+        return self.max_length - (1 if self.eos_id is not None else 0)
+
+    @property
     def is_compiled(self) -> bool:
         return self._module is not self.model
 
@@ -140,7 +146,7 @@ class Encoder:
             return self._tokenize(texts)
 
     def _tokenize(self, texts: Sequence[str]) -> tuple[list[list[int]], np.ndarray]:
-        limit = self.max_length - (1 if self.eos_id is not None else 0)
+        limit = self.token_limit
         ids = self.tokenizer(list(texts), add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
         truncated = np.fromiter((len(x) > limit for x in ids), dtype=bool, count=len(ids))
         if truncated.any():
