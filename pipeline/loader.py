@@ -131,7 +131,7 @@ class LoadedModel:
     segment: Attached | None = None  # the host segment the weights were attached from
     budget_that_fits: int | None = None  # the token budget an out-of-memory error lowered it to
     eager_seconds: float = 0.0  # forward seconds spent uncompiled in this process (`--compile auto`)
-    _compiled: dict[bool, torch.nn.Module] = field(default_factory=dict, repr=False)
+    _compiled: dict[bool, torch.nn.Module] = field(default_factory=dict, repr=False, init=False)
 
     @property
     def key(self) -> tuple[str, str, str]:
