@@ -121,14 +121,17 @@ def _child_init(**_kw) -> None:
     mode = shm_mode()
     if not model or mode == "off":
         return
-    from embedctl.pipeline.errors import WeightsLost
+    from embedctl.pipeline.errors import ModelError
     from embedctl.pipeline.models import resolve_model
+    from embedctl.shm_loader.share import share_mode
 
     try:  # the bootstrap started the exporters before this worker: they answer at once
         loaded = load(resolve_model(model), device, os.environ.get("EMBEDCTL_DTYPE", "auto"), shm=mode, wait=2.0,
                       disk=False)
-    except WeightsLost as exc:
-        LOG.warning("pool child %d: %s; its first task maps the weights", index, exc)
+    except ModelError as exc:
+        if share_mode() != "on":
+            raise  # the host segment: broken, or required and missing
+        LOG.warning("pool child %d: %s; its first task maps the weights", index, exc)  # its task fails if it must
         return
     if loaded is None:
         LOG.warning("no shared-memory segment for %s: this pool child loads it from disk on its first task "
