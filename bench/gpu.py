@@ -103,8 +103,8 @@ def end_to_end(encoder, folder: Path, corpora: dict[str, list[str]], tmp: Path, 
         flops = model_flops_per_token(encoder.model, float(np.mean(lengths)))
         row = {"texts": len(texts), "mean_tokens": round(float(np.mean(lengths)), 1)}
         for label, kwargs in modes.items():
-            runner = Encoder(encoder.model, encoder.tokenizer, encoder.profile, encoder.device,
-                             max_length=encoder.max_length, batch_tokens=encoder.batch_tokens, **kwargs)
+            runner = Encoder(encoder.loaded, max_length=encoder.max_length, batch_tokens=encoder.batch_tokens,
+                             **kwargs)
             half = len(texts) // 2
             runs = {}
             for run, part in (("warm-up", texts[half:]), ("measured", texts[:half])):
@@ -163,8 +163,8 @@ def compare_compiled(encoder, corpora: dict[str, list[str]]) -> dict:
     """The same weights through `torch.compile` (Encoder(compile=True)) vs eager: texts/s, compile time, cosine."""
     from embedctl.pipeline.encoder import Encoder
 
-    compiled = Encoder(encoder.model, encoder.tokenizer, encoder.profile, encoder.device,
-                       max_length=encoder.max_length, batch_tokens=encoder.batch_tokens, compile=True)
+    compiled = Encoder(encoder.loaded, max_length=encoder.max_length, batch_tokens=encoder.batch_tokens,
+                       compile=True)
     warm_texts = corpora["glosses"][-2000:] + corpora["long"][-200:]
     _, warm_s = timed(lambda: compiled.encode(warm_texts))
     out = {"batch_tokens": encoder.batch_tokens, "first_call_s": round(warm_s, 1)}

@@ -113,7 +113,7 @@ def measure(model: str, device: str, dtype: str, texts: list[str], ks: tuple[int
     """Every round: share off and on at each K, then one kill round at the largest K."""
     import torch
 
-    from embedctl.pipeline.encoder import resolve_dtype
+    from embedctl.pipeline.loader import resolve_dtype
     from embedctl.pipeline.models import read_profile, resolve_model
     from embedctl.shm_loader.segment import publish
     from embedctl.shm_loader.supervise import Exporters

@@ -37,7 +37,8 @@ def _pss_kib(pid: int) -> int:
 def worker(folder: str, mode: str) -> None:
     """One worker: load (shm=require or off), embed one text, report timings, wait for stdin to close."""
     t_start = time.perf_counter()
-    from embedctl.pipeline.encoder import import_model_code, load_encoder
+    from embedctl.pipeline.encoder import load_encoder
+    from embedctl.pipeline.loader import import_model_code
     from embedctl.pipeline.models import ModelRef
 
     import_model_code(Path(folder))  # what a prefork parent does once before forking its children

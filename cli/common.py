@@ -14,7 +14,6 @@ from contextlib import contextmanager
 import click
 
 from embedctl.pipeline.errors import EmbedctlError
-from embedctl.settings import setting
 
 
 def one_line(message: str) -> str:
@@ -199,9 +198,9 @@ def shm_option(func: Callable) -> Callable:
     """`--shm auto|require|off` (EMBEDCTL_SHM); EMBEDCTL_REQUIRE_SHM=1 makes it `require`."""
 
     def resolve(_ctx, _param, value: str) -> str:
-        if setting("require_shm"):
-            return "require"
-        return value
+        from embedctl.pipeline.loader import shm_mode
+
+        return shm_mode(value)
 
     return click.option("--shm", type=click.Choice(["auto", "require", "off"]), default="auto", show_default=True,
                         envvar="EMBEDCTL_SHM", show_envvar=True, callback=resolve,
@@ -210,11 +209,10 @@ def shm_option(func: Callable) -> Callable:
 
 
 def exported_devices(mode: str, dev, gpus: int, processes: int) -> list[str]:
-    """The devices whose weights one exporter holds for the processes of a worker or server (see shm_loader/share.py)."""
+    """The devices whose weights one exporter holds for the processes of a worker or server (see shm_loader/share.py):
+    those its processes use (`pipeline.loader.process_device`)."""
+    from embedctl.pipeline.loader import process_device
     from embedctl.shm_loader.share import exports
 
-    if dev.type == "cuda":
-        devices = [str(dev)] if dev.index is not None else [f"cuda:{i}" for i in range(min(gpus, processes))]
-    else:
-        devices = ["cpu"]
+    devices = dict.fromkeys(process_device(str(dev), i, gpus) for i in range(max(1, processes)))
     return [d for d in devices if exports(mode, d)]

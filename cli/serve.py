@@ -115,9 +115,9 @@ def serve(index_dirs: tuple[str, ...], model: str | None, workers: int | None, h
         click.echo(f"warning: listening on {host} without --api-key: anyone who reaches this host can use it",
                    err=True)
 
-    from embedctl.pipeline.encoder import resolve_device, resolve_dtype
+    from embedctl.pipeline.loader import resolve_device, resolve_dtype
     from embedctl.pipeline.models import read_profile
-    from embedctl.shm_loader.segment import publish
+    from embedctl.shm_loader.segment import dtype_str, publish
 
     dev = resolve_device(device)
     gpus = __import__("torch").cuda.device_count() if dev.type == "cuda" and dev.index is None else 0
@@ -132,7 +132,7 @@ def serve(index_dirs: tuple[str, ...], model: str | None, workers: int | None, h
         click.echo(("published " if result["published"] else "attaching to ") + result["name"], err=True)
         devices = exported_devices(device_share, dev, gpus, count)
         if devices:
-            share = {"folder": str(folder), "dtype": str(torch_dtype).removeprefix("torch."), "devices": devices}
+            share = {"folder": str(folder), "dtype": dtype_str(torch_dtype), "devices": devices}
     served = replace(served, model=model, workers=count, share=share)
     click.echo(f"serving {model} on http://{host}:{port} with {served.workers} worker(s); indexes: "
                f"{', '.join(names) or 'none'}", err=True)

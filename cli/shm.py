@@ -28,7 +28,7 @@ def publish(model: str, dtype: str, device: str, replace: bool, as_json: bool) -
 
     The segment outlives this command; workers on this host attach to it instead of loading the model.
     """
-    from embedctl.pipeline.encoder import dtype_name, resolve_device, resolve_dtype
+    from embedctl.pipeline.loader import dtype_name, resolve_device, resolve_dtype
     from embedctl.pipeline.models import read_profile, resolve_model
     from embedctl.shm_loader.segment import publish as publish_segment
 

@@ -40,7 +40,7 @@ def worker(model: str, broker: str | None, concurrency: int | None, queues: str 
     unless given -Q, and its children copy the weights to their GPU each.
     """
     from embedctl.jobs.broker import Settings, check_broker
-    from embedctl.pipeline.encoder import resolve_device, resolve_dtype
+    from embedctl.pipeline.loader import resolve_device, resolve_dtype
     from embedctl.pipeline.models import read_profile, resolve_model
     from embedctl.shm_loader.segment import publish
 

@@ -69,8 +69,8 @@ host: at the reference model's 2560 dims, 500,000 rows take 12.2 GiB for the ful
 
 COMPILE_MODES = ("auto", "on", "off")
 """`--compile`: `on` compiles from the first batch, `off` never, `auto` (the default) switches to the compiled model
-on CUDA once this process has spent `encoder.compile_after_seconds()` in eager forward passes (see
-`encoder.compile_due`)."""
+on CUDA once this process has spent `policy.compile_after_seconds()` in eager forward passes (see
+`policy.compile_due`)."""
 
 
 def compile_mode(value) -> str:

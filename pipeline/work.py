@@ -21,6 +21,7 @@ import pyarrow as pa
 from embedctl.pipeline.cache import EmbeddingCache, text_hashes
 from embedctl.pipeline.corpus import Chunk, ChunkRows, read_chunk
 from embedctl.pipeline.errors import StorageError
+from embedctl.pipeline.loader import dtype_name
 from embedctl.pipeline.plan import WorkPlan
 
 if TYPE_CHECKING:  # the encoder (and torch) is imported only by processes that embed
@@ -117,9 +118,6 @@ def _embed(plan: WorkPlan, work: _ChunkWork, encoder: Encoder | Callable[[], Enc
     return work
 
 
-_SHORT_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
-
-
 def _write(plan: WorkPlan, work: _ChunkWork, seconds: float, stamp: dict | None) -> dict:
     """Write the chunk's vectors, rows and report to the chunk store (atomically); returns the report.
 
@@ -133,8 +131,7 @@ def _write(plan: WorkPlan, work: _ChunkWork, seconds: float, stamp: dict | None)
     if work.encoded is not None:
         encoded, model = work.encoded, work.encoder
         truncated_ids = [data.ids[keep[miss[i]]] for i in np.flatnonzero(encoded.truncated)]
-        dtype = str(next(model.model.parameters()).dtype).removeprefix("torch.")
-        dtypes.add(_SHORT_DTYPES.get(dtype, dtype))
+        dtypes.add(dtype_name(next(model.model.parameters()).dtype))
         report.update(unique=encoded.unique, truncated=len(truncated_ids), truncated_ids=truncated_ids[:100],
                       tokens=encoded.tokens, device=str(model.device), weights=model.source)
     report["dtypes"] = sorted(dtypes)

@@ -76,7 +76,8 @@ class ServerState:
         started = time.time()
         import torch
 
-        from embedctl.pipeline.encoder import import_model_code, load_encoder
+        from embedctl.pipeline.encoder import load_encoder
+        from embedctl.pipeline.loader import import_model_code
         from embedctl.pipeline.models import read_profile, resolve_model
 
         ref = resolve_model(self.config.model)
@@ -134,7 +135,7 @@ class ServerState:
 def worker_device(config: ServeConfig) -> tuple[str, object]:
     """The device of this worker: on a host with several GPUs each worker claims one (a lock file per GPU, held
     while the worker lives), so N workers on N GPUs use one GPU each; otherwise `--device` as given."""
-    from embedctl.pipeline.encoder import resolve_device
+    from embedctl.pipeline.loader import process_device, resolve_device
 
     device = resolve_device(config.device)
     if device.type != "cuda" or device.index is not None:
@@ -150,8 +151,8 @@ def worker_device(config: ServeConfig) -> tuple[str, object]:
             lock.acquire(timeout=0)
         except Timeout:
             continue
-        return f"cuda:{gpu}", lock
-    return "cuda:0", None  # more workers than GPUs: they share the first one
+        return process_device("cuda", gpu, count), lock
+    return process_device("cuda", 0, count), None  # more workers than GPUs: they share the first one
 
 
 class Guard:

@@ -2,7 +2,7 @@
 
 Each request brings token sequences; the batcher queues them and one model thread runs them. When the model is
 free, the waiting requests are taken in arrival order up to the token budget (the first always, however long)
-and run as one call, which the encoder packs into padded batches by length (`pipeline.encoder.pack_batches`).
+and run as one call, which the encoder packs into padded batches by length (`pipeline.packing.pack_batches`).
 While the model runs, new requests queue up and form the next batch: under load batches fill by themselves. When
 the last batch merged several requests (clients are concurrent), the first request of the next one waits up to
 `max_wait` seconds for company, so that clients answered together are batched together again; a lone client

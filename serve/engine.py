@@ -121,7 +121,7 @@ class Engine:
         """Token-id inputs as the model takes them: ids checked against the vocabulary, cut at max_length, the end
         token appended for last-token pooling (as tokenising a text does)."""
         vocab, encoder = self.vocab, self.encoder
-        limit = encoder.max_length - (1 if encoder.eos_id is not None else 0)
+        limit = encoder.token_limit
         ready = []
         for n, seq in enumerate(sequences):
             if not seq:

@@ -10,11 +10,15 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from embedctl.shm_loader.errors import SegmentError
 from embedctl.shm_loader.segment import Attached, attach
+
+if TYPE_CHECKING:
+    from embedctl.shm_loader.share import Lease
 
 LOG = logging.getLogger(__name__)
 
@@ -66,24 +70,25 @@ def build_model(folder: Path, attached: Attached, dtype: torch.dtype) -> torch.n
                            "publish it again")
     model.requires_grad_(False)
     model.eval()
-    model._embedctl_segment = attached  # the mapping lives as long as the model
-    return model
+    return model  # its tensors hold the mapping (torch.frombuffer keeps a reference): it lives as long as they do
 
 
-def attach_model(folder: Path, dtype: torch.dtype, shm_dir: Path | None = None) -> torch.nn.Module | None:
-    """The model of `folder` on the shared weights in `dtype`, or None when no segment is published."""
+def attach_model(folder: Path, dtype: torch.dtype,
+                 shm_dir: Path | None = None) -> tuple[torch.nn.Module, Attached] | None:
+    """The model of `folder` on the shared weights in `dtype` and the segment it maps, or None when no segment is
+    published."""
     attached = attach(folder, dtype, shm_dir)
     if attached is None:
         return None
     model = build_model(folder, attached, dtype)
     LOG.info("attached %s from %s", folder, attached.path)
-    return model
+    return model, attached
 
 
 def attach_shared_model(folder: Path, dtype: torch.dtype, device: str, key: str,
-                        wait: float = 0.0) -> torch.nn.Module:
+                        wait: float = 0.0) -> tuple[torch.nn.Module, Lease]:
     """The model of `folder` on the copy of its weights that the exporter of bootstrap `key` holds on `device` (one
-    copy per device, see share.py and exporter.py); the lease on the exporter is `model._embedctl_lease`.
+    copy per device, see share.py and exporter.py), and the lease on that exporter (`Lease.check` before a batch).
 
     Raises:
         SegmentError: no exporter answered within `wait` s, it runs as another user, or what it exports is not
@@ -117,6 +122,5 @@ def attach_shared_model(folder: Path, dtype: torch.dtype, device: str, key: str,
         sock.close()
         close_fds(fds)
         raise
-    model._embedctl_lease = Lease(sock, device, int(header["exporter_pid"]), name)
     LOG.info("mapped %s from the exporter on %s (pid %s)", folder, device, header["exporter_pid"])
-    return model
+    return model, Lease(sock, device, int(header["exporter_pid"]), name)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from embedctl.shm_loader.errors import SegmentError
-from embedctl.shm_loader.segment import segment_name
+from embedctl.shm_loader.segment import dtype_str, segment_name
 from embedctl.shm_loader.share import KEY_ENV, socket_path
 
 LOG = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ class Exporters:
 
     def _command(self, device: str) -> list[str]:
         return [sys.executable, "-P", "-m", "embedctl.shm_loader.exporter", "--folder", str(self.folder),
-                "--dtype", str(self.dtype).removeprefix("torch."), "--device", device, "--key", self.key,
+                "--dtype", dtype_str(self.dtype), "--device", device, "--key", self.key,
                 "--parent", str(os.getpid())]
 
     def _spawn(self, device: str) -> subprocess.Popen:

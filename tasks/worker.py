@@ -24,7 +24,7 @@ from embedctl.pipeline.errors import EmbedctlError
 LOG = logging.getLogger(__name__)
 
 _WORKER: dict = {"concurrency": None, "device": None, "cuda_guard": None}
-_MODELS: dict[tuple, tuple] = {}  # (folder, dtype, device) -> (model, tokenizer, profile, source)
+_MODELS: dict[tuple, object] = {}  # LoadedModel.key (folder, dtype, device) -> LoadedModel
 _CACHES: dict[str, object] = {}  # plan id -> EmbeddingCache over the vectors it can reuse
 
 
@@ -41,31 +41,13 @@ def child_threads(cpus: int, concurrency: int | None, override: str | None = Non
     return max(1, cpus // max(1, concurrency or 1))
 
 
-def child_device(setting: str, index: int, gpus: int) -> str:
-    """The device of pool child `index`: child i uses GPU i mod n; CPU when there is none or it is asked for."""
-    setting = (setting or "auto").strip()
-    if setting == "cpu" or (setting == "auto" and gpus == 0):
-        return "cpu"
-    if setting in ("auto", "cuda"):
-        if gpus == 0:
-            raise EmbedctlError("EMBEDCTL_DEVICE=cuda but no CUDA device is visible to this worker")
-        return f"cuda:{index % gpus}"
-    return setting  # an explicit device, e.g. cuda:1
-
-
-def shm_mode(environ=os.environ) -> str:
-    if environ.get("EMBEDCTL_REQUIRE_SHM", "").strip().lower() in {"1", "true", "yes"}:
-        return "require"
-    return environ.get("EMBEDCTL_SHM") or "auto"
-
-
 @worker_init.connect
 def _parent_init(sender=None, **_kw) -> None:
     """In the worker parent, before forking: remember the concurrency, import the model's code (no torch op)."""
     _WORKER["concurrency"] = getattr(sender, "concurrency", None)
     model = os.environ.get("EMBEDCTL_MODEL")
     if model:
-        from embedctl.pipeline.encoder import import_model_code
+        from embedctl.pipeline.loader import import_model_code
         from embedctl.pipeline.models import read_profile, resolve_model
 
         import_model_code(read_profile(resolve_model(model).path).transformer_path)
@@ -127,105 +109,63 @@ def _child_init(**_kw) -> None:
     import torch
     from billiard.process import current_process
 
+    from embedctl.pipeline.loader import load, process_device, shm_mode
+
     lift_cuda_guard()
     index = getattr(current_process(), "index", 0) or 0
     torch.set_num_threads(child_threads(os.cpu_count() or 1, _WORKER["concurrency"], os.environ.get("EMBEDCTL_THREADS")))
     setting = os.environ.get("EMBEDCTL_DEVICE", "auto")
     gpus = torch.cuda.device_count() if setting != "cpu" else 0
-    _WORKER["device"] = child_device(setting, index, gpus)
+    device = _WORKER["device"] = process_device(setting, index, gpus)
     model = os.environ.get("EMBEDCTL_MODEL")
-    if not model:
-        return
-    from embedctl.pipeline.encoder import resolve_dtype
-    from embedctl.pipeline.models import read_profile, resolve_model
-
-    profile = read_profile(resolve_model(model).path)
-    dtype = resolve_dtype(os.environ.get("EMBEDCTL_DTYPE", "auto"), torch.device(_WORKER["device"]))
     mode = shm_mode()
-    if mode == "off":
+    if not model or mode == "off":
         return
-    from embedctl.shm_loader.errors import SegmentError
-    from embedctl.shm_loader.model import attach_model, attach_shared_model
-    from embedctl.shm_loader.share import exporter_key
+    from embedctl.pipeline.errors import ModelError
+    from embedctl.pipeline.models import resolve_model
+    from embedctl.shm_loader.share import share_mode
 
-    folder, device = profile.transformer_path, _WORKER["device"]
-    try:
-        key = exporter_key()
-    except SegmentError as exc:
-        raise EmbedctlError(str(exc)) from None
-    if key is not None:
-        try:  # the bootstrap started the exporters before this worker: they answer at once
-            shared = attach_shared_model(folder, dtype, device, key, wait=2.0)
-        except SegmentError as exc:
-            LOG.warning("pool child %d: %s; its first task maps the weights", index, exc)
-            return
-        _cache_model(profile, dtype, device, shared, f"exporter:{shared._embedctl_lease.segment}")
-        LOG.info("pool child %d mapped %s on %s from its exporter (pid %d)", index, model, device,
-                 shared._embedctl_lease.exporter_pid)
+    try:  # the bootstrap started the exporters before this worker: they answer at once
+        loaded = load(resolve_model(model), device, os.environ.get("EMBEDCTL_DTYPE", "auto"), shm=mode, wait=2.0,
+                      disk=False)
+    except ModelError as exc:
+        if share_mode() != "on":
+            raise  # the host segment: broken, or required and missing
+        LOG.warning("pool child %d: %s; its first task maps the weights", index, exc)  # its task fails if it must
         return
-
-    try:
-        attached = attach_model(profile.transformer_path, dtype)
-    except SegmentError as exc:
-        raise EmbedctlError(str(exc)) from None
-    if attached is None:
-        if mode == "require":
-            raise EmbedctlError(f"no shared-memory segment for {model} in {dtype} and EMBEDCTL_REQUIRE_SHM=1; run "
-                                f"`embedctl shm publish --model {model}` on this host first")
+    if loaded is None:
         LOG.warning("no shared-memory segment for %s: this pool child loads it from disk on its first task "
                     "(publish it once per host with `embedctl shm publish --model %s`)", model, model)
         return
-    _cache_model(profile, dtype, _WORKER["device"], attached.to(_WORKER["device"]),
-                 f"shm:{attached._embedctl_segment.name}")
-    LOG.info("pool child %d attached %s on %s with %d threads", index, model, _WORKER["device"],
-             torch.get_num_threads())
-
-
-def _cache_model(profile, dtype, device: str, model, source: str) -> tuple:
-    from embedctl.pipeline.encoder import load_tokenizer
-
-    entry = (model, load_tokenizer(profile.transformer_path), profile, source)
-    _MODELS[(str(profile.transformer_path), str(dtype), device)] = entry
-    return entry
+    _MODELS[loaded.key] = loaded
+    if loaded.lease is not None:
+        LOG.info("pool child %d mapped %s on %s from its exporter (pid %d)", index, model, device,
+                 loaded.lease.exporter_pid)
+    else:
+        LOG.info("pool child %d attached %s on %s with %d threads", index, model, device, torch.get_num_threads())
 
 
 def forget_lost_models() -> None:
     """Drop the cached models whose weights exporter is gone (the next task maps the restarted one's copy)."""
-    from embedctl.shm_loader.share import ExporterLost
-
-    for key, (model, *_rest) in list(_MODELS.items()):
-        lease = getattr(model, "_embedctl_lease", None)
-        if lease is None:
-            continue
-        try:
-            lease.check()
-        except ExporterLost:
-            lease.close()
+    for key, loaded in list(_MODELS.items()):
+        if loaded.lost():
             del _MODELS[key]
 
 
 def worker_encoder(plan):
-    """The encoder for `plan` in this process: the cached (attached) model, or one loaded now and cached."""
-    import torch
-
-    from embedctl.pipeline.encoder import Encoder, load_model, resolve_device, resolve_dtype
-    from embedctl.pipeline.models import read_profile
+    """The encoder for `plan` in this process: over the cached (attached) model, or one loaded now and cached."""
+    from embedctl.pipeline.encoder import Encoder
+    from embedctl.pipeline.loader import load, model_key, shm_mode
+    from embedctl.pipeline.models import ModelRef
 
     forget_lost_models()  # an idle child's model whose exporter died meanwhile
-    device = _WORKER["device"] or str(resolve_device(plan.device))
-    dev = torch.device(device)
-    profile = read_profile(Path(plan.model_path))
-    dtype = resolve_dtype(plan.dtype, dev)
-    key = (str(profile.transformer_path), str(dtype), device)
-    entry = _MODELS.get(key)
-    if entry is None:
-        model, source = load_model(profile.transformer_path, dtype, dev, shm=shm_mode())
-        entry = _cache_model(profile, dtype, device, model, source)
-    model, tokenizer, profile, source = entry
-    encoder = Encoder(model, tokenizer, profile, dev, max_length=plan.max_length, batch_tokens=plan.batch_tokens,
-                      compile=plan.compile)
-    encoder.source = source
-    return encoder
+    device = _WORKER["device"] or plan.device
+    key = model_key(Path(plan.model_path), device, plan.dtype)
+    loaded = _MODELS.get(key)
+    if loaded is None:
+        loaded = _MODELS[key] = load(ModelRef(plan.model, Path(plan.model_path)), device, plan.dtype,
+                                     shm=shm_mode())
+    return Encoder(loaded, max_length=plan.max_length, batch_tokens=plan.batch_tokens, compile=plan.compile)
 
 
 def worker_cache(plan):

@@ -11,8 +11,9 @@ from bench.throughput import (
     replay_gemm_rate,
     time_by_operator,
 )
-from embedctl.pipeline.encoder import load_encoder, pack_batches
+from embedctl.pipeline.encoder import load_encoder
 from embedctl.pipeline.models import ModelRef
+from embedctl.pipeline.packing import pack_batches
 
 TEXTS = ["a domestic animal that barks", "the act of running quickly", "x", "a unit of length " * 40] * 3
 

@@ -16,7 +16,8 @@ import pytest
 
 from embedctl.jobs.broker import Settings, celery_config, mask_url
 from embedctl.pipeline.errors import ConfigError
-from embedctl.tasks.worker import child_device, child_threads
+from embedctl.pipeline.loader import process_device
+from embedctl.tasks.worker import child_threads
 from tests import indexfiles
 from tests.services import wait_until as _wait
 
@@ -97,9 +98,9 @@ def test_password_is_masked_even_when_it_holds_reserved_characters():
 def test_child_threads_and_devices():
     assert child_threads(16, 4) == 4 and child_threads(2, 2) == 1 and child_threads(2, 8) == 1
     assert child_threads(16, 4, "3") == 3
-    assert child_device("auto", 0, 0) == "cpu" and child_device("cpu", 3, 8) == "cpu"
-    assert [child_device("auto", i, 2) for i in range(1, 5)] == ["cuda:1", "cuda:0", "cuda:1", "cuda:0"]
-    assert child_device("cuda:3", 1, 4) == "cuda:3"
+    assert process_device("auto", 0, 0) == "cpu" and process_device("cpu", 3, 8) == "cpu"
+    assert [process_device("auto", i, 2) for i in range(1, 5)] == ["cuda:1", "cuda:0", "cuda:1", "cuda:0"]
+    assert process_device("cuda:3", 1, 4) == "cuda:3"
 
 
 # -- broker errors: one line, password masked -----------------------------------------------------------------

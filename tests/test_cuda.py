@@ -62,7 +62,7 @@ def test_compiled_model_on_cuda_matches_eager(tiny_qwen3):
     from embedctl.pipeline.encoder import Encoder
 
     eager = load_encoder(ModelRef("tiny", tiny_qwen3), device="cuda", dtype="fp32", shm="off")
-    fast = Encoder(eager.model, eager.tokenizer, eager.profile, eager.device, compile=True)
+    fast = Encoder(eager.loaded, compile=True)
     assert _cos(fast.encode(TEXTS).vectors, eager.encode(TEXTS).vectors).min() >= 0.9999
 
 
@@ -84,5 +84,4 @@ def test_a_real_out_of_memory_halves_the_budget_and_keeps_the_vectors(tiny_qwen3
         torch.cuda.set_per_process_memory_fraction(1.0)
     assert encoder.batch_tokens < 1 << 22  # it ran out of memory for real, and went on with a smaller budget
     assert _cos(got, expected).min() >= 0.9999
-    assert Encoder(encoder.model, encoder.tokenizer, encoder.profile, encoder.device,
-                   batch_tokens=1 << 22).batch_tokens == encoder.batch_tokens
+    assert Encoder(encoder.loaded, batch_tokens=1 << 22).batch_tokens == encoder.batch_tokens

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from embedctl.pipeline.encoder import Encoder, load_encoder, pack_batches
+from embedctl.pipeline.encoder import Encoder, load_encoder
+from embedctl.pipeline.loader import LoadedModel
 from embedctl.pipeline.models import ModelRef, format_instruction, read_profile
+from embedctl.pipeline.packing import pack_batches
 
 TEXTS = [
     "a domesticated carnivorous mammal that barks",
@@ -131,7 +133,7 @@ def test_encoder_rejects_bad_settings(tiny_qwen3):
 
     profile = read_profile(tiny_qwen3)
     with pytest.raises(ConfigError, match="batch_tokens must be > 0"):
-        Encoder(None, _FakeTok(), profile, torch.device("cpu"), batch_tokens=-1)
+        Encoder(LoadedModel(None, _FakeTok(), profile, torch.device("cpu")), batch_tokens=-1)
 
 
 class _FakeTok:
@@ -155,15 +157,13 @@ def _has_compiler() -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not _has_compiler(), reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_encoder_matches_eager_and_compiles_once_per_model(tiny_qwen3):
-    from embedctl.pipeline.encoder import compiled
-
     eager = load_encoder(ModelRef("tiny", tiny_qwen3), device="cpu", shm="off")
-    fast = Encoder(eager.model, eager.tokenizer, eager.profile, eager.device, compile=True)
-    assert fast._module is compiled(eager.model) and fast._module is not eager.model
+    fast = Encoder(eager.loaded, compile=True)
+    assert fast._module is eager.loaded.compiled() and fast._module is not eager.model
     assert _cos(fast.encode(TEXTS).vectors, eager.encode(TEXTS).vectors).min() >= 0.9999
-    again = Encoder(eager.model, eager.tokenizer, eager.profile, eager.device, compile=True)
+    again = Encoder(eager.loaded, compile=True)
     assert again._module is fast._module  # a worker's next task reuses the compiled model
-    assert "_embedctl_compiled" not in dict(eager.model.named_children())
+    assert all(m is not fast._module for m in eager.model.modules())  # not a registered submodule
 
 
 def test_pack_batches_caps_padding_once_a_batch_is_a_quarter_full():
@@ -197,9 +197,9 @@ def test_out_of_memory_halves_the_budget_and_keeps_the_vectors(tiny_qwen3, caplo
     assert _cos(got, expected).min() >= 0.9999
     assert encoder.batch_tokens < 4096 and "out of memory" in caplog.text
     # A worker builds an encoder per task over its cached model: the next one starts from the lower budget.
-    again = Encoder(encoder.model, encoder.tokenizer, encoder.profile, encoder.device, batch_tokens=4096)
+    again = Encoder(encoder.loaded, batch_tokens=4096)
     assert again.batch_tokens == encoder.batch_tokens
-    assert Encoder(encoder.model, encoder.tokenizer, encoder.profile, encoder.device, batch_tokens=8).batch_tokens == 8
+    assert Encoder(encoder.loaded, batch_tokens=8).batch_tokens == 8
     encoder._forward = lambda seqs, timer: (_ for _ in ()).throw(torch.OutOfMemoryError("simulated"))
     with pytest.raises(ModelError, match="does not fit in the memory .* lower --max-length"):
         encoder.encode(["one text alone"])

@@ -77,8 +77,8 @@ def test_per_sequence_attention_is_block_diagonal_attention(causal):
 
 
 def test_embedctl_packing_chooses_the_batches(monkeypatch):
-    from embedctl.pipeline.encoder import packing_mode
     from embedctl.pipeline.errors import ConfigError
+    from embedctl.pipeline.policy import packing_mode
 
     cpu = torch.device("cpu")
     assert packing_mode(cpu) is False  # off until measured on a GPU
@@ -121,12 +121,11 @@ def test_compiled_packed_batches_keep_one_shape_and_stop_compiling_after_warm_up
     the vectors are the eager ones."""
     import torch._dynamo
 
-    from embedctl.pipeline import encoder as encoder_module
-    from embedctl.pipeline import packing
+    from embedctl.pipeline import packing, policy
 
     torch._dynamo.reset()
     backend = _CountingBackend()
-    monkeypatch.setattr(encoder_module, "COMPILE_BACKEND", backend)
+    monkeypatch.setattr(policy, "COMPILE_BACKEND", backend)
     shapes = []
 
     def recording_pack(sequences, *args, **kwargs):
@@ -154,8 +153,8 @@ def test_compiled_packed_batches_keep_one_shape_and_stop_compiling_after_warm_up
 
 def test_compile_modes_and_the_auto_rule(monkeypatch):
     from embedctl.pipeline.defaults import compile_mode
-    from embedctl.pipeline.encoder import COMPILE_AFTER_SECONDS, compile_after_seconds, compile_due
     from embedctl.pipeline.errors import ConfigError
+    from embedctl.pipeline.policy import COMPILE_AFTER_SECONDS, compile_after_seconds, compile_due
 
     assert [compile_mode(v) for v in (True, False, "AUTO", None, "on", "0")] == ["on", "off", "auto", "auto", "on",
                                                                                 "off"]
@@ -176,21 +175,21 @@ def test_compile_modes_and_the_auto_rule(monkeypatch):
 
 def test_auto_compiles_once_the_eager_time_is_spent(tiny_qwen3, monkeypatch):
     """The switch itself, on CPU with the rule forced to say yes after 0 s (CUDA-only in real use)."""
-    from embedctl.pipeline import encoder as encoder_module
+    from embedctl.pipeline import policy
 
-    monkeypatch.setattr(encoder_module, "COMPILE_BACKEND", _CountingBackend())
+    monkeypatch.setattr(policy, "COMPILE_BACKEND", _CountingBackend())
     calls = []
 
     def due(mode, device, eager, after):
         calls.append(eager)
         return mode == "auto" and eager > 0
 
-    monkeypatch.setattr(encoder_module, "compile_due", due)
+    monkeypatch.setattr(policy, "compile_due", due)
     encoder = load_encoder(ModelRef("m", tiny_qwen3), device="cpu", shm="off", packed=True, compile="auto")
     assert not encoder.is_compiled  # nothing run yet
     encoder.encode(TEXTS)
     assert not encoder.is_compiled
-    encoder.encode(TEXTS)  # the eager seconds of the first run are on the model now
+    encoder.encode(TEXTS)  # the eager seconds of the first run are on the loaded model now
     assert encoder.is_compiled and calls[-1] > 0
     again = load_encoder(ModelRef("m", tiny_qwen3), device="cpu", shm="off", packed=True, compile="auto")
     assert not again.is_compiled  # another model object: its own eager time

@@ -21,6 +21,7 @@ import torch
 
 from embedctl.pipeline.encoder import Encoder, load_encoder
 from embedctl.pipeline.errors import ModelError, WeightsLost
+from embedctl.pipeline.loader import LoadedModel
 from embedctl.pipeline.models import ModelRef, read_profile
 from embedctl.shm_loader.errors import SegmentError
 from embedctl.shm_loader.model import attach_shared_model
@@ -52,9 +53,8 @@ def shared(tiny_qwen3, tmp_path, monkeypatch):
 
 def test_the_mapped_copy_gives_the_vectors_of_a_load_from_disk(shared):
     model, folder, exporters = shared
-    mapped = attach_shared_model(folder, torch.bfloat16, "cpu", exporters.key, wait=5)
     disk = load_encoder(ModelRef("m", model), device="cpu", dtype="bf16", shm="off")
-    ours = Encoder(mapped, disk.tokenizer, disk.profile, disk.device)
+    ours = _mapped_encoder(folder, exporters, disk)
     assert np.array_equal(ours.encode(TEXTS).vectors, disk.encode(TEXTS).vectors)
     loaded = load_encoder(ModelRef("m", model), device="cpu", dtype="bf16")  # auto: only CUDA maps an exporter
     assert loaded.source.startswith("shm:")
@@ -69,9 +69,8 @@ def test_the_mapped_copy_gives_the_vectors_of_a_load_from_disk(shared):
 
 def test_a_dead_exporter_fails_the_next_batch_and_its_restart_is_mapped_again(shared):
     model, folder, exporters = shared
-    mapped = attach_shared_model(folder, torch.bfloat16, "cpu", exporters.key, wait=5)
     disk = load_encoder(ModelRef("m", model), device="cpu", dtype="bf16", shm="off")
-    encoder = Encoder(mapped, disk.tokenizer, disk.profile, disk.device)
+    encoder = _mapped_encoder(folder, exporters, disk)
     encoder.encode(TEXTS)
     old = exporters.procs["cpu"].pid
     exporters.procs["cpu"].kill()
@@ -80,10 +79,16 @@ def test_a_dead_exporter_fails_the_next_batch_and_its_restart_is_mapped_again(sh
         encoder.encode(TEXTS)
     assert exporters.watch() == ["cpu"] and exporters.procs["cpu"].pid != old
     wait_until(lambda: exporters.watch() == [] and exporters.exporters["cpu"].ready, 120, "the restarted exporter")
-    again = attach_shared_model(folder, torch.bfloat16, "cpu", exporters.key, wait=5)
-    assert again._embedctl_lease.exporter_pid == exporters.procs["cpu"].pid
-    assert np.array_equal(Encoder(again, disk.tokenizer, disk.profile, disk.device).encode(TEXTS).vectors,
-                          disk.encode(TEXTS).vectors)
+    again = _mapped_encoder(folder, exporters, disk)
+    assert again.loaded.lease.exporter_pid == exporters.procs["cpu"].pid
+    assert np.array_equal(again.encode(TEXTS).vectors, disk.encode(TEXTS).vectors)
+
+
+def _mapped_encoder(folder: Path, exporters: Exporters, disk: Encoder) -> Encoder:
+    """An encoder over the exporter's copy of the weights (mapped here), with the tokenizer of a load from disk."""
+    model, lease = attach_shared_model(folder, torch.bfloat16, "cpu", exporters.key, wait=5)
+    return Encoder(LoadedModel(model, disk.tokenizer, disk.profile, disk.device, torch.bfloat16,
+                               f"exporter:{lease.segment}", lease=lease))
 
 
 def test_an_exporter_of_weights_changed_since_is_refused(shared):

@@ -81,7 +81,7 @@ def test_publisher_exits_and_two_attachers_embed_exactly_like_a_normal_load(requ
 def test_attached_weights_are_views_of_the_mapping(tiny_qwen3, shm_dir):
     publish(tiny_qwen3, torch.float32)
     encoder = load_encoder(ModelRef("m", tiny_qwen3), device="cpu", dtype="fp32", shm="require")
-    attached = encoder.model._embedctl_segment
+    attached = encoder.loaded.segment
     base = np.frombuffer(attached.mapping, dtype=np.uint8).ctypes.data
     size = len(attached.mapping)
     for name, param in encoder.model.named_parameters():
@@ -220,7 +220,7 @@ def test_import_model_code_imports_the_architecture_without_weights(tiny_qwen3):
     code = f"""
 import sys
 from pathlib import Path
-from embedctl.pipeline.encoder import import_model_code
+from embedctl.pipeline.loader import import_model_code
 import_model_code(Path({str(tiny_qwen3)!r}))
 assert "transformers.models.qwen3.modeling_qwen3" in sys.modules
 """
