@@ -9,7 +9,6 @@ becomes a backend (tests swap it to run the GPU code path with the CPU backend).
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable, Iterable
 
@@ -17,6 +16,7 @@ import faiss
 import numpy as np
 
 from embedctl.pipeline.errors import ConfigError
+from embedctl.settings import setting
 
 Search = Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 
@@ -58,16 +58,7 @@ def resolve_exact_device(setting: str, k: int = 1) -> str:
 
 def default_tile_rows(dim: int) -> int:
     """Database rows per tile: EMBEDCTL_EXACT_TILE_ROWS when set, else TILE_BYTES of float32 vectors of `dim`."""
-    value = os.environ.get(TILE_ROWS_ENV, "").strip()
-    if not value:
-        return max(1, TILE_BYTES // (4 * max(dim, 1)))
-    try:
-        rows = int(value)
-    except ValueError:
-        rows = 0
-    if rows <= 0:
-        raise ConfigError(f"{TILE_ROWS_ENV} must be a positive number of rows, got {value!r}")
-    return rows
+    return setting("exact_tile_rows") or max(1, TILE_BYTES // (4 * max(dim, 1)))
 
 
 def cpu_search(tile: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -17,7 +17,6 @@ worker caches across tasks: the encoders it builds over the handle share it.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from embedctl.pipeline.defaults import DEFAULT_BATCH_TOKENS_CPU, DEFAULT_BATCH_TOKENS_CUDA
 from embedctl.pipeline.errors import ConfigError, EmbedctlError, ModelError, WeightsLost
 from embedctl.pipeline.models import ModelProfile, ModelRef, read_profile
+from embedctl.settings import setting
 
 if TYPE_CHECKING:  # torch is imported where a model is loaded: the CLI reads `shm_mode` without it
     import torch
@@ -102,12 +102,12 @@ def default_batch_tokens(device: torch.device) -> int:
     return DEFAULT_BATCH_TOKENS_CUDA if device.type == "cuda" else DEFAULT_BATCH_TOKENS_CPU
 
 
-def shm_mode(value: str | None = None, environ=os.environ) -> str:
+def shm_mode(value: str | None = None) -> str:
     """The shared-memory mode (one of SHM_MODES): EMBEDCTL_REQUIRE_SHM=1 makes it `require`; else `value` (the
     `--shm` option), else EMBEDCTL_SHM, else `auto`."""
-    if environ.get("EMBEDCTL_REQUIRE_SHM", "").strip().lower() in {"1", "true", "yes"}:
+    if setting("require_shm"):
         return "require"
-    return value or environ.get("EMBEDCTL_SHM") or "auto"
+    return value or setting("shm")
 
 
 def model_key(path: Path, device: str, dtype: str) -> tuple[str, str, str]:

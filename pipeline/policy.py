@@ -7,12 +7,10 @@ device, compiling follows the eager forward time a process has spent on a model 
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from embedctl.pipeline import packing
-from embedctl.pipeline.errors import ConfigError
+from embedctl.settings import setting
 
 PACKING_MODES = ("off", "on", "auto")
 """EMBEDCTL_PACKING: `off` (the default until `python -m bench.gpu --parts packing` has measured packed batches on a
@@ -27,9 +25,7 @@ def packing_available() -> bool:
 
 def packing_mode(device: torch.device) -> bool:
     """Whether an encoder on `device` runs packed batches (EMBEDCTL_PACKING, every process reads it)."""
-    mode = os.environ.get("EMBEDCTL_PACKING", "off").strip().lower() or "off"
-    if mode not in PACKING_MODES:
-        raise ConfigError(f"EMBEDCTL_PACKING must be one of {', '.join(PACKING_MODES)}, got {mode!r}")
+    mode = setting("packing")
     if mode == "auto":
         return device.type == "cuda" and packing_available()
     return mode == "on"
@@ -47,16 +43,8 @@ COMPILE_BACKEND = "inductor"
 
 def compile_after_seconds() -> float:
     """EMBEDCTL_COMPILE_AFTER (seconds of eager forward time before `--compile auto` compiles)."""
-    raw = os.environ.get("EMBEDCTL_COMPILE_AFTER", "").strip()
-    if not raw:
-        return COMPILE_AFTER_SECONDS
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if value < 0:
-        raise ConfigError(f"EMBEDCTL_COMPILE_AFTER must be a number of seconds >= 0, got {raw!r}")
-    return value
+    value = setting("compile_after")
+    return COMPILE_AFTER_SECONDS if value is None else value
 
 
 def compile_due(mode: str, device: torch.device, eager_seconds: float, after: float) -> bool:

@@ -32,6 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from embedctl.settings import setting
 from embedctl.shm_loader.errors import SegmentError
 from embedctl.shm_loader.fingerprint import folder_fingerprint
 
@@ -54,7 +55,7 @@ _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF
 
 def default_shm_dir() -> Path:
     """The shared-memory folder: `EMBEDCTL_SHM_DIR`, else /dev/shm."""
-    return Path(os.environ.get("EMBEDCTL_SHM_DIR") or "/dev/shm")
+    return setting("shm_dir")
 
 
 def dtype_str(dtype: torch.dtype) -> str:

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from embedctl.settings import setting
 from embedctl.shm_loader.errors import SegmentError
 
 SHARE_MODES = ("auto", "on", "off")
@@ -49,7 +50,7 @@ class ExporterUnavailable(ExporterLost):
 
 
 def share_mode(value: str | None = None) -> str:
-    mode = (value if value is not None else os.environ.get("EMBEDCTL_DEVICE_SHARE", "auto")).strip().lower() or "auto"
+    mode = (value if value is not None else setting("device_share")).strip().lower() or "auto"
     if mode not in SHARE_MODES:
         raise SegmentError(f"EMBEDCTL_DEVICE_SHARE must be one of {', '.join(SHARE_MODES)}, got {mode!r}")
     return mode
@@ -64,7 +65,7 @@ def exporter_key() -> str | None:
     """The key of the bootstrap whose exporters this process maps (None: it maps none)."""
     if share_mode() != "on":
         return None
-    key = os.environ.get(KEY_ENV, "").strip()
+    key = setting("exporter_key")
     if not key:
         raise SegmentError(f"EMBEDCTL_DEVICE_SHARE=on but {KEY_ENV} is not set: the weight exporters are run by "
                            "`embedctl worker` and `embedctl serve`, which set both for their workers")

@@ -20,6 +20,7 @@ from pathlib import Path
 from celery.signals import worker_init, worker_process_init, worker_ready
 
 from embedctl.pipeline.errors import EmbedctlError
+from embedctl.settings import setting
 
 LOG = logging.getLogger(__name__)
 
@@ -28,24 +29,16 @@ _MODELS: dict[tuple, object] = {}  # LoadedModel.key (folder, dtype, device) -> 
 _CACHES: dict[str, object] = {}  # plan id -> EmbeddingCache over the vectors it can reuse
 
 
-def child_threads(cpus: int, concurrency: int | None, override: str | None = None) -> int:
+def child_threads(cpus: int, concurrency: int | None, override: int | None = None) -> int:
     """Intra-op threads of one pool child: EMBEDCTL_THREADS, else cores / concurrency (at least 1)."""
-    if override:
-        try:
-            value = int(override)
-        except ValueError:
-            raise EmbedctlError(f"EMBEDCTL_THREADS must be a positive integer, got {override!r}") from None
-        if value <= 0:
-            raise EmbedctlError(f"EMBEDCTL_THREADS must be a positive integer, got {override!r}")
-        return value
-    return max(1, cpus // max(1, concurrency or 1))
+    return override or max(1, cpus // max(1, concurrency or 1))
 
 
 @worker_init.connect
 def _parent_init(sender=None, **_kw) -> None:
     """In the worker parent, before forking: remember the concurrency, import the model's code (no torch op)."""
     _WORKER["concurrency"] = getattr(sender, "concurrency", None)
-    model = os.environ.get("EMBEDCTL_MODEL")
+    model = setting("model")
     if model:
         from embedctl.pipeline.loader import import_model_code
         from embedctl.pipeline.models import read_profile, resolve_model
@@ -113,11 +106,11 @@ def _child_init(**_kw) -> None:
 
     lift_cuda_guard()
     index = getattr(current_process(), "index", 0) or 0
-    torch.set_num_threads(child_threads(os.cpu_count() or 1, _WORKER["concurrency"], os.environ.get("EMBEDCTL_THREADS")))
-    setting = os.environ.get("EMBEDCTL_DEVICE", "auto")
-    gpus = torch.cuda.device_count() if setting != "cpu" else 0
-    device = _WORKER["device"] = process_device(setting, index, gpus)
-    model = os.environ.get("EMBEDCTL_MODEL")
+    torch.set_num_threads(child_threads(os.cpu_count() or 1, _WORKER["concurrency"], setting("threads")))
+    chosen = setting("device")
+    gpus = torch.cuda.device_count() if chosen != "cpu" else 0
+    device = _WORKER["device"] = process_device(chosen, index, gpus)
+    model = setting("model")
     mode = shm_mode()
     if not model or mode == "off":
         return
@@ -126,7 +119,7 @@ def _child_init(**_kw) -> None:
     from embedctl.shm_loader.share import share_mode
 
     try:  # the bootstrap started the exporters before this worker: they answer at once
-        loaded = load(resolve_model(model), device, os.environ.get("EMBEDCTL_DTYPE", "auto"), shm=mode, wait=2.0,
+        loaded = load(resolve_model(model), device, setting("dtype"), shm=mode, wait=2.0,
                       disk=False)
     except ModelError as exc:
         if share_mode() != "on":

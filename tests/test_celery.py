@@ -97,7 +97,7 @@ def test_password_is_masked_even_when_it_holds_reserved_characters():
 
 def test_child_threads_and_devices():
     assert child_threads(16, 4) == 4 and child_threads(2, 2) == 1 and child_threads(2, 8) == 1
-    assert child_threads(16, 4, "3") == 3
+    assert child_threads(16, 4, 3) == 3
     assert process_device("auto", 0, 0) == "cpu" and process_device("cpu", 3, 8) == "cpu"
     assert [process_device("auto", i, 2) for i in range(1, 5)] == ["cuda:1", "cuda:0", "cuda:1", "cuda:0"]
     assert process_device("cuda:3", 1, 4) == "cuda:3"
