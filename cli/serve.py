@@ -115,12 +115,12 @@ def serve(index_dirs: tuple[str, ...], model: str | None, workers: int | None, h
         click.echo(f"warning: listening on {host} without --api-key: anyone who reaches this host can use it",
                    err=True)
 
-    from embedctl.pipeline.loader import resolve_device, resolve_dtype
+    from embedctl.pipeline.loader import gpus_for, resolve_device, resolve_dtype
     from embedctl.pipeline.models import read_profile
     from embedctl.shm_loader.segment import dtype_str, publish
 
     dev = resolve_device(device)
-    gpus = __import__("torch").cuda.device_count() if dev.type == "cuda" and dev.index is None else 0
+    gpus = gpus_for(dev)
     share = None
     count = workers or gpus or 1
     if shm == "off" and device_share == "on":

@@ -40,7 +40,7 @@ def worker(model: str, broker: str | None, concurrency: int | None, queues: str 
     unless given -Q, and its children copy the weights to their GPU each.
     """
     from embedctl.jobs.broker import Settings, check_broker
-    from embedctl.pipeline.loader import resolve_device, resolve_dtype
+    from embedctl.pipeline.loader import gpus_for, resolve_device, resolve_dtype
     from embedctl.pipeline.models import read_profile, resolve_model
     from embedctl.shm_loader.segment import publish
 
@@ -52,7 +52,7 @@ def worker(model: str, broker: str | None, concurrency: int | None, queues: str 
     check_broker(settings)
     folder = read_profile(resolve_model(model).path).transformer_path
     dev = resolve_device(device)
-    gpus = __import__("torch").cuda.device_count() if dev.type == "cuda" else 0
+    gpus = gpus_for(dev)
     children = concurrency or gpus or os.cpu_count() or 1
     torch_dtype = resolve_dtype(dtype, dev)
     exporters = None

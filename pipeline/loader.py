@@ -64,6 +64,18 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def gpus_for(device: torch.device) -> int:
+    """The GPUs the processes of a worker or server spread over: every visible one for `cuda`, the one named by
+    `cuda:N`, none on the CPU (a worker or server starts one process per GPU by default)."""
+    if device.type != "cuda":
+        return 0
+    if device.index is not None:
+        return 1
+    import torch
+
+    return torch.cuda.device_count()
+
+
 def process_device(setting: str, index: int, gpus: int) -> str:
     """The device of process `index` of a worker or server with `gpus` GPUs visible: process i uses GPU i mod n;
     the CPU when there is none or it is asked for; an explicit device (`cuda:1`) as given."""
