@@ -72,7 +72,7 @@ def check(out: Path) -> Check:
     plan_id = None
     if current is None and pointer is not None:
         result.damaged.append(Damage(storage.describe(versions.CURRENT),
-                                     f"points to {pointer.value}, which is missing or incomplete", "current"))
+                                     f"points to {pointer.value}, which is missing or incomplete", versions.CURRENT))
     elif current is None:
         result.notes.append("no version is published yet")
     else:
@@ -147,4 +147,4 @@ def damaged_segments(found: Check) -> frozenset[str]:
 def version_damaged(found: Check) -> bool:
     """Whether the version's own records (info.json, `current`, a deletion set) are damaged: a repair then builds
     every segment anew from the stored vectors."""
-    return any(d.kind in ("info", "current", "deletions") for d in found.damaged)
+    return any(d.kind in ("info", versions.CURRENT, "deletions") for d in found.damaged)

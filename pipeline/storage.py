@@ -33,6 +33,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from embedctl.pipeline.fsutil import atomic_write, fsync_dir, make_dirs, storage_error
 
@@ -317,8 +318,7 @@ def _stat(path: Path) -> Stat:
     return Stat(st.st_size, st.st_mtime, f"{st.st_mtime_ns}-{st.st_ctime_ns}-{st.st_ino}")
 
 
-@dataclass(frozen=True)
-class Folder:
+class Folder(NamedTuple):
     """A folder of an output folder (a version, a segment, a build): its storage and key prefix."""
 
     storage: Storage
@@ -326,6 +326,7 @@ class Folder:
 
     @property
     def name(self) -> str:
+        """The last part of the key (a version's name, a segment's id)."""
         return self.key.rsplit("/", 1)[-1]
 
     @property
