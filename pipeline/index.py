@@ -23,7 +23,6 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-import pyarrow.parquet as pq
 
 from embedctl.pipeline import exact as exact_search
 from embedctl.pipeline.checksum import checksum
@@ -31,7 +30,14 @@ from embedctl.pipeline.checksum import verify as verify_checksum
 from embedctl.pipeline.defaults import INDEX_TYPES
 from embedctl.pipeline.errors import ConfigError
 from embedctl.pipeline.manifest import SegmentRef, VersionInfo, read_deletions, read_info
-from embedctl.pipeline.segments import ROWS_FILE, ROWS_GROUP, deletions_bitmap, index_file
+from embedctl.pipeline.segments import (
+    ROWS_FILE,
+    ROWS_GROUP,
+    deletions_bitmap,
+    index_file,
+    open_index,
+    open_rows,
+)
 from embedctl.pipeline.storage import Folder, Storage, join
 from embedctl.pipeline.versions import resolve_index_dir, version_folder
 
@@ -120,7 +126,7 @@ class SegmentReader:
                         "--repair`")
         self.deleted = read_deletions(version_dir, info, ref, check=verify)
         self._bitmap = deletions_bitmap(self.deleted, ref.rows) if len(self.deleted) else None
-        self._rows = pq.ParquetFile(self._checked(ROWS_FILE))
+        self._rows = open_rows(self._checked(ROWS_FILE))
         self._rows_lock = threading.Lock()  # one reader of the rows file at a time (a server searches in threads)
         self._indexes: dict[int, faiss.Index] = {}
 
@@ -133,11 +139,7 @@ class SegmentReader:
     def index(self, dim: int) -> faiss.Index:
         """The index of `dim`, memory-mapped (IO_FLAG_MMAP_IFC maps the HNSW graph instead of reading it)."""
         if dim not in self._indexes:
-            path = str(self._checked(index_file(dim)))
-            try:
-                self._indexes[dim] = faiss.read_index(path, faiss.IO_FLAG_MMAP_IFC)
-            except RuntimeError:
-                self._indexes[dim] = faiss.read_index(path)
+            self._indexes[dim] = open_index(self._checked(index_file(dim)))
         return self._indexes[dim]
 
     def params(self, ef: int | None = None, exact: bool = False) -> faiss.SearchParameters | None:

@@ -25,7 +25,9 @@ from embedctl.pipeline.checksum import checksum
 from embedctl.pipeline.storage import Folder, LocalStorage, Storage, join, storage_of
 
 if TYPE_CHECKING:
+    import faiss
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
 LOG = logging.getLogger(__name__)
 
@@ -89,9 +91,22 @@ def read_ids(storage: Storage, prefix: str) -> pa.Array:
     return read_rows(storage, prefix, ["id"]).column("id").combine_chunks()
 
 
-def index_path(storage: Storage, prefix: str, dim: int) -> Path:
-    """A local copy of a segment's index of `dim` (for faiss, which maps it)."""
-    return storage.local_path(join(prefix, index_file(dim)))
+def open_rows(path: Path) -> pq.ParquetFile:
+    """A segment's rows.parquet opened for lookups by row group (`path`: its local copy)."""
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path)
+
+
+def open_index(path: Path) -> faiss.Index:
+    """A segment's index file, memory-mapped (IO_FLAG_MMAP_IFC maps the HNSW graph instead of reading it; an index
+    type that cannot be mapped is read)."""
+    import faiss
+
+    try:
+        return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)
+    except RuntimeError:
+        return faiss.read_index(str(path))
 
 
 def build_index_file(folder: Path | Folder, dim: int, vectors: np.ndarray, hnsw_m: int, ef_construction: int,
