@@ -138,7 +138,3 @@ def npy_writer(array) -> Callable[[Path], None]:
 
     return write
 
-
-def write_npy(path: Path, array, before_replace: Callable[[Path], None] | None = None) -> Path:
-    """Write `array` as a `.npy` file, atomically (`npy_writer`)."""
-    return atomic_write(path, npy_writer(array), before_replace=before_replace)

@@ -14,8 +14,9 @@ offers, so that a remote backend (S3 and compatibles) fits behind it without cha
   how a version is committed;
 - `local_path(key)`: a real file for libraries that open paths (faiss.read_index with mmap flags, pyarrow, numpy
   mmap); a remote backend returns a local cache copy, kept by key (objects are immutable);
-- `rename(src, dst)`: publishes a staged folder under a new name, unless that name exists (a remote backend copies
-  the objects and creates the manifest last, with `create_if_absent`).
+- `rename(src, dst, commit)`: publishes a staged folder under a new name unless that name is taken; a remote
+  backend copies the other objects, then creates `commit` (the version's manifest) with `create_if_absent`, which
+  is what makes the folder a version (a reader asks for the manifest, never for the folder alone).
 
 `LocalStorage` keeps today's layout and semantics: atomic writes (temporary file, fsync, rename), private modes
 (`pipeline.fsutil`), a pointer that is a symlink replaced with `os.replace`, and an `flock` on the output folder
@@ -150,8 +151,10 @@ class Storage(ABC):
         """Remove the object `key`, or everything under the prefix `key`; nothing when it does not exist."""
 
     @abstractmethod
-    def rename(self, src: str, dst: str) -> bool:
-        """Move the folder `src` to `dst` at once, unless `dst` exists (False: nothing moved)."""
+    def rename(self, src: str, dst: str, commit: str | None = None) -> bool:
+        """Move the folder `src` to `dst` at once, unless `dst` exists (False: nothing moved). `commit`: the name of
+        the object in the folder whose creation commits the move where a folder cannot be renamed at once (an
+        object store creates it last, conditionally)."""
 
     @abstractmethod
     def staging(self, prefix: str, name_prefix: str) -> str:
@@ -297,7 +300,7 @@ class LocalStorage(Storage):
         else:
             path.unlink(missing_ok=True)
 
-    def rename(self, src: str, dst: str) -> bool:
+    def rename(self, src: str, dst: str, commit: str | None = None) -> bool:
         target = self.local_path(dst)
         try:
             os.rename(self.local_path(src), target)  # a folder onto an existing non-empty folder fails

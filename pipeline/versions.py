@@ -113,13 +113,15 @@ def remove_dead_builds(out: Path, idle_seconds: float) -> list[str]:
 
 def publish(out: Path, build_dir: Path) -> Path:
     """Move a complete build to the next version number and point `current` at it, atomically."""
+    from embedctl.pipeline.manifest import INFO
+
     storage = storage_of(out)
     staged = join(VERSIONS, Path(build_dir).name)
     while True:
         existing = version_names(storage)
         number = int(_VERSION.match(existing[-1]).group(1)) + 1 if existing else 1
         target = join(VERSIONS, f"v{number:06d}")
-        if storage.rename(staged, target):  # False when another publisher took the number: try the next
+        if storage.rename(staged, target, commit=INFO):  # False when another publisher took the number: try the next
             break
     while True:  # the newest publish wins, as it did when the pointer was replaced without a compare
         pointer = read_current(storage)
