@@ -1,6 +1,7 @@
 """Files on disk: atomic writes (a reader sees the old file or the complete new one, never a part), private
 modes, and the one place where OS errors at the file boundary become the project's errors, with the path and a
-remedy.
+remedy. Output folders are read and written through `pipeline.storage` (whose local backend uses these); the writers
+(`json_writer`, `npy_writer`) are what a format module hands to `Storage.write`.
 
 Everything embedctl creates is private whatever the umask: folders 0700, files 0600 (`make_dirs`,
 `private_opener`, and `atomic_write`'s mkstemp). Under a permissive umask (000) a plain mkdir or open would let
