@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from embedctl.pipeline.checksum import checksum
-from embedctl.pipeline.storage import Folder, LocalStorage, Storage, join, storage_of
+from embedctl.pipeline.storage import Folder, LocalStorage, Storage, grandparent, join, storage_of
 
 if TYPE_CHECKING:
     import faiss
@@ -61,7 +61,7 @@ def _folder(folder: Path | Folder) -> Folder:
     if isinstance(folder, Folder):
         return folder
     folder = Path(folder)
-    return Folder(LocalStorage(folder.parents[1]), segment_prefix(folder.name))
+    return Folder(LocalStorage(grandparent(folder)), segment_prefix(folder.name))
 
 
 def write_rows(folder: Path | Folder, table: pa.Table) -> dict:

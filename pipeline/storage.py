@@ -166,6 +166,12 @@ def storage_of(out: Path | str | Storage) -> Storage:
     return out if isinstance(out, Storage) else LocalStorage(Path(out))
 
 
+def grandparent(path: Path) -> Path:
+    """The output folder of a local version or segment folder (OUT/<kind>/<name>), for callers that hold its path."""
+    parents = Path(path).parents
+    return parents[1] if len(parents) > 1 else Path(".")
+
+
 def _parent(key: str) -> str:
     return key.rsplit("/", 1)[0] if "/" in key else ""
 

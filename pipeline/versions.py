@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from embedctl.pipeline.errors import ConfigError, IndexNotFoundError
-from embedctl.pipeline.storage import Folder, LocalStorage, Pointer, Storage, join, storage_of
+from embedctl.pipeline.storage import Folder, LocalStorage, Pointer, Storage, grandparent, join, storage_of
 
 CURRENT = "current"
 VERSIONS = "versions"
@@ -33,7 +33,7 @@ def version_folder(path: Path | str | Folder) -> Folder:
     if isinstance(path, Folder):
         return path
     path = Path(path)
-    return Folder(LocalStorage(path.parents[1]), join(VERSIONS, path.name))
+    return Folder(LocalStorage(grandparent(path)), join(VERSIONS, path.name))
 
 
 def version_names(storage: Storage) -> list[str]:
