@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
 import sys
-import time
-from pathlib import Path
 
 import click
 
 from embedctl.cli.common import env_option, print_json, tqdm_progress
-from embedctl.pipeline.errors import EmbedctlError
 from embedctl.settings import BROKER_ENV
 
 
@@ -141,30 +137,9 @@ def cache() -> None:
 def prune(out: str, all_: bool, as_json: bool) -> None:
     """Remove stored vectors of OUT that no published version needs (published versions stay servable)."""
     from embedctl.jobs.state import published_version
-    from embedctl.pipeline import versions
-    from embedctl.pipeline.manifest import read_info
-    from embedctl.pipeline.plan import WORK, load_plan
+    from embedctl.pipeline.cache import prune as prune_stores
 
-    root = Path(out) / WORK
-    if not root.is_dir():
-        raise EmbedctlError(f"{out!r} has no stored vectors (no {WORK}/ folder); is it an --out folder?")
-    current = versions.current_version(out)
-    keep_id = read_info(current).plan_id if current else None
-    removed, freed = [], 0
-    for path in sorted(p for p in root.iterdir() if p.is_dir()):
-        if path.name == keep_id and not all_:
-            continue
-        try:
-            plan = load_plan(path)
-            unfinished = not published_version(plan) and any(
-                time.time() - p.stat().st_mtime < 3600 for p in (path / "chunks").glob("*"))
-        except EmbedctlError:
-            unfinished = False
-        if unfinished and path.name != keep_id:
-            continue  # a job still writing here: leave it
-        freed += sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path.name)
+    removed, freed = prune_stores(out, everything=all_, published=published_version)
     result = {"removed": removed, "bytes_freed": freed}
     if as_json:
         print_json(result)

@@ -14,7 +14,8 @@ from embedctl.pipeline import defaults
 from embedctl.pipeline.errors import ConfigError, ModelError
 from embedctl.pipeline.manifest import VersionInfo, read_info
 from embedctl.pipeline.models import ModelRef, format_instruction, resolve_model
-from embedctl.pipeline.versions import resolve_index_dir
+from embedctl.pipeline.storage import join
+from embedctl.pipeline.versions import resolve_index_dir, version_folder
 
 
 def no_verify_option(func):
@@ -172,9 +173,10 @@ def info(index_dir: str, as_json: bool) -> None:
     """Describe the index published in INDEX_DIR: model, dims, rows, version, files."""
     version_dir = resolve_index_dir(Path(index_dir))
     info = read_info(version_dir)
-    out = version_dir.parent.parent
-    segments = [{"id": ref.id, "rows": ref.rows, "deleted": ref.deleted, "folder": str(ref.folder(out)),
-                 "files": {name: str(ref.folder(out) / name) for name in ref.files}} for ref in info.segments]
+    storage = version_folder(version_dir).storage
+    segments = [{"id": ref.id, "rows": ref.rows, "deleted": ref.deleted, "folder": storage.describe(ref.prefix),
+                 "files": {name: storage.describe(join(ref.prefix, name)) for name in ref.files}}
+                for ref in info.segments]
     data = {**info.to_dict(), "version": version_dir.name, "path": str(version_dir), "paths": {"segments": segments}}
     if as_json:
         print_json(data)

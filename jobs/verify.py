@@ -13,8 +13,10 @@ from pathlib import Path
 from embedctl.jobs import state
 from embedctl.pipeline import checksum, versions
 from embedctl.pipeline.errors import StorageError
-from embedctl.pipeline.manifest import read_info
+from embedctl.pipeline.manifest import read_info, version_files
 from embedctl.pipeline.plan import WORK, WorkPlan, load_plan
+from embedctl.pipeline.segments import ROWS_FILE
+from embedctl.pipeline.storage import storage_of
 
 
 @dataclass
@@ -64,14 +66,13 @@ def check(out: Path) -> Check:
     result = Check(out=str(out))
     if not out.is_dir():
         raise StorageError(f"{out} is not an output folder of `embedctl index` (no such folder)")
-    link = out / versions.CURRENT
-    current = versions.current_version(out)
-    if current is None and link.is_symlink() and link.resolve().is_dir():
-        current = link.resolve()  # its info.json is damaged: read_info below says how
+    storage = storage_of(out)
+    pointer, pointed = versions.pointed_version(storage)
+    current = versions.current_folder(storage) or pointed  # pointed: its info.json is damaged, read_info says how
     plan_id = None
-    if current is None and link.is_symlink():
-        result.damaged.append(Damage(str(link), f"points to {link.readlink()}, which is missing or incomplete",
-                                     "current"))
+    if current is None and pointer is not None:
+        result.damaged.append(Damage(storage.describe(versions.CURRENT),
+                                     f"points to {pointer.value}, which is missing or incomplete", versions.CURRENT))
     elif current is None:
         result.notes.append("no version is published yet")
     else:
@@ -83,14 +84,10 @@ def check(out: Path) -> Check:
         else:
             plan_id = info.plan_id
             result.files += 1
-            verdicts = checksum.Verdicts(out)  # what a run's up-to-date check trusts: damage found here drops it
-            for name, expected in sorted(info.checksums.items()):  # the version's own files: deletion sets
-                _check_file(result, verdicts, current / name, expected, "deletions")
-            for ref in info.segments:
-                folder = ref.folder(out)
-                for name, expected in sorted(ref.files.items()):
-                    _check_file(result, verdicts, folder / name, expected,
-                                "rows" if name == "rows.parquet" else "index", ref.id)
+            verdicts = checksum.Verdicts(storage)  # what a run's up-to-date check trusts: damage found here drops it
+            for ref, path, expected in version_files(current, info):
+                kind = "deletions" if ref is None else "rows" if path.name == ROWS_FILE else "index"
+                _check_file(result, verdicts, path, expected, kind, ref.id if ref else None)
             verdicts.save()
             if not any(ref.files.get(name) for ref in info.segments for name in ref.files):
                 result.notes.append(f"{current.name} was built before checksums were recorded: its files are "
@@ -150,4 +147,4 @@ def damaged_segments(found: Check) -> frozenset[str]:
 def version_damaged(found: Check) -> bool:
     """Whether the version's own records (info.json, `current`, a deletion set) are damaged: a repair then builds
     every segment anew from the stored vectors."""
-    return any(d.kind in ("info", "current", "deletions") for d in found.damaged)
+    return any(d.kind in ("info", versions.CURRENT, "deletions") for d in found.damaged)

@@ -4,20 +4,27 @@ Every chunk's rows file keeps a 64-bit hash of each text. A later plan of the sa
 key matches (model fingerprint, document instruction, max length, dtype: everything that shapes a vector other
 than the text) reuses those vectors for identical texts instead of running the model. The cache is therefore
 bounded by what the output folder keeps (the work folder of the published plan, plus unfinished ones), and
-`embedctl cache prune` removes the rest.
+`embedctl cache prune` removes the rest (`prune`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from embedctl.pipeline.errors import EmbedctlError, StorageError
+from embedctl.pipeline.storage import storage_of
 from embedctl.pipeline.vectors import ChunkStore
+
+if TYPE_CHECKING:
+    from embedctl.pipeline.plan import WorkPlan
 
 LOG = logging.getLogger(__name__)
 
@@ -102,3 +109,39 @@ class EmbeddingCache:
                 LOG.warning("not reusing the vectors of %s: %s; its texts are embedded again", path, problem)
             self._checked[file_index] = not damage
         return self._checked[file_index]
+
+
+UNFINISHED_SECONDS = 3600
+"""A job that wrote a chunk this recently and is not published is taken to be running: `prune` keeps it."""
+
+
+def prune(out: Path | str, everything: bool = False, published: Callable[[WorkPlan], object] = lambda plan: False,
+          ) -> tuple[list[str], int]:
+    """Remove the stored vectors (job folders) of `out` that no published version needs; returns the removed job
+    ids and the bytes freed. The vectors of the current version are kept unless `everything`; a job still writing
+    (not `published` and a chunk written in the last `UNFINISHED_SECONDS`) is left alone."""
+    from embedctl.pipeline import versions
+    from embedctl.pipeline.manifest import read_info
+    from embedctl.pipeline.plan import WORK, load_plan
+
+    storage = storage_of(out)
+    if not storage.is_folder(WORK):
+        raise StorageError(f"{str(out)!r} has no stored vectors (no {WORK}/ folder); is it an --out folder?")
+    current = versions.current_folder(storage)
+    keep_id = read_info(current).plan_id if current else None
+    removed, freed = [], 0
+    for entry in storage.list(WORK):
+        if not entry.folder or (entry.name == keep_id and not everything):
+            continue
+        try:
+            plan = load_plan(storage.local_path(entry.key))
+            newest = plan.store.newest_write()
+            unfinished = not published(plan) and newest is not None and time.time() - newest < UNFINISHED_SECONDS
+        except EmbedctlError:
+            unfinished = False
+        if unfinished and entry.name != keep_id:
+            continue  # a job still writing here: leave it
+        freed += sum(st.size for _key, st in storage.walk(entry.key))
+        storage.delete(entry.key)
+        removed.append(entry.name)
+    return removed, freed

@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 from embedctl.pipeline.errors import StorageError
-from embedctl.pipeline.fsutil import write_json
+from embedctl.pipeline.fsutil import json_writer
+from embedctl.pipeline.storage import Storage, storage_of
 
 LOG = logging.getLogger(__name__)
 
@@ -113,10 +114,11 @@ class Verdicts:
     one timestamp tick, is never taken for sound). Files are immutable once published, so each is read whole once
     in its life. A cache: losing it costs one full read, never a wrong answer."""
 
-    def __init__(self, out: Path):
-        self.path = Path(out) / VERDICTS
+    def __init__(self, out: Path | Storage):
+        self.storage = storage_of(out)
+        self._root = self.storage.local_path("")
         try:
-            self._known = json.loads(self.path.read_text())
+            self._known = json.loads(self.storage.read_bytes(VERDICTS))
             if not isinstance(self._known, dict):
                 raise ValueError("not an object")
         except (OSError, ValueError):
@@ -125,7 +127,7 @@ class Verdicts:
 
     def _key(self, path: Path) -> str:
         try:
-            return str(Path(path).relative_to(self.path.parent))
+            return str(Path(path).relative_to(self._root))
         except ValueError:
             return str(path)
 
@@ -178,7 +180,7 @@ class Verdicts:
         if not self._changed:
             return
         try:
-            write_json(self.path, self._known)
+            self.storage.write(VERDICTS, json_writer(self._known))
             self._changed = False
         except StorageError as exc:
             LOG.debug("verdicts not kept: %s", exc)

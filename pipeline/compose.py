@@ -2,8 +2,8 @@
 new segments it builds from which stored vectors (the one owner of `OUT/work/<job id>/build/`).
 
     work/<job id>/build/<key>/build.json           the plan (`BuildPlan`)
-    work/<job id>/build/<key>/sources-<seg>.npy    rows of a new segment: positions in the job's stored rows
-    work/<job id>/build/<key>/deleted-<seg>.npy    the new deletion set of a kept segment
+    work/<job id>/build/<key>/<sources of seg>      rows of a new segment: positions in the job's stored rows
+    work/<job id>/build/<key>/<deletions of seg>    the new deletion set of a kept segment (both: `pipeline.deletions`)
     work/<job id>/build/<key>/done/<seg>-<part>.json   a piece written (rows, or the index of one dim): its checksum
 
 A row of the current version stays where it is when the corpus still has its id with the same text (hash); other
@@ -17,24 +17,25 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from embedctl.pipeline.deletions import deletions_file, read_positions, sources_file, write_positions
 from embedctl.pipeline.errors import StorageError
-from embedctl.pipeline.fsutil import read_json, write_json, write_npy
+from embedctl.pipeline.fsutil import json_writer
 from embedctl.pipeline.manifest import VersionInfo, read_deletions
 from embedctl.pipeline.merge import MergePolicy, SegmentState
 from embedctl.pipeline.plan import WorkPlan
-from embedctl.pipeline.segments import ROWS_FILE, new_segment_id
+from embedctl.pipeline.segments import new_segment_id, read_rows
+from embedctl.pipeline.storage import Folder, LocalStorage, Storage, join, storage_of
 
 BUILD = "build"
 PLAN = "build.json"
+DONE = "done"
 
 
 def segment_key(plan: WorkPlan) -> str:
@@ -98,7 +99,7 @@ class BuildPlan:
     rewritten: list[str] = field(default_factory=list)  # segments of the base rewritten by the merge policy
     rows_new: int = 0  # rows not in the base (new or changed texts)
     rows_rewritten: int = 0  # live rows moved out of rewritten segments
-    folder: str = ""
+    folder: Folder | None = None  # where its files are
 
     @property
     def pieces(self) -> list[tuple[str, int]]:
@@ -106,32 +107,47 @@ class BuildPlan:
         return [(s.id, d) for s in self.new for d in self.dims]
 
     def sources(self, segment: str) -> np.ndarray:
-        return np.load(Path(self.folder) / f"sources-{segment}.npy", allow_pickle=False)
+        return read_positions(self.folder.storage, self.folder.child(sources_file(segment)))
 
     def deletions(self, segment: str) -> np.ndarray:
-        path = Path(self.folder) / f"deleted-{segment}.npy"
-        return np.load(path, allow_pickle=False) if path.exists() else np.zeros(0, np.int64)
+        key = self.folder.child(deletions_file(segment))
+        storage = self.folder.storage
+        return read_positions(storage, key) if storage.exists(key) else np.zeros(0, np.int64)
+
+    def _done_key(self, segment: str, part: str) -> str:
+        return self.folder.child(f"{DONE}/{segment}-{part}.json")
 
     def done(self, segment: str, part: str) -> dict | None:
         """The checksum recorded when the piece (`rows` or a dim) was written, None while it is not."""
-        try:
-            return read_json(Path(self.folder) / "done" / f"{segment}-{part}.json")
-        except (OSError, ValueError):
-            return None
+        return _read_json(self.folder.storage, self._done_key(segment, part))
 
     def mark_done(self, segment: str, part: str, checksum: dict) -> None:
-        write_json(Path(self.folder) / "done" / f"{segment}-{part}.json", checksum)
+        self.folder.storage.write(self._done_key(segment, part), json_writer(checksum))
 
     def missing(self) -> list[tuple[str, int]]:
         return [(s, d) for s, d in self.pieces if self.done(s, str(d)) is None]
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "folder"}
+        return {k: v for k, v in asdict(replace(self, folder=None)).items() if k != "folder"}
 
     @classmethod
-    def from_dict(cls, data: dict, folder: Path) -> BuildPlan:
+    def from_dict(cls, data: dict, folder: Folder) -> BuildPlan:
         return cls(**{**data, "kept": [KeptSegment(**k) for k in data["kept"]],
-                      "new": [NewSegment(**n) for n in data["new"]], "folder": str(folder)})
+                      "new": [NewSegment(**n) for n in data["new"]], "folder": folder})
+
+
+def _read_json(storage: Storage, key: str) -> dict | None:
+    """A JSON file of a build, None when it is missing or unreadable."""
+    try:
+        return json.loads(storage.read_bytes(key))
+    except (OSError, ValueError):
+        return None
+
+
+def _builds(plan: WorkPlan) -> Folder:
+    """The folder of a job's build plans."""
+    storage = storage_of(plan.out)
+    return Folder(storage, join(Path(plan.work_dir).relative_to(plan.out).as_posix(), BUILD))
 
 
 def _key(plan: WorkPlan, base: Path | None, base_info: VersionInfo | None, policy: MergePolicy,
@@ -142,20 +158,30 @@ def _key(plan: WorkPlan, base: Path | None, base_info: VersionInfo | None, polic
 
 
 def load_build(plan: WorkPlan, key: str) -> BuildPlan:
-    folder = plan.work_dir / BUILD / key
+    builds = _builds(plan)
+    folder = Folder(builds.storage, builds.child(key))
     try:
-        return BuildPlan.from_dict(read_json(folder / PLAN), folder)
+        return BuildPlan.from_dict(json.loads(folder.storage.read_bytes(folder.child(PLAN))), folder)
     except FileNotFoundError:
         raise StorageError(f"no build {key} in {plan.work_dir}; run the job again to plan it") from None
     except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise StorageError(f"cannot read the build plan {folder / PLAN} ({exc}); remove {folder} and run the job "
-                           "again") from None
+        raise StorageError(f"cannot read the build plan {folder.path / PLAN} ({exc}); remove {folder.path} and run "
+                           "the job again") from None
+
+
+def _plans(builds: Folder) -> list[tuple[float, str]]:
+    """(mtime, build key) of each build plan in a folder of builds."""
+    found = []
+    for entry in builds.storage.list(builds.key):
+        if entry.folder and (st := builds.storage.stat(join(entry.key, PLAN))) is not None:
+            found.append((st.mtime, entry.name))
+    return found
 
 
 def latest_build(plan: WorkPlan) -> BuildPlan | None:
     """The newest build plan of a job (the one its run is building), or None."""
-    plans = sorted((plan.work_dir / BUILD).glob(f"*/{PLAN}"), key=lambda p: p.stat().st_mtime)
-    return load_build(plan, plans[-1].parent.name) if plans else None
+    plans = sorted(_plans(_builds(plan)), key=lambda p: p[0])
+    return load_build(plan, plans[-1][1]) if plans else None
 
 
 def reusable(plan: WorkPlan, base_info: VersionInfo | None) -> bool:
@@ -171,12 +197,14 @@ def compose(plan: WorkPlan, base: Path | None, base_info: VersionInfo | None, po
     if not reusable(plan, base_info):
         base = base_info = None
     key = _key(plan, base, base_info, policy, forced)
-    folder = plan.work_dir / BUILD / key
-    if (folder / PLAN).is_file():
+    builds = _builds(plan)
+    folder = Folder(builds.storage, builds.child(key))
+    storage = folder.storage
+    if storage.exists(folder.child(PLAN)):
         try:
             return load_build(plan, key)
         except StorageError:  # a torn or garbled plan: its pieces cannot be trusted, plan the build again
-            shutil.rmtree(folder, ignore_errors=True)
+            storage.delete(folder.key)
     rows = plan_rows(plan)
     n = len(rows.hashes)
     assigned = np.zeros(n, dtype=bool)
@@ -184,7 +212,7 @@ def compose(plan: WorkPlan, base: Path | None, base_info: VersionInfo | None, po
     for ref in base_info.segments if base_info else ():
         if ref.id in forced:  # rewritten from the stored vectors, without reading its (damaged) files
             continue
-        table = pq.read_table(ref.folder(Path(plan.out)) / ROWS_FILE, columns=["id", "hash"])
+        table = read_rows(storage_of(plan.out), ref.prefix, columns=["id", "hash"])
         live = np.ones(ref.rows, dtype=bool)
         live[read_deletions(base, base_info, ref)] = False
         pos = _positions(table.column("id"), rows.ids)
@@ -203,16 +231,16 @@ def compose(plan: WorkPlan, base: Path | None, base_info: VersionInfo | None, po
     count = math.ceil(len(sources) / policy.segment_rows) if len(sources) else 0
     build = BuildPlan(key=key, plan_id=plan.plan_id, base=base.name if base else None, segment_key=segment_key(plan),
                       dims=list(plan.dims), rewritten=list(rewrite), rows_new=len(new_positions),
-                      rows_rewritten=len(sources) - len(new_positions), folder=str(folder))
+                      rows_rewritten=len(sources) - len(new_positions), folder=folder)
     for part in np.array_split(sources, count) if count else []:
         segment = NewSegment(new_segment_id(), len(part))
-        _save(folder / f"sources-{segment.id}.npy", part)
+        write_positions(storage, folder.child(sources_file(segment.id)), part)
         build.new.append(segment)
     for ref in base_info.segments if base_info else ():
         if ref.id not in rewrite and ref.id not in forced:
-            _save(folder / f"deleted-{ref.id}.npy", deletions[ref.id])
+            write_positions(storage, folder.child(deletions_file(ref.id)), deletions[ref.id])
             build.kept.append(KeptSegment(ref=asdict(ref), deleted=len(deletions[ref.id])))
-    write_json(folder / PLAN, build.to_dict())
+    storage.write(folder.child(PLAN), json_writer(build.to_dict()))
     return build
 
 
@@ -225,10 +253,6 @@ def _positions(ids: pa.ChunkedArray, value_set: pa.Array) -> np.ndarray:
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             return np.full(len(ids), -1, np.int64)  # the id column changed type: nothing matches
     return pc.index_in(ids, value_set=value_set).fill_null(-1).to_numpy().astype(np.int64)
-
-
-def _save(path: Path, array: np.ndarray) -> None:
-    write_npy(path, np.asarray(array, dtype=np.int64))
 
 
 def gather_rows(plan: WorkPlan, rows: PlanRows, positions: np.ndarray) -> pa.Table:
@@ -254,23 +278,25 @@ def gather_vectors(plan: WorkPlan, rows: PlanRows, positions: np.ndarray) -> np.
     return out
 
 
-def segments_in_use(work_root: Path) -> set[str]:
+def segments_in_use(work_root: Path | Storage) -> set[str]:
     """The segments the build plans under OUT/work refer to (new or kept): garbage collection spares them."""
+    storage = work_root if isinstance(work_root, Storage) else LocalStorage(work_root)
     found: set[str] = set()
-    for path in Path(work_root).glob(f"*/{BUILD}/*/{PLAN}"):
-        try:
-            data = read_json(path)
-        except (OSError, ValueError):
-            continue
-        found.update(s["id"] for s in data.get("new", []))
-        found.update(k["ref"]["id"] for k in data.get("kept", []))
+    for job in storage.list():
+        builds = Folder(storage, join(job.key, BUILD))
+        for _mtime, key in _plans(builds) if job.folder else []:
+            data = _read_json(storage, join(builds.child(key), PLAN))
+            if not isinstance(data, dict):
+                continue
+            found.update(s["id"] for s in data.get("new", []))
+            found.update(k["ref"]["id"] for k in data.get("kept", []))
     return found
 
 
 def remove_builds(plan: WorkPlan, keep: str | None = None) -> None:
     """Remove the build plans of a job (all but `keep`)."""
-    root = plan.work_dir / BUILD
-    for folder in root.iterdir() if root.is_dir() else []:
-        if folder.name != keep:
-            shutil.rmtree(folder, ignore_errors=True)
+    builds = _builds(plan)
+    for entry in builds.storage.list(builds.key):
+        if entry.name != keep:
+            builds.storage.delete(entry.key)
 

@@ -1,6 +1,7 @@
 """Files on disk: atomic writes (a reader sees the old file or the complete new one, never a part), private
 modes, and the one place where OS errors at the file boundary become the project's errors, with the path and a
-remedy.
+remedy. Output folders are read and written through `pipeline.storage` (whose local backend uses these); the writers
+(`json_writer`, `npy_writer`) are what a format module hands to `Storage.write`.
 
 Everything embedctl creates is private whatever the umask: folders 0700, files 0600 (`make_dirs`,
 `private_opener`, and `atomic_write`'s mkstemp). Under a permissive umask (000) a plain mkdir or open would let
@@ -107,9 +108,14 @@ def atomic_write(path: Path, write: Callable[[Path], None],
     return path
 
 
+def json_writer(data: dict) -> Callable[[Path], None]:
+    """A writer of `data` as indented JSON into the file it is given."""
+    return lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
 def write_json(path: Path, data: dict) -> Path:
     """Write `data` as indented JSON, atomically."""
-    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+    return atomic_write(path, json_writer(data))
 
 
 def read_json(path: Path) -> dict:
@@ -117,11 +123,11 @@ def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def write_npy(path: Path, array, before_replace: Callable[[Path], None] | None = None) -> Path:
-    """Write `array` as a `.npy` file (np.save's bytes), atomically. The bytes are written by Python rather than
-    numpy's fwrite: a short fwrite (a full disk) raises an OSError without errno ("76800 requested and 44992
-    written") that cannot be told from other failures, while Python's write raises ENOSPC, which `atomic_write`
-    reports as a full disk naming `path`."""
+def npy_writer(array) -> Callable[[Path], None]:
+    """A writer of `array` as a `.npy` file (np.save's bytes) into the file it is given. The bytes are written by
+    Python rather than numpy's fwrite: a short fwrite (a full disk) raises an OSError without errno ("76800
+    requested and 44992 written") that cannot be told from other failures, while Python's write raises ENOSPC,
+    which `atomic_write` reports as a full disk naming the file."""
     import numpy as np
 
     array = np.ascontiguousarray(array)
@@ -131,4 +137,5 @@ def write_npy(path: Path, array, before_replace: Callable[[Path], None] | None =
             np.lib.format.write_array_header_1_0(fh, np.lib.format.header_data_from_array_1_0(array))
             fh.write(array.data)
 
-    return atomic_write(path, write, before_replace=before_replace)
+    return write
+

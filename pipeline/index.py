@@ -23,17 +23,23 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-import pyarrow.parquet as pq
 
 from embedctl.pipeline import exact as exact_search
 from embedctl.pipeline.checksum import checksum
 from embedctl.pipeline.checksum import verify as verify_checksum
 from embedctl.pipeline.defaults import INDEX_TYPES
 from embedctl.pipeline.errors import ConfigError
-from embedctl.pipeline.fsutil import atomic_write
 from embedctl.pipeline.manifest import SegmentRef, VersionInfo, read_deletions, read_info
-from embedctl.pipeline.segments import ROWS_FILE, ROWS_GROUP, deletions_bitmap, index_file
-from embedctl.pipeline.versions import resolve_index_dir
+from embedctl.pipeline.segments import (
+    ROWS_FILE,
+    ROWS_GROUP,
+    deletions_bitmap,
+    index_file,
+    open_index,
+    open_rows,
+)
+from embedctl.pipeline.storage import Folder, Storage, join
+from embedctl.pipeline.versions import resolve_index_dir, version_folder
 
 LOG = logging.getLogger(__name__)
 
@@ -86,9 +92,10 @@ def _faiss_write(index: faiss.Index, path: Path) -> None:
         raise OSError(code, text.rsplit(": ", 1)[-1].strip("()")) from None
 
 
-def write_index(index: faiss.Index, path: Path) -> dict:
-    """Write a FAISS index atomically; returns its checksum."""
-    return checksum(atomic_write(path, lambda tmp: _faiss_write(index, tmp)))
+def write_index(index: faiss.Index, storage: Storage, key: str) -> dict:
+    """Write a FAISS index under `key`, atomically; returns its checksum."""
+    storage.write(key, lambda tmp: _faiss_write(index, tmp))
+    return checksum(storage.local_path(key))
 
 
 @dataclass
@@ -109,20 +116,22 @@ class SegmentReader:
 
     Files are checked against their recorded checksums before first use (unless `verify` is False)."""
 
-    def __init__(self, version_dir: Path, info: VersionInfo, ref: SegmentRef, verify: bool = True):
+    def __init__(self, version_dir: Path | Folder, info: VersionInfo, ref: SegmentRef, verify: bool = True):
         self.ref = ref
-        self.out = Path(version_dir).parent.parent
-        self.folder = ref.folder(self.out)
+        version = version_folder(version_dir)
+        self.storage = version.storage
+        self.folder = self.storage.local_path(ref.prefix)
         self.verify = verify
-        self._remedy = f"nothing was read from it; repair the index with `embedctl verify {self.out} --repair`"
+        self._remedy = (f"nothing was read from it; repair the index with `embedctl verify {self.storage.root} "
+                        "--repair`")
         self.deleted = read_deletions(version_dir, info, ref, check=verify)
         self._bitmap = deletions_bitmap(self.deleted, ref.rows) if len(self.deleted) else None
-        self._rows = pq.ParquetFile(self._checked(ROWS_FILE))
+        self._rows = open_rows(self._checked(ROWS_FILE))
         self._rows_lock = threading.Lock()  # one reader of the rows file at a time (a server searches in threads)
         self._indexes: dict[int, faiss.Index] = {}
 
     def _checked(self, name: str) -> Path:
-        path = self.folder / name
+        path = self.storage.local_path(join(self.ref.prefix, name))  # faiss and pyarrow open (and map) files
         if self.verify:
             verify_checksum(path, self.ref.files.get(name), self._remedy)
         return path
@@ -130,11 +139,7 @@ class SegmentReader:
     def index(self, dim: int) -> faiss.Index:
         """The index of `dim`, memory-mapped (IO_FLAG_MMAP_IFC maps the HNSW graph instead of reading it)."""
         if dim not in self._indexes:
-            path = str(self._checked(index_file(dim)))
-            try:
-                self._indexes[dim] = faiss.read_index(path, faiss.IO_FLAG_MMAP_IFC)
-            except RuntimeError:
-                self._indexes[dim] = faiss.read_index(path)
+            self._indexes[dim] = open_index(self._checked(index_file(dim)))
         return self._indexes[dim]
 
     def params(self, ef: int | None = None, exact: bool = False) -> faiss.SearchParameters | None:

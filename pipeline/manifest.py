@@ -1,7 +1,7 @@
 """`info.json`: what a published index version holds and how it was made (the one owner of that file).
 
 A version is a list of segments (`pipeline.segments`), each with the version's own deletion set: the positions of
-the segment's rows that this version no longer holds (a file of the version folder, `deleted-<segment>.npy`).
+the segment's rows that this version no longer holds (a file of the version folder, `pipeline.deletions`).
 `info.json` records every file a reader opens with its size and checksum, and a checksum of its own contents.
 
 Every reader (`embedctl info`, `query`, `eval`, the run lifecycle, `verify`, `cache prune`) goes through
@@ -17,9 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from embedctl.pipeline.checksum import DamagedFile, Verdicts, digest_bytes, size_problem, verify
+from embedctl.pipeline.checksum import DamagedFile, Verdicts, checksum, digest_bytes, size_problem, verify
+from embedctl.pipeline.deletions import deletions_file, read_positions, write_positions
 from embedctl.pipeline.errors import StorageError
-from embedctl.pipeline.fsutil import read_json, write_json, write_npy
+from embedctl.pipeline.fsutil import json_writer
+from embedctl.pipeline.segments import segment_prefix
+from embedctl.pipeline.storage import Folder, LocalStorage, join
+from embedctl.pipeline.versions import VERSIONS, version_folder
 
 INFO = "info.json"
 FORMAT = 2
@@ -47,14 +51,19 @@ class SegmentRef:
     files: dict  # file name (rows.parquet, index-<dim>.faiss) -> {"bytes": n, "xxh3_128": hex}
     deleted: int = 0  # positions this version no longer holds
     deletions: str | None = None  # the file of those positions in the version folder (int64 .npy)
-    path: str | None = None  # where its files are, relative to the output folder (default: segments/<id>)
+    path: str | None = None  # where its files are, relative to the output folder (default: `segment_prefix`)
 
     @property
     def live(self) -> int:
         return self.rows - self.deleted
 
+    @property
+    def prefix(self) -> str:
+        """The storage key of the segment's folder."""
+        return segment_prefix(self.id, self.path)
+
     def folder(self, out: Path) -> Path:
-        return Path(out) / (self.path or f"segments/{self.id}")
+        return LocalStorage(out).local_path(self.prefix)
 
 
 @dataclass(frozen=True)
@@ -102,7 +111,7 @@ class VersionInfo:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict, version_dir: Path | None = None) -> VersionInfo:
+    def from_dict(cls, data: dict, version_dir: Path | Folder | None = None) -> VersionInfo:
         if not isinstance(data, dict):
             raise ValueError("not a JSON object")
         if data.get("format") not in (1, FORMAT):
@@ -124,23 +133,27 @@ class VersionInfo:
         return cls(**values)
 
 
-def _from_format_1(data: dict, version_dir: Path | None) -> dict:
+def _from_format_1(data: dict, version_dir: Path | Folder | None) -> dict:
     """A format-1 version (one flat folder) as one segment at the version's root."""
-    name = Path(version_dir).name if version_dir else ""
+    name = version_dir.name if version_dir else ""
     files = {data["rows_file"]: data.get("checksums", {}).get(data["rows_file"], {})}
     files.update({f: data.get("checksums", {}).get(f, {}) for f in data["files"].values()})
-    segment = {"id": f"{name}-flat", "rows": data["rows"], "files": files, "path": f"versions/{name}"}
+    segment = {"id": f"{name}-flat", "rows": data["rows"], "files": files, "path": join(VERSIONS, name)}
     return {**{k: v for k, v in data.items() if k not in ("files", "rows_file", "checksums")},
             "segments": [segment], "format": FORMAT}
 
 
-def read_info(version_dir: Path) -> VersionInfo:
+def _remedy(version: Folder) -> str:
+    return f"repair the index with `embedctl verify {version.storage.root} --repair`"
+
+
+def read_info(version_dir: Path | Folder) -> VersionInfo:
     """The info of the version in `version_dir`; raises DamagedFile (one line) when it is missing or damaged."""
-    path = Path(version_dir) / INFO
-    out = Path(version_dir).parent.parent
-    remedy = f"repair the index with `embedctl verify {out} --repair`, or point `current` at an earlier version"
+    version = version_folder(version_dir)
+    path = version.storage.describe(version.child(INFO))
+    remedy = f"{_remedy(version)}, or point `current` at an earlier version"
     try:
-        return VersionInfo.from_dict(read_json(path), version_dir)
+        return VersionInfo.from_dict(json.loads(version.storage.read_bytes(version.child(INFO))), version)
     except FileNotFoundError:
         raise DamagedFile(path, "missing", remedy) from None
     except OSError as exc:
@@ -156,66 +169,66 @@ def _digest(data: dict) -> str:
     return digest_bytes(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
 
 
-def write_info(version_dir: Path, info: VersionInfo) -> Path:
+def write_info(version_dir: Path | Folder, info: VersionInfo) -> Path:
     """Write info.json into a version folder being built (atomically), with the checksum of its contents."""
+    version = version_folder(version_dir)
     data = info.to_dict()
-    return write_json(Path(version_dir) / INFO, {**data, "digest": _digest(data)})
+    version.storage.write(version.child(INFO), json_writer({**data, "digest": _digest(data)}))
+    return version.storage.local_path(version.child(INFO))
 
 
-def deletions_file(segment_id: str) -> str:
-    return f"deleted-{segment_id}.npy"
-
-
-def write_deletions(version_dir: Path, segment: SegmentRef, deleted: np.ndarray) -> tuple[SegmentRef, dict]:
+def write_deletions(version_dir: Path | Folder, segment: SegmentRef,
+                    deleted: np.ndarray) -> tuple[SegmentRef, dict]:
     """Write a version's deletion set of `segment` (sorted positions); returns the segment as the version uses it
     and the file's checksum (none written when nothing is deleted)."""
-    from embedctl.pipeline.checksum import checksum
-
+    version = version_folder(version_dir)
     deleted = np.unique(np.asarray(deleted, dtype=np.int64))
     if not len(deleted):
         return replace(segment, deleted=0, deletions=None), {}
     name = deletions_file(segment.id)
+    write_positions(version.storage, version.child(name), deleted)
+    return replace(segment, deleted=len(deleted), deletions=name), {
+        name: checksum(version.storage.local_path(version.child(name)))}
 
-    path = write_npy(Path(version_dir) / name, deleted)
-    return replace(segment, deleted=len(deleted), deletions=name), {name: checksum(path)}
 
-
-def read_deletions(version_dir: Path, info: VersionInfo, segment: SegmentRef, check: bool = True) -> np.ndarray:
+def read_deletions(version_dir: Path | Folder, info: VersionInfo, segment: SegmentRef,
+                   check: bool = True) -> np.ndarray:
     """The positions of `segment` that the version deleted (checked against their checksum)."""
     if not segment.deletions:
         return np.zeros(0, dtype=np.int64)
-    path = Path(version_dir) / segment.deletions
+    version = version_folder(version_dir)
+    key = version.child(segment.deletions)
+    path = version.storage.local_path(key)
     if check:
-        verify(path, info.checksums.get(segment.deletions),
-               f"repair the index with `embedctl verify {Path(version_dir).parent.parent} --repair`")
-    deleted = np.load(path, allow_pickle=False)
+        verify(path, info.checksums.get(segment.deletions), _remedy(version))
+    deleted = read_positions(version.storage, key)
     if deleted.dtype != np.int64 or len(deleted) != segment.deleted:
-        raise DamagedFile(path, "not the deletion set the version recorded",
-                          f"repair the index with `embedctl verify {Path(version_dir).parent.parent} --repair`")
+        raise DamagedFile(path, "not the deletion set the version recorded", _remedy(version))
     return deleted
 
 
-def _files(version: Path, info: VersionInfo):
-    """(segment or None for the version's own files, path, recorded checksum) of each file of a version."""
-    version = Path(version)
-    out = version.parent.parent
-    for name, expected in info.checksums.items():
-        yield None, version / name, expected
+def version_files(version_dir: Path | Folder, info: VersionInfo):
+    """(segment or None for the version's own files, local path, recorded checksum) of each file of a version."""
+    version = version_folder(version_dir)
+    storage = version.storage
+    for name, expected in sorted(info.checksums.items()):
+        yield None, storage.local_path(version.child(name)), expected
     for ref in info.segments:
-        for name, expected in ref.files.items():
-            yield ref, ref.folder(out) / name, expected
+        for name, expected in sorted(ref.files.items()):
+            yield ref, storage.local_path(join(ref.prefix, name)), expected
 
 
-def damaged_files(version: Path, info: VersionInfo, contents: bool = True) -> list[tuple[SegmentRef | None, Path, str]]:
+def damaged_files(version: Path | Folder, info: VersionInfo,
+                  contents: bool = True) -> list[tuple[SegmentRef | None, Path, str]]:
     """(segment or None for the version's own files, path, problem) of the files of a version that are missing or
     whose contents differ from their checksum. A file is read whole only when its stat changed since it last
     matched (`checksum.Verdicts`), so the check of an untouched version reads no file; `embedctl verify` reads
     them all. `contents` False: existence and sizes only (no file read, nothing written)."""
     if not contents:
-        return [(ref, path, p) for ref, path, expected in _files(version, info)
+        return [(ref, path, p) for ref, path, expected in version_files(version, info)
                 if (p := size_problem(path, expected))]
-    verdicts = Verdicts(Path(version).parent.parent)
-    found = [(ref, path, p) for ref, path, expected in _files(version, info)
+    verdicts = Verdicts(version_folder(version).storage)
+    found = [(ref, path, p) for ref, path, expected in version_files(version, info)
              if (p := verdicts.problem(path, expected))]
     verdicts.save()
     return found

@@ -14,16 +14,20 @@ from __future__ import annotations
 
 import logging
 import secrets
-import shutil
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pyarrow as pa
 
 from embedctl.pipeline.checksum import checksum
-from embedctl.pipeline.fsutil import atomic_write
+from embedctl.pipeline.storage import Folder, LocalStorage, Storage, grandparent, join, storage_of
+
+if TYPE_CHECKING:
+    import faiss
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
 LOG = logging.getLogger(__name__)
 
@@ -42,29 +46,81 @@ def new_segment_id() -> str:
     return f"s{time.time_ns() // 1_000_000:013d}-{secrets.token_hex(3)}"
 
 
+def segment_prefix(segment_id: str, path: str | None = None) -> str:
+    """The storage key of a segment's folder: `path` when a version recorded one (format 1), else
+    segments/<id>."""
+    return path or join(SEGMENTS, segment_id)
+
+
 def segment_dir(out: Path | str, segment_id: str) -> Path:
-    return Path(out) / SEGMENTS / segment_id
+    return storage_of(out).local_path(segment_prefix(segment_id))
 
 
-def write_rows(folder: Path, table: pa.Table) -> dict:
+def _folder(folder: Path | Folder) -> Folder:
+    """A segment folder given by its path (OUT/segments/<id>: the layout this module owns)."""
+    if isinstance(folder, Folder):
+        return folder
+    folder = Path(folder)
+    return Folder(LocalStorage(grandparent(folder)), segment_prefix(folder.name))
+
+
+def write_rows(folder: Path | Folder, table: pa.Table) -> dict:
     """Write a segment's rows.parquet (atomically, in small row groups for lookups); returns its checksum."""
     import pyarrow.parquet as pq
 
-    return checksum(atomic_write(Path(folder) / ROWS_FILE,
-                                 lambda tmp: pq.write_table(table, tmp, row_group_size=ROWS_GROUP)))
+    segment = _folder(folder)
+    key = segment.child(ROWS_FILE)
+    segment.storage.write(key, lambda tmp: pq.write_table(table, tmp, row_group_size=ROWS_GROUP))
+    return checksum(segment.storage.local_path(key))
 
 
-def build_index_file(folder: Path, dim: int, vectors: np.ndarray, hnsw_m: int, ef_construction: int,
+def rows_path(storage: Storage, prefix: str) -> Path:
+    """A local copy of a segment's rows.parquet (for pyarrow)."""
+    return storage.local_path(join(prefix, ROWS_FILE))
+
+
+def read_rows(storage: Storage, prefix: str, columns: list[str] | None = None) -> pa.Table:
+    """A segment's rows: `row`, `id`, `text`, `hash` (or only `columns`)."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(rows_path(storage, prefix), columns=columns)
+
+
+def read_ids(storage: Storage, prefix: str) -> pa.Array:
+    """The ids of a segment's rows, by position."""
+    return read_rows(storage, prefix, ["id"]).column("id").combine_chunks()
+
+
+def open_rows(path: Path) -> pq.ParquetFile:
+    """A segment's rows.parquet opened for lookups by row group (`path`: its local copy)."""
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path)
+
+
+def open_index(path: Path) -> faiss.Index:
+    """A segment's index file, memory-mapped (IO_FLAG_MMAP_IFC maps the HNSW graph instead of reading it; an index
+    type that cannot be mapped is read)."""
+    import faiss
+
+    try:
+        return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)
+    except RuntimeError:
+        return faiss.read_index(str(path))
+
+
+def build_index_file(folder: Path | Folder, dim: int, vectors: np.ndarray, hnsw_m: int, ef_construction: int,
                      ef_search: int, index_type: str, on_progress: Callable[[int], None] | None = None) -> dict:
     """Build the `dim` index of a segment from its full-dim vectors (sliced, re-normalised) and write it
     atomically; returns its checksum. Idempotent: an existing file is kept (its build completed)."""
     from embedctl.pipeline.index import build_hnsw, slice_normalise, write_index
 
-    path = Path(folder) / index_file(dim)
-    if path.exists():
-        return checksum(path)
+    segment = _folder(folder)
+    key = segment.child(index_file(dim))
+    if segment.storage.exists(key):
+        return checksum(segment.storage.local_path(key))
     index = build_hnsw(slice_normalise(vectors, dim), hnsw_m, ef_construction, ef_search, on_progress, index_type)
-    return write_index(index, path)
+    return write_index(index, segment.storage, key)
 
 
 ROW_OVERHEAD_BYTES = 300
@@ -82,23 +138,23 @@ def build_bytes_per_row(full_dim: int, dim: int, hnsw_m: int, index_type: str = 
     return 4 * full_dim + 4 * dim + storage + int(8 * hnsw_m * (1 + 1 / hnsw_m)) + ROW_OVERHEAD_BYTES
 
 
-def is_built(folder: Path, dims: Iterable[int]) -> bool:
+def is_built(folder: Path | Folder, dims: Iterable[int]) -> bool:
     """Whether a segment's rows file and the index of every dim are written."""
-    folder = Path(folder)
-    return (folder / ROWS_FILE).is_file() and all((folder / index_file(d)).is_file() for d in dims)
+    segment = _folder(folder)
+    return all(segment.storage.exists(segment.child(name)) for name in [ROWS_FILE, *map(index_file, dims)])
 
 
-def collect_garbage(out: Path | str, referenced: set[str]) -> list[str]:
+def collect_garbage(out: Path | str | Storage, referenced: set[str]) -> list[str]:
     """Remove the segments that no kept version and no build plan refers to (`referenced`); returns their ids.
 
     A build writes its plan (naming its new segments) before any of their files, so a segment being built, by
     this run or a run of the other mode, is always referenced."""
-    root = Path(out) / SEGMENTS
+    storage = storage_of(out)
     removed = []
-    for folder in sorted(root.iterdir()) if root.is_dir() else []:
-        if folder.is_dir() and folder.name not in referenced:
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder.name)
+    for entry in storage.list(SEGMENTS):
+        if entry.folder and entry.name not in referenced:
+            storage.delete(entry.key)
+            removed.append(entry.name)
     if removed:
         LOG.info("removed %d segments no version uses", len(removed))
     return removed

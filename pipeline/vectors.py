@@ -12,8 +12,8 @@ complete chunk from a damaged one (`verify`). The files are plain numpy and pyar
 
 from __future__ import annotations
 
+import json
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 
 from embedctl.pipeline import checksum
 from embedctl.pipeline.errors import StorageError
-from embedctl.pipeline.fsutil import atomic_write, read_json, write_json, write_npy
+from embedctl.pipeline.fsutil import json_writer, npy_writer
+from embedctl.pipeline.storage import Folder, LocalStorage
 
 _DONE = re.compile(r"^chunk-(\d{6,})\.npy$")
 
@@ -37,32 +38,44 @@ class DamagedChunks(StorageError):
                          f"embedded again by the next run of the job, or by {repair}")
 
 
-class ChunkStore:
-    """Reads and writes the outputs of the chunks of one plan."""
+_VECTORS, _ROWS, _REPORT = ".npy", ".rows.parquet", ".json"
 
-    def __init__(self, root: Path):
-        self.root = Path(root)
+
+class ChunkStore:
+    """Reads and writes the outputs of the chunks of one plan, in a folder of the output folder's storage (a local
+    path: that folder)."""
+
+    def __init__(self, root: Path | Folder):
+        self.folder = root if isinstance(root, Folder) else Folder(LocalStorage(root), "")
+        self.storage = self.folder.storage
+        self.root = self.folder.path
+
+    def _key(self, number: int, suffix: str) -> str:
+        return self.folder.child(f"chunk-{number:06d}{suffix}")
 
     def _path(self, number: int, suffix: str) -> Path:
-        return self.root / f"chunk-{number:06d}{suffix}"
+        return self.storage.local_path(self._key(number, suffix))
 
     def vectors_path(self, number: int) -> Path:
-        return self._path(number, ".npy")
+        return self._path(number, _VECTORS)
 
     def rows_path(self, number: int) -> Path:
-        return self._path(number, ".rows.parquet")
+        return self._path(number, _ROWS)
 
     def report_path(self, number: int) -> Path:
-        return self._path(number, ".json")
+        return self._path(number, _REPORT)
 
     def is_complete(self, number: int) -> bool:
-        return self._path(number, ".npy").exists()
+        return self.storage.exists(self._key(number, _VECTORS))
 
     def complete(self) -> set[int]:
         """Numbers of the complete chunks."""
-        if not self.root.is_dir():
-            return set()
-        return {int(m.group(1)) for p in self.root.iterdir() if (m := _DONE.match(p.name))}
+        return {int(m.group(1)) for e in self.storage.list(self.folder.key) if (m := _DONE.match(e.name))}
+
+    def newest_write(self) -> float | None:
+        """Unix time of the newest chunk file written (None when there is none)."""
+        stats = [st for e in self.storage.list(self.folder.key) if (st := self.storage.stat(e.key)) is not None]
+        return max((st.mtime for st in stats), default=None)
 
     def write(self, number: int, rows: np.ndarray, ids: list, texts: list, vectors: np.ndarray, report: dict,
               id_type: pa.DataType | None = None, hashes: np.ndarray | None = None) -> dict:
@@ -76,16 +89,16 @@ class ChunkStore:
         if hashes is not None:
             columns["hash"] = pa.array(np.asarray(hashes, dtype=np.uint64), pa.uint64())
         table = pa.table(columns)
-        rows_file = atomic_write(self.rows_path(number), lambda tmp: pq.write_table(table, tmp))
-        files = {"rows": checksum.checksum(rows_file)}
+        self.storage.write(self._key(number, _ROWS), lambda tmp: pq.write_table(table, tmp))
+        files = {"rows": checksum.checksum(self.rows_path(number))}
         report = {**report, "files": files}
         half = np.ascontiguousarray(vectors, dtype=np.float16)
 
         def record(tmp: Path) -> None:  # the report lands before the completion mark
             files["vectors"] = checksum.checksum(tmp)
-            write_json(self.report_path(number), report)
+            self.storage.write(self._key(number, _REPORT), json_writer(report))
 
-        write_npy(self.vectors_path(number), half, before_replace=record)
+        self.storage.write(self._key(number, _VECTORS), npy_writer(half), before_commit=record)
         return report
 
     def verify(self, number: int) -> list[tuple[Path, str]]:
@@ -109,19 +122,16 @@ class ChunkStore:
 
     def discard(self, number: int) -> None:
         """Remove a chunk's files (the completion mark first), so that it is embedded again."""
-        for path in (self.vectors_path(number), self.report_path(number), self.rows_path(number)):
-            if path.is_dir() and not path.is_symlink():  # something else stands where the file should be
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
+        for suffix in (_VECTORS, _REPORT, _ROWS):
+            self.storage.delete(self._key(number, suffix))  # a folder standing where the file should be too
 
     def read_vectors(self, number: int, mmap: bool = True) -> np.ndarray:
         """The (rows, dim) float16 vectors of a complete chunk (memory-mapped by default)."""
-        return np.load(self._path(number, ".npy"), mmap_mode="r" if mmap else None, allow_pickle=False)
+        return np.load(self.vectors_path(number), mmap_mode="r" if mmap else None, allow_pickle=False)
 
     def read_rows(self, number: int, columns: list[str] | None = None) -> pa.Table:
         """The rows file of a chunk: `row`, `id`, `text`, `hash` (or only `columns`)."""
-        return pq.read_table(self._path(number, ".rows.parquet"), columns=columns)
+        return pq.read_table(self.rows_path(number), columns=columns)
 
     def read_report(self, number: int) -> dict:
-        return read_json(self._path(number, ".json"))
+        return json.loads(self.storage.read_bytes(self._key(number, _REPORT)))

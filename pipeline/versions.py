@@ -1,25 +1,25 @@
-"""Index versions inside an output folder, published by an atomic pointer swap.
+"""Index versions inside an output folder, published by an atomic pointer swap (the one owner of `versions/` and
+`current`).
 
-    OUT/versions/v000001/   a complete index version (info.json, rows.parquet, index-<dim>.faiss)
+    OUT/versions/v000001/   a complete index version (info.json, deletion sets)
     OUT/versions/.build-*   a version being built (never read; removed by the next run when its builder died)
-    OUT/current             symlink -> versions/v000001 (replaced atomically with os.replace)
+    OUT/current             the pointer to the current version: a symlink -> versions/v000001, swapped with the
+                            storage's compare-and-swap (locally: os.replace under a lock)
 
 A reader resolves `current` once and reads that version's files: it never sees a half-written version, and a
-failed build leaves the previous version current.
+failed build leaves the previous version current. Every file operation goes through the output folder's
+`pipeline.storage.Storage`; the functions that take or return paths serve callers that work with local folders.
 """
 
 from __future__ import annotations
 
-import os
+import posixpath
 import re
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 from embedctl.pipeline.errors import ConfigError, IndexNotFoundError
-from embedctl.pipeline.fsutil import fsync_dir, make_dirs
-from embedctl.pipeline.manifest import INFO
+from embedctl.pipeline.storage import Folder, LocalStorage, Pointer, Storage, grandparent, join, storage_of
 
 CURRENT = "current"
 VERSIONS = "versions"
@@ -27,28 +27,68 @@ BUILD_PREFIX = ".build-"
 _VERSION = re.compile(r"^v(\d{6,})$")
 
 
+def version_folder(path: Path | str | Folder) -> Folder:
+    """The storage and key of a version folder given by its path (OUT/versions/<name>: the layout this module
+    owns), for the callers that hold a path."""
+    if isinstance(path, Folder):
+        return path
+    path = Path(path)
+    return Folder(LocalStorage(grandparent(path)), join(VERSIONS, path.name))
+
+
+def version_names(storage: Storage) -> list[str]:
+    """Names of the complete versions, oldest first."""
+    found = [(int(m.group(1)), e.name) for e in storage.list(VERSIONS) if e.folder and (m := _VERSION.match(e.name))]
+    return [name for _, name in sorted(found)]
+
+
 def version_dirs(out: Path) -> list[Path]:
     """Complete versions in `out`, oldest first."""
-    root = Path(out) / VERSIONS
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _VERSION.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found)]
+    storage = storage_of(out)
+    return [storage.local_path(join(VERSIONS, name)) for name in version_names(storage)]
+
+
+def read_current(storage: Storage) -> Pointer | None:
+    """The `current` pointer of an output folder (its value: the key of a version), None before the first
+    publish."""
+    return storage.read_pointer(CURRENT)
+
+
+def pointed_folder(storage: Storage, pointer: Pointer) -> Folder | None:
+    """The folder a pointer names (None when it names nothing inside the output folder)."""
+    key = posixpath.normpath(pointer.value)
+    if key.startswith(("/", "..")) or key == ".":
+        return None
+    return Folder(storage, key)
+
+
+def pointed_version(storage: Storage) -> tuple[Pointer | None, Folder | None]:
+    """The `current` pointer and the version folder it names when that folder exists (complete or not: a reader
+    of its info.json says what is wrong with it)."""
+    pointer = read_current(storage)
+    folder = pointed_folder(storage, pointer) if pointer else None
+    return pointer, folder if folder is not None and storage.is_folder(folder.key) else None
+
+
+def current_folder(storage: Storage) -> Folder | None:
+    """The version `current` points to when it is complete (has its manifest), else None."""
+    from embedctl.pipeline.manifest import INFO
+
+    pointer = read_current(storage)
+    folder = pointed_folder(storage, pointer) if pointer else None
+    return folder if folder is not None and storage.exists(folder.child(INFO)) else None
 
 
 def current_version(out: Path) -> Path | None:
     """The version `out/current` points to, or None before the first publish."""
-    link = Path(out) / CURRENT
-    if not link.is_symlink() and not link.exists():
-        return None
-    target = link.resolve()
-    return target if (target / INFO).is_file() else None
+    folder = current_folder(storage_of(out))
+    return folder.path.resolve() if folder else None
 
 
 def new_build_dir(out: Path) -> Path:
     """A fresh private folder in which to build the next version."""
-    root = make_dirs(Path(out) / VERSIONS)
-    return Path(tempfile.mkdtemp(prefix=BUILD_PREFIX, dir=root))  # 0700, and so is the version it becomes
+    storage = storage_of(out)
+    return storage.local_path(storage.staging(VERSIONS, BUILD_PREFIX))  # 0700, and so is the version it becomes
 
 
 def remove_dead_builds(out: Path, idle_seconds: float) -> list[str]:
@@ -57,59 +97,57 @@ def remove_dead_builds(out: Path, idle_seconds: float) -> list[str]:
     The run lifecycle calls this while it holds the output folder's lock, so no live run of this folder is
     building an older folder; the idle time spares a build that a run of the other mode may still be writing.
     """
-    root = Path(out) / VERSIONS
+    storage = storage_of(out)
     removed = []
-    for path in root.glob(f"{BUILD_PREFIX}*") if root.is_dir() else []:
-        try:
-            newest = max([path.stat().st_mtime] + [p.stat().st_mtime for p in path.iterdir()])
-        except OSError:
+    for entry in storage.list(VERSIONS):
+        if not entry.name.startswith(BUILD_PREFIX):
             continue
-        if time.time() - newest >= idle_seconds:
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path.name)
+        stats = [storage.stat(entry.key)] + [storage.stat(e.key) for e in storage.list(entry.key)]
+        if any(st is None for st in stats):
+            continue
+        if time.time() - max(st.mtime for st in stats) >= idle_seconds:
+            storage.delete(entry.key)
+            removed.append(entry.name)
     return removed
 
 
 def publish(out: Path, build_dir: Path) -> Path:
     """Move a complete build to the next version number and point `current` at it, atomically."""
-    out = Path(out)
-    root = out / VERSIONS
+    from embedctl.pipeline.manifest import INFO
+
+    storage = storage_of(out)
+    staged = join(VERSIONS, Path(build_dir).name)
     while True:
-        existing = version_dirs(out)
-        number = int(_VERSION.match(existing[-1].name).group(1)) + 1 if existing else 1
-        target = root / f"v{number:06d}"
-        try:
-            os.rename(build_dir, target)  # fails if another publisher took the number: try the next
+        existing = version_names(storage)
+        number = int(_VERSION.match(existing[-1]).group(1)) + 1 if existing else 1
+        target = join(VERSIONS, f"v{number:06d}")
+        if storage.rename(staged, target, commit=INFO):  # False when another publisher took the number: try the next
             break
-        except OSError:
-            if not target.exists():
-                raise
-    fsync_dir(root)
-    tmp_link = out / f".{CURRENT}.{os.getpid()}.tmp"
-    tmp_link.unlink(missing_ok=True)
-    os.symlink(os.path.join(VERSIONS, target.name), tmp_link)
-    os.replace(tmp_link, out / CURRENT)
-    fsync_dir(out)
-    return target
+    while True:  # the newest publish wins, as it did when the pointer was replaced without a compare
+        pointer = read_current(storage)
+        if storage.compare_and_swap(CURRENT, pointer.token if pointer else None, target):
+            return storage.local_path(target)
 
 
 def prune(out: Path, keep: int) -> list[str]:
     """Remove the oldest versions beyond the newest `keep`, never the current one; returns the removed names."""
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep!r}")
-    current = current_version(out)
+    storage = storage_of(out)
+    current = current_folder(storage)
     removed = []
-    for path in version_dirs(out)[:-keep]:
-        if current is not None and path.resolve() == current:
+    for name in version_names(storage)[:-keep]:
+        if current is not None and join(VERSIONS, name) == current.key:
             continue
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path.name)
+        storage.delete(join(VERSIONS, name))
+        removed.append(name)
     return removed
 
 
 def discard(build_dir: Path) -> None:
     """Remove an unfinished build."""
-    shutil.rmtree(build_dir, ignore_errors=True)
+    folder = version_folder(build_dir)
+    folder.storage.delete(folder.key)
 
 
 def index_names(folders) -> dict[str, Path]:
@@ -126,39 +164,43 @@ def index_names(folders) -> dict[str, Path]:
 
 def resolve_index_dir(path: Path) -> Path:
     """The version folder to read for `path`: an output folder (its current version) or a version folder."""
+    from embedctl.pipeline.manifest import INFO
+
     path = Path(path).expanduser()
-    if (path / INFO).is_file():
+    storage = LocalStorage(path)
+    if storage.exists(INFO):
         return path.resolve()
     if not path.exists():
         raise IndexNotFoundError(f"index folder {str(path)!r} does not exist; build one with `embedctl index`")
-    version = current_version(path)
-    link = path / CURRENT
-    if version is None and link.is_symlink() and link.resolve().is_dir():
-        return link.resolve()  # a version folder whose info.json is damaged: reading it says so
-    if version is None and link.is_symlink():
-        raise IndexNotFoundError(f"{link} points to {os.readlink(link)}, which is missing or incomplete; point it "
+    version = current_folder(storage)
+    if version is not None:
+        return version.path.resolve()
+    pointer, pointed = pointed_version(storage)
+    if pointed is not None:
+        return pointed.path.resolve()  # a version folder whose info.json is damaged: reading it says so
+    link = storage.describe(CURRENT)
+    if pointer is not None:
+        raise IndexNotFoundError(f"{link} points to {pointer.value}, which is missing or incomplete; point it "
                                  f"at a complete version (ln -sfn versions/vNNNNNN {link}) or run `embedctl index` "
                                  "again")
-    if version is None:
-        raise IndexNotFoundError(f"{str(path)!r} holds no published index yet; run `embedctl index CORPUS --out "
-                                 f"{path}` (or wait for the running job to finish)")
-    return version
+    raise IndexNotFoundError(f"{str(path)!r} holds no published index yet; run `embedctl index CORPUS --out "
+                             f"{path}` (or wait for the running job to finish)")
 
 
 def live_ids(version_dir: Path):
     """The ids a version holds (live rows of all its segments), as one Arrow array."""
     import numpy as np
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from embedctl.pipeline.manifest import read_deletions, read_info
+    from embedctl.pipeline.segments import read_ids
 
-    info = read_info(version_dir)
-    out = Path(version_dir).parent.parent
+    version = version_folder(version_dir)
+    info = read_info(version)
     parts = []
     for ref in info.segments:
-        ids = pq.read_table(ref.folder(out) / "rows.parquet", columns=["id"]).column("id").combine_chunks()
-        deleted = read_deletions(version_dir, info, ref)
+        ids = read_ids(version.storage, ref.prefix)
+        deleted = read_deletions(version, info, ref)
         if len(deleted):
             live = np.ones(ref.rows, dtype=bool)
             live[deleted] = False
@@ -172,10 +214,11 @@ def segments_of_kept_versions(out: Path) -> set[str] | None:
     from embedctl.pipeline.errors import StorageError
     from embedctl.pipeline.manifest import read_info
 
+    storage = storage_of(out)
     found: set[str] = set()
-    for path in version_dirs(out):
+    for name in version_names(storage):
         try:
-            found.update(s.id for s in read_info(path).segments)
+            found.update(s.id for s in read_info(Folder(storage, join(VERSIONS, name))).segments)
         except StorageError:
             return None
     return found
