@@ -13,8 +13,8 @@ from embedctl.cli.common import (
     shm_option,
     tqdm_progress,
 )
-from embedctl.jobs.broker import BROKER_ENV
 from embedctl.jobs.interrupts import InterruptedAfterPublish
+from embedctl.jobs.locks import BROKER_ENV
 from embedctl.jobs.spec import JobSpec
 from embedctl.pipeline import defaults
 

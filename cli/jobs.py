@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from embedctl.cli.common import env_option, print_json, tqdm_progress
-from embedctl.jobs.broker import BROKER_ENV
+from embedctl.jobs.locks import BROKER_ENV
 from embedctl.pipeline.errors import EmbedctlError
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from embedctl.cli.common import env_option, exported_devices, print_json, shm_option
-from embedctl.jobs.broker import BROKER_ENV
+from embedctl.jobs.locks import BROKER_ENV
 from embedctl.pipeline import defaults
 from embedctl.pipeline.errors import ConfigError, EmbedctlError
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 
+from embedctl.jobs.locks import BROKER_ENV, DEFAULT_LEASE_SECONDS, LEASE_ENV, env_seconds
 from embedctl.pipeline.errors import BrokerError, ConfigError
 
 if TYPE_CHECKING:
@@ -28,10 +29,6 @@ DEFAULT_VISIBILITY_TIMEOUT = 6 * 3600
 
 DEFAULT_RESULT_EXPIRES = 24 * 3600
 """Seconds task results are kept in Redis."""
-
-DEFAULT_LEASE_SECONDS = 120
-"""Time-to-live of a lock lease (a run's hold on its output folder, a build's hold on its plan). Holders renew it
-every third of this while they work; a lease whose holder died lapses after at most this long."""
 
 DEFAULT_STALL_SECONDS = 180
 """A follower re-queues the chunks (or the build) of its job that made no progress for this long: a dead
@@ -48,9 +45,6 @@ BUILD_TASK = "embedctl.build_index"  # plans a version's build, queues its piece
 SEGMENT_TASK = "embedctl.build_segment"  # one index file of one segment and dim
 PUBLISH_TASK = "embedctl.publish"
 RUN_JOB_TASK = "embedctl.run_job"
-
-BROKER_ENV = ("EMBEDCTL_BROKER_URL", "CELERY_BROKER_URL")
-"""Where the broker URL comes from, first set wins."""
 
 
 PERCENT_ENCODE = "the password must be percent-encoded: '/' as %2F, '?' as %3F, '#' as %23, '@' as %40"
@@ -170,34 +164,16 @@ class Settings:
         env = os.environ if environ is None else environ
         values = {
             "broker_url": next((env[k] for k in BROKER_ENV if env.get(k)), None),
-            "visibility_timeout": _int(env, "EMBEDCTL_VISIBILITY_TIMEOUT", DEFAULT_VISIBILITY_TIMEOUT),
-            "result_expires": _int(env, "EMBEDCTL_RESULT_EXPIRES", DEFAULT_RESULT_EXPIRES),
-            "lease_seconds": _int(env, "EMBEDCTL_LEASE_SECONDS", DEFAULT_LEASE_SECONDS),
-            "stall_seconds": _int(env, "EMBEDCTL_STALL_SECONDS", DEFAULT_STALL_SECONDS),
+            "visibility_timeout": env_seconds(env, "EMBEDCTL_VISIBILITY_TIMEOUT", DEFAULT_VISIBILITY_TIMEOUT),
+            "result_expires": env_seconds(env, "EMBEDCTL_RESULT_EXPIRES", DEFAULT_RESULT_EXPIRES),
+            "lease_seconds": env_seconds(env, LEASE_ENV, DEFAULT_LEASE_SECONDS),
+            "stall_seconds": env_seconds(env, "EMBEDCTL_STALL_SECONDS", DEFAULT_STALL_SECONDS),
             "embed_queue": env.get("EMBEDCTL_EMBED_QUEUE") or EMBED_QUEUE,
             "build_queue": env.get("EMBEDCTL_BUILD_QUEUE") or BUILD_QUEUE,
             "jobs_path": env.get("EMBEDCTL_JOBS") or None,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
-
-
-def lease_seconds(settings: Settings | None = None) -> int:
-    """The lease time-to-live: the settings', else EMBEDCTL_LEASE_SECONDS, else the default (embedded runs have no
-    broker settings but judge the liveness of Celery runs by the same clock)."""
-    if settings is not None:
-        return settings.lease_seconds
-    return _int(os.environ, "EMBEDCTL_LEASE_SECONDS", DEFAULT_LEASE_SECONDS)
-
-
-def _int(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env.get(name)
-    if not raw:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be an integer number of seconds, got {raw!r}") from None
 
 
 def celery_config(settings: Settings) -> dict:

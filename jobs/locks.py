@@ -25,16 +25,30 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from embedctl.jobs.broker import Settings, redis_client
+from embedctl.pipeline.errors import ConfigError
 from embedctl.pipeline.fsutil import FILE_MODE, make_dirs, storage_error, write_json
 
+if TYPE_CHECKING:  # the broker module is imported where a Redis lease is made: an embedded run never needs it
+    from embedctl.jobs.broker import Settings
+
 LOG = logging.getLogger(__name__)
+
+DEFAULT_LEASE_SECONDS = 120
+"""Time-to-live of a lock lease (a run's hold on its output folder, a build's hold on its plan). Holders renew it
+every third of this while they work; a lease whose holder died lapses after at most this long."""
+
+LEASE_ENV = "EMBEDCTL_LEASE_SECONDS"
+"""Where the lease time-to-live comes from when no broker settings are at hand (an embedded run)."""
+
+BROKER_ENV = ("EMBEDCTL_BROKER_URL", "CELERY_BROKER_URL")
+"""Where the broker URL (the Redis of the leases and the tasks) comes from, first set wins."""
 
 LOCK_FILE = ".embedctl.lock"
 HOLDER_FILE = ".embedctl.lock.json"
@@ -46,6 +60,25 @@ _UNMARK = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
 return 0
 """
+
+
+def env_seconds(env: Mapping[str, str], name: str, default: int) -> int:
+    """A number of seconds from the environment variable `name` (`default` when unset or empty)."""
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer number of seconds, got {raw!r}") from None
+
+
+def lease_seconds(settings: Settings | None = None) -> int:
+    """The lease time-to-live: the settings', else EMBEDCTL_LEASE_SECONDS, else the default (embedded runs have no
+    broker settings but judge the liveness of Celery runs by the same clock)."""
+    if settings is not None:
+        return settings.lease_seconds
+    return env_seconds(os.environ, LEASE_ENV, DEFAULT_LEASE_SECONDS)
 
 
 def holder_record(run_id: str, mode: str, job: str | None = None) -> dict:
@@ -164,6 +197,8 @@ class RedisLease:
         self.settings = settings
         self.key = key
         self.token = token
+        from embedctl.jobs.broker import redis_client
+
         self.ttl = float(ttl or settings.lease_seconds)
         self._client = redis_client(settings)
         self._lock = self._client.lock(key, timeout=self.ttl, thread_local=False)
