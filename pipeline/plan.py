@@ -150,8 +150,10 @@ def load_plan(work_dir: Path) -> WorkPlan:
 
 
 def plan_job(spec: Any) -> WorkPlan:
-    """Validate the corpus, model and options of `spec` (a `jobs.spec.JobSpec`: the pipeline reads its fields and
-    never imports the jobs layer) and plan its chunks; reads no weights."""
+    """Validate the corpus, model and options of `spec` and plan its chunks; reads no weights.
+
+    `spec` is a `jobs.spec.JobSpec`: the pipeline reads its fields only (it never imports nor calls the jobs layer).
+    """
     from embedctl.pipeline.models import read_profile, resolve_model
 
     out = Path(spec.out)
@@ -164,8 +166,9 @@ def plan_job(spec: Any) -> WorkPlan:
                           f"{spec.model}; give at most {profile.position_limit}")
     dims = index_dims(profile.dim, spec.dims, defaults.DEFAULT_DIMS)
     fmt = spec.instruction_format or profile.instruction_format
+    named_ids = spec.id_column != defaults.DEFAULT_ID_COLUMN  # a column the user named must exist
     corpus = plan_corpus(spec.corpus, spec.text_column, spec.id_column, spec.chunk_rows,
-                         id_column_required=spec.id_column_required, validated=_validated_fingerprint(spec))
+                         id_column_required=named_ids, validated=_validated_fingerprint(spec))
     return WorkPlan(
         out=str(spec.out), corpus=corpus, model=spec.model, model_path=str(ref.path),
         model_fingerprint=ref.fingerprint, model_type=profile.model_type, pooling=profile.pooling, dim=profile.dim,
