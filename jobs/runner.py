@@ -1,7 +1,7 @@
 """The embedded runner: a whole run in this process (no broker, no server), through the run lifecycle.
 
-Chunks are embedded with the model loaded here (only when some text is not in the embedding cache), then the
-lifecycle builds, publishes and reports exactly as a Celery run does.
+Chunks are embedded with the model loaded here (only when some text is not in the embedding cache), then
+`jobs.publishing` builds, publishes and reports exactly as a Celery run does.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from embedctl.jobs import locks, state
 from embedctl.jobs.lifecycle import Run, Superseded, discard_chunks, fail
 from embedctl.jobs.publishing import publish_build
+from embedctl.jobs.report import RunReport
 from embedctl.pipeline.compose import BuildPlan, load_build
 from embedctl.pipeline.errors import EmbedctlError, StorageError, WeightsLost
 from embedctl.pipeline.plan import WorkPlan
@@ -213,5 +214,5 @@ def _publish(s: Step, build: BuildPlan) -> dict:
     return s.answer  # superseded before the swap
 
 
-def _published(report) -> dict:
+def _published(report: RunReport) -> dict:
     return {"status": "published", "version": report.version, "rows": report.rows_indexed}

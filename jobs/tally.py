@@ -13,7 +13,9 @@ from pathlib import Path
 from embedctl.jobs import state
 from embedctl.jobs.report import RunReport
 from embedctl.pipeline import versions
+from embedctl.pipeline.compose import BuildPlan
 from embedctl.pipeline.errors import StorageError
+from embedctl.pipeline.manifest import VersionInfo
 from embedctl.pipeline.plan import WorkPlan
 
 
@@ -37,7 +39,8 @@ def run_report(plan: WorkPlan, record: state.RunRecord, status: str, **values) -
         rows_per_second=round(embedded / embed_seconds, 1) if embedded and embed_seconds else None, **values)
 
 
-def published_report(plan: WorkPlan, record: state.RunRecord, version: str, info, build) -> RunReport:
+def published_report(plan: WorkPlan, record: state.RunRecord, version: str, info: VersionInfo,
+                     build: BuildPlan | None) -> RunReport:
     """The report of a run that published `version` (`info`: its manifest; `build`: the build plan it published,
     None when the run finishes a publish that a dead worker swapped in)."""
     return run_report(plan, record, "published", version=version, path=str(Path(plan.out) / versions.VERSIONS / version),
