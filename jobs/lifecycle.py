@@ -182,10 +182,9 @@ def _refuse_other_mode(out: Path, mode: str, idle: float) -> None:
     """One writer per folder across modes too: an embedded run refuses a folder that a live Celery run works on
     (seen on disk), a Celery run one that an embedded run locks (its file lock)."""
     if mode == "embedded":
-        for work_dir in sorted((out / WORK).glob("*")) if (out / WORK).is_dir() else []:
-            record = _live_celery_run(work_dir, idle)
-            if record is not None:
-                raise OutputBusy(str(out), json.loads(record.lease.token))
+        live = list(live_celery_runs(out, idle).values())
+        if live:
+            raise OutputBusy(str(out), json.loads(live[0].lease.token))
         return
     probe = locks.FileLease(out, "{}")
     if not probe.acquire(write_holder=False):
@@ -246,7 +245,12 @@ def still_ours(run: Run) -> None:
         raise Superseded(f"run {run.run_id} lost {run.plan.out} to a newer run; it does not publish")
 
 
-def live_work(out: str | Path, idle: float) -> list[str]:
-    """Names of the work folders of `out` that a live Celery run works in (see `_live_celery_run`)."""
+def live_celery_runs(out: str | Path, idle: float) -> dict[str, state.RunRecord]:
+    """Work folder name -> the live Celery run working there (see `_live_celery_run`), over the folders of `out`."""
     root = Path(out) / WORK
-    return [p.name for p in sorted(root.glob("*")) if _live_celery_run(p, idle) is not None] if root.is_dir() else []
+    found = {}
+    for work_dir in sorted(root.glob("*")) if root.is_dir() else []:
+        record = _live_celery_run(work_dir, idle)
+        if record is not None:
+            found[work_dir.name] = record
+    return found

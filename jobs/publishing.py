@@ -47,7 +47,8 @@ def published(run: Run, version: str, info: VersionInfo, build: BuildPlan | None
     """After the swap: the report, retention (versions, the work of superseded plans, the segments no kept version
     uses; never the work of a live run of the other mode), and the end of the run."""
     report = tally.published_report(run.plan, run.record, version, info, build)
-    removed = apply_retention(run.plan, run.record.keep, lifecycle.live_work(run.plan.out, run.lease_seconds))
+    live = lifecycle.live_celery_runs(run.plan.out, run.lease_seconds)
+    removed = apply_retention(run.plan, run.record.keep, live_work=set(live))
     if run.record.keep:
         report.versions_removed = removed
     return lifecycle.end(run, report)
