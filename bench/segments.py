@@ -229,11 +229,11 @@ def memory(work: Path, rows: int) -> dict:
     """Peak RSS growth of one build task (`build_piece` of the full dim) in a fresh process, for a segment of `rows`
     WordNet glosses. The job's chunks are written by the chunk store with random unit vectors (the build's memory
     does not depend on their values), so no model runs."""
-    from embedctl.jobs.lifecycle import plan_job
     from embedctl.jobs.spec import JobSpec
     from embedctl.pipeline.build import plan_build
     from embedctl.pipeline.cache import text_hashes
     from embedctl.pipeline.corpus import iter_chunks
+    from embedctl.pipeline.plan import plan_job
     from embedctl.pipeline.segments import build_bytes_per_row
 
     glosses = pq.read_table(CORPORA / "wordnet_glosses.parquet", columns=["id", "text"]).slice(0, rows)

@@ -10,47 +10,32 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 
+from embedctl import settings as environment
 from embedctl.pipeline.errors import BrokerError, ConfigError
+from embedctl.settings import (
+    BUILD_QUEUE,
+    DEFAULT_LEASE_SECONDS,
+    DEFAULT_RESULT_EXPIRES,
+    DEFAULT_STALL_SECONDS,
+    DEFAULT_VISIBILITY_TIMEOUT,
+    EMBED_QUEUE,
+)
 
 if TYPE_CHECKING:
     from celery import Celery
 
 LOG = logging.getLogger(__name__)
 
-DEFAULT_VISIBILITY_TIMEOUT = 6 * 3600
-"""Seconds before Redis hands an unacknowledged task to another worker: longer than the longest chunk."""
-
-DEFAULT_RESULT_EXPIRES = 24 * 3600
-"""Seconds task results are kept in Redis."""
-
-DEFAULT_LEASE_SECONDS = 120
-"""Time-to-live of a lock lease (a run's hold on its output folder, a build's hold on its plan). Holders renew it
-every third of this while they work; a lease whose holder died lapses after at most this long."""
-
-DEFAULT_STALL_SECONDS = 180
-"""A follower re-queues the chunks (or the build) of its job that made no progress for this long: a dead
-worker costs minutes instead of the visibility time-out (hours)."""
-
-EMBED_QUEUE = "embedctl.embed"
-"""Queue of the embedding tasks (GPU hosts)."""
-
-BUILD_QUEUE = "embedctl.build"
-"""Queue of the index building and scheduled-run tasks (CPU)."""
-
 EMBED_TASK = "embedctl.embed_chunk"
 BUILD_TASK = "embedctl.build_index"  # plans a version's build, queues its pieces
 SEGMENT_TASK = "embedctl.build_segment"  # one index file of one segment and dim
 PUBLISH_TASK = "embedctl.publish"
 RUN_JOB_TASK = "embedctl.run_job"
-
-BROKER_ENV = ("EMBEDCTL_BROKER_URL", "CELERY_BROKER_URL")
-"""Where the broker URL comes from, first set wins."""
 
 
 PERCENT_ENCODE = "the password must be percent-encoded: '/' as %2F, '?' as %3F, '#' as %23, '@' as %40"
@@ -167,37 +152,12 @@ class Settings:
         """Settings from the environment: EMBEDCTL_BROKER_URL (else CELERY_BROKER_URL),
         EMBEDCTL_VISIBILITY_TIMEOUT, EMBEDCTL_RESULT_EXPIRES, EMBEDCTL_LEASE_SECONDS, EMBEDCTL_STALL_SECONDS,
         EMBEDCTL_EMBED_QUEUE, EMBEDCTL_BUILD_QUEUE, EMBEDCTL_JOBS; `overrides` win when not None."""
-        env = os.environ if environ is None else environ
-        values = {
-            "broker_url": next((env[k] for k in BROKER_ENV if env.get(k)), None),
-            "visibility_timeout": _int(env, "EMBEDCTL_VISIBILITY_TIMEOUT", DEFAULT_VISIBILITY_TIMEOUT),
-            "result_expires": _int(env, "EMBEDCTL_RESULT_EXPIRES", DEFAULT_RESULT_EXPIRES),
-            "lease_seconds": _int(env, "EMBEDCTL_LEASE_SECONDS", DEFAULT_LEASE_SECONDS),
-            "stall_seconds": _int(env, "EMBEDCTL_STALL_SECONDS", DEFAULT_STALL_SECONDS),
-            "embed_queue": env.get("EMBEDCTL_EMBED_QUEUE") or EMBED_QUEUE,
-            "build_queue": env.get("EMBEDCTL_BUILD_QUEUE") or BUILD_QUEUE,
-            "jobs_path": env.get("EMBEDCTL_JOBS") or None,
-        }
+        read = environment.Settings.from_env(environ)
+        values = {name: getattr(read, name) for name in ("broker_url", "visibility_timeout", "result_expires",
+                                                          "lease_seconds", "stall_seconds", "embed_queue",
+                                                          "build_queue", "jobs_path")}
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
-
-
-def lease_seconds(settings: Settings | None = None) -> int:
-    """The lease time-to-live: the settings', else EMBEDCTL_LEASE_SECONDS, else the default (embedded runs have no
-    broker settings but judge the liveness of Celery runs by the same clock)."""
-    if settings is not None:
-        return settings.lease_seconds
-    return _int(os.environ, "EMBEDCTL_LEASE_SECONDS", DEFAULT_LEASE_SECONDS)
-
-
-def _int(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env.get(name)
-    if not raw:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be an integer number of seconds, got {raw!r}") from None
 
 
 def celery_config(settings: Settings) -> dict:

@@ -30,9 +30,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from embedctl.jobs.broker import Settings, redis_client
 from embedctl.pipeline.fsutil import FILE_MODE, make_dirs, storage_error, write_json
+from embedctl.settings import setting
+
+if TYPE_CHECKING:  # the broker module is imported where a Redis lease is made: an embedded run never needs it
+    from embedctl.jobs.broker import Settings
 
 LOG = logging.getLogger(__name__)
 
@@ -46,6 +50,14 @@ _UNMARK = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
 return 0
 """
+
+
+def lease_seconds(settings: Settings | None = None) -> int:
+    """The lease time-to-live: the settings', else EMBEDCTL_LEASE_SECONDS, else the default (embedded runs have no
+    broker settings but judge the liveness of Celery runs by the same clock)."""
+    if settings is not None:
+        return settings.lease_seconds
+    return setting("lease_seconds")
 
 
 def holder_record(run_id: str, mode: str, job: str | None = None) -> dict:
@@ -164,6 +176,8 @@ class RedisLease:
         self.settings = settings
         self.key = key
         self.token = token
+        from embedctl.jobs.broker import redis_client
+
         self.ttl = float(ttl or settings.lease_seconds)
         self._client = redis_client(settings)
         self._lock = self._client.lock(key, timeout=self.ttl, thread_local=False)

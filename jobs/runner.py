@@ -1,7 +1,7 @@
 """The embedded runner: a whole run in this process (no broker, no server), through the run lifecycle.
 
-Chunks are embedded with the model loaded here (only when some text is not in the embedding cache), then the
-lifecycle builds, publishes and reports exactly as a Celery run does.
+Chunks are embedded with the model loaded here (only when some text is not in the embedding cache), then
+`jobs.publishing` builds, publishes and reports exactly as a Celery run does.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from embedctl.jobs import lifecycle, state
+from embedctl.jobs import lifecycle, publishing, state
 from embedctl.jobs.interrupts import InterruptedAfterPublish
 from embedctl.jobs.report import RunReport, read_report
 from embedctl.jobs.spec import JobSpec
@@ -80,12 +80,12 @@ def _complete(run: lifecycle.Run, progress: ProgressFactory, encoder, overlap: b
     try:
         _embed_missing(run, progress, encoder, overlap)
         try:
-            return lifecycle.publish(run, progress, forced, rebuild)
+            return publishing.publish(run, progress, forced, rebuild)
         except DamagedChunks as damaged:  # the stored vectors are the source of truth: embed those chunks again
             LOG.warning("%s: embedding them again", damaged)
             lifecycle.discard_chunks(run, damaged.chunks)
             _embed_missing(run, progress, encoder, overlap)
-            return lifecycle.publish(run, progress, forced, rebuild)
+            return publishing.publish(run, progress, forced, rebuild)
     except EmbedctlError as exc:
         lifecycle.fail(run, str(exc))
         raise

@@ -4,15 +4,16 @@ and deletion sets) is published by swapping `current`.
 The full-dim vectors in the chunk store are the source of truth: every index (the full dim and each Matryoshka
 slice, re-normalised) is derived from them, never by running the model again. A build is a plan
 (`pipeline.compose`), pieces (one index file of one segment and dim; any process, any host, in any order) and a
-publish; every step is idempotent, and a failed build leaves the previous version current.
+publish (`staged_version`); every step is idempotent, and a failed build leaves the previous version current.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -102,59 +103,78 @@ def build_pieces(plan: WorkPlan, build: BuildPlan, progress: ProgressFactory = n
             build_piece(plan, build, segment, dim, rows, progress)
 
 
-def publish(plan: WorkPlan, build: BuildPlan,
-            before_publish: Callable[[], None] | None = None) -> tuple[VersionInfo, Path]:
-    """Write the version of a complete build (its manifest and deletion sets) and swap `current` to it; returns
-    (info, folder). `before_publish` runs just before the swap and may raise to stop it (the run lifecycle checks
-    that the run still owns the output folder)."""
+@dataclass
+class StagedVersion:
+    """A version written into its build folder, not yet current (`staged_version`)."""
+
+    plan: WorkPlan
+    info: VersionInfo
+    folder: Path
+    target: Path | None = None  # the version folder, once published
+
+    def publish(self) -> Path:
+        """Swap `current` to this version (atomically); returns its folder."""
+        self.target = versions.publish(self.plan.out, self.folder)
+        return self.target
+
+
+@contextmanager
+def staged_version(plan: WorkPlan, build: BuildPlan) -> Iterator[StagedVersion]:
+    """Write the version of a complete build (its manifest and deletion sets) into a new build folder and hand it
+    to the block, which publishes it (`StagedVersion.publish`) once it has checked that it still may (the run
+    lifecycle checks that the run still owns the output folder). A version the block leaves unpublished, by
+    raising or not, is removed: the previous one stays current."""
     t0 = time.perf_counter()
     missing = build.missing()
     if missing:
         raise StorageError(f"cannot publish: {len(missing)} index pieces are not built yet (first: segment "
                            f"{missing[0][0]}, dim {missing[0][1]}); run the job again to finish them")
-    dtypes = sorted({d for r in chunk_reports(plan) for d in r.get("dtypes", [])})
     folder = versions.new_build_dir(plan.out)
+    staged = None
     try:
-        segments, checksums = [], {}
-        for kept in build.kept:
-            ref, files = write_deletions(folder, SegmentRef(**kept.ref), build.deletions(kept.ref["id"]))
-            segments.append(ref)
-            checksums.update(files)
-        for new in build.new:
-            files = {ROWS_FILE: build.done(new.id, "rows"),
-                     **{index_file(d): build.done(new.id, str(d)) for d in build.dims}}
-            segments.append(SegmentRef(id=new.id, rows=new.rows, files=files))
-        info = VersionInfo(
-            created=datetime.now(UTC).isoformat(timespec="seconds"),
-            model=plan.model, model_path=plan.model_path, model_fingerprint=plan.model_fingerprint,
-            model_type=plan.model_type, pooling=plan.pooling, dim=plan.dim,
-            dtype="+".join(dtypes) or plan.dtype, max_length=plan.max_length,
-            instruction_format=plan.instruction_format, document_prefix=plan.document_prefix,
-            query_prefix=plan.query_prefix, dims=tuple(plan.dims), rows=sum(s.live for s in segments),
-            hnsw={"m": plan.hnsw_m, "ef_construction": plan.ef_construction, "ef_search": plan.ef_search},
-            index_type=plan.index_type,
-            corpus=CorpusInfo(source=plan.corpus.source, fingerprint=plan.corpus.fingerprint,
-                              rows=plan.corpus.rows, text_column=plan.corpus.text_column,
-                              id_column=plan.corpus.id_column, files=len(plan.corpus.files)),
-            index_key=plan.index_key, segments=tuple(segments), segment_key=build.segment_key,
-            segment_rows=plan.segment_rows, checksums=checksums)
-        write_info(folder, info)
-        if before_publish is not None:
-            before_publish()
-        target = versions.publish(plan.out, folder)
-    except BaseException:
-        versions.discard(folder)
-        raise
-    LOG.info("published %s (%d rows in %d segments) in %.1fs", target, info.rows, len(segments),
-             time.perf_counter() - t0)
-    return replace(info), target
+        staged = StagedVersion(plan, _write_version(plan, build, folder), folder)
+        yield staged
+    finally:
+        if staged is None or staged.target is None:
+            versions.discard(folder)
+    if staged.target is not None:
+            LOG.info("published %s (%d rows in %d segments) in %.1fs", staged.target, staged.info.rows,
+                 len(staged.info.segments), time.perf_counter() - t0)
 
 
-def build_and_publish(plan: WorkPlan, progress: ProgressFactory = no_progress,
-                      before_publish: Callable[[], None] | None = None, forced: frozenset[str] = frozenset(),
-                      rebuild: bool = False) -> tuple[VersionInfo, Path, BuildPlan]:
-    """Plan, build every piece in this process, publish; returns (info, folder, the build plan)."""
+def _write_version(plan: WorkPlan, build: BuildPlan, folder: Path) -> VersionInfo:
+    """The manifest of a complete build's version and its kept segments' deletion sets, written into `folder`."""
+    dtypes = sorted({d for r in chunk_reports(plan) for d in r.get("dtypes", [])})
+    segments, checksums = [], {}
+    for kept in build.kept:
+        ref, files = write_deletions(folder, SegmentRef(**kept.ref), build.deletions(kept.ref["id"]))
+        segments.append(ref)
+        checksums.update(files)
+    for new in build.new:
+        files = {ROWS_FILE: build.done(new.id, "rows"),
+                 **{index_file(d): build.done(new.id, str(d)) for d in build.dims}}
+        segments.append(SegmentRef(id=new.id, rows=new.rows, files=files))
+    info = VersionInfo(
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        model=plan.model, model_path=plan.model_path, model_fingerprint=plan.model_fingerprint,
+        model_type=plan.model_type, pooling=plan.pooling, dim=plan.dim,
+        dtype="+".join(dtypes) or plan.dtype, max_length=plan.max_length,
+        instruction_format=plan.instruction_format, document_prefix=plan.document_prefix,
+        query_prefix=plan.query_prefix, dims=tuple(plan.dims), rows=sum(s.live for s in segments),
+        hnsw={"m": plan.hnsw_m, "ef_construction": plan.ef_construction, "ef_search": plan.ef_search},
+        index_type=plan.index_type,
+        corpus=CorpusInfo(source=plan.corpus.source, fingerprint=plan.corpus.fingerprint,
+                          rows=plan.corpus.rows, text_column=plan.corpus.text_column,
+                          id_column=plan.corpus.id_column, files=len(plan.corpus.files)),
+        index_key=plan.index_key, segments=tuple(segments), segment_key=build.segment_key,
+        segment_rows=plan.segment_rows, checksums=checksums)
+    write_info(folder, info)
+    return info
+
+
+def build_all(plan: WorkPlan, progress: ProgressFactory = no_progress, forced: frozenset[str] = frozenset(),
+              rebuild: bool = False) -> BuildPlan:
+    """Plan the build and build every piece in this process; returns the build plan, ready to publish."""
     build = plan_build(plan, forced, rebuild)
     build_pieces(plan, build, progress)
-    info, target = publish(plan, build, before_publish)
-    return info, target, build
+    return build

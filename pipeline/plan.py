@@ -1,6 +1,6 @@
 """The work plan: everything the data path needs to embed a corpus and build its indexes, saved as plan.json.
 
-A plan is made once per run (corpus validated, model resolved, prefixes decided) and saved in
+A plan is made once per run (`plan_job`: corpus validated, model resolved, prefixes decided) and saved in
 `OUT/work/<plan_id>/plan.json`. The embedded runner and Celery workers read that file, so every process embeds
 with the same settings. `plan_id` covers what changes the vectors (corpus, model, instruction, length, dtype,
 chunking): the same job on the same corpus finds its earlier chunks and resumes.
@@ -13,11 +13,14 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
-from embedctl.pipeline.corpus import CorpusPlan
+from embedctl.pipeline import defaults, versions
+from embedctl.pipeline.corpus import CorpusPlan, plan_corpus
 from embedctl.pipeline.defaults import DEFAULT_SEGMENT_ROWS
 from embedctl.pipeline.errors import ConfigError, StorageError
 from embedctl.pipeline.fsutil import read_json, write_json
+from embedctl.pipeline.manifest import read_info
 from embedctl.pipeline.vectors import ChunkStore
 
 PLAN_FILE = "plan.json"
@@ -144,3 +147,47 @@ def load_plan(work_dir: Path) -> WorkPlan:
         raise StorageError(f"no plan at {path}: the job folder is missing or was removed; re-run the job") from None
     except (ValueError, TypeError, KeyError) as exc:
         raise StorageError(f"cannot read {path} ({exc}); remove that folder and re-run the job") from None
+
+
+def plan_job(spec: Any) -> WorkPlan:
+    """Validate the corpus, model and options of `spec` and plan its chunks; reads no weights.
+
+    `spec` is a `jobs.spec.JobSpec`: the pipeline reads its fields only (it never imports nor calls the jobs layer).
+    """
+    from embedctl.pipeline.models import read_profile, resolve_model
+
+    out = Path(spec.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {spec.out} is a file; give a folder (it is created when missing)")
+    ref = resolve_model(spec.model)
+    profile = read_profile(ref.path)
+    if spec.max_length and profile.position_limit and spec.max_length > profile.position_limit:
+        raise ConfigError(f"--max-length {spec.max_length} is above the {profile.position_limit} positions of "
+                          f"{spec.model}; give at most {profile.position_limit}")
+    dims = index_dims(profile.dim, spec.dims, defaults.DEFAULT_DIMS)
+    fmt = spec.instruction_format or profile.instruction_format
+    named_ids = spec.id_column != defaults.DEFAULT_ID_COLUMN  # a column the user named must exist
+    corpus = plan_corpus(spec.corpus, spec.text_column, spec.id_column, spec.chunk_rows,
+                         id_column_required=named_ids, validated=_validated_fingerprint(spec))
+    return WorkPlan(
+        out=str(spec.out), corpus=corpus, model=spec.model, model_path=str(ref.path),
+        model_fingerprint=ref.fingerprint, model_type=profile.model_type, pooling=profile.pooling, dim=profile.dim,
+        dtype=spec.dtype, device=spec.device, max_length=spec.max_length or profile.max_length,
+        batch_tokens=spec.batch_tokens, document_prefix=profile.document_prefix(spec.instruction, fmt),
+        query_prefix=profile.query_prefix(spec.query_instruction, fmt), dims=tuple(dims),
+        hnsw_m=spec.hnsw_m, ef_construction=spec.ef_construction, ef_search=spec.ef_search,
+        index_type=spec.index_type, instruction_format=fmt, segment_rows=spec.segment_rows, compile=spec.compile)
+
+
+def _validated_fingerprint(spec: Any) -> str | None:
+    """Fingerprint of the corpus the current version was built from, when its ids and texts were checked in these
+    columns (the plan checks them again otherwise)."""
+    current = versions.current_version(spec.out)
+    if current is None:
+        return None
+    try:
+        corpus = read_info(current).corpus
+    except StorageError:
+        return None  # a damaged version: check the ids again
+    same_columns = corpus.id_column == spec.id_column and corpus.text_column == spec.text_column
+    return corpus.fingerprint if same_columns else None

@@ -6,13 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from embedctl.jobs.lifecycle import plan_job
 from embedctl.jobs.spec import JobSpec
 from embedctl.pipeline import work
 from embedctl.pipeline.corpus import iter_chunks
 from embedctl.pipeline.encoder import load_encoder
 from embedctl.pipeline.errors import ModelError, StorageError
 from embedctl.pipeline.models import ModelRef
+from embedctl.pipeline.plan import plan_job
 
 
 @pytest.fixture
