@@ -107,7 +107,7 @@ def tqdm_progress(quiet: bool, terminal: bool | None = None):
     @contextmanager
     def factory(desc: str, total: int, unit: str = "", initial: int = 0):
         if quiet:
-            from embedctl.pipeline.work import no_progress
+            from embedctl.pipeline.progress import no_progress
 
             with no_progress(desc, total) as silent:
                 yield silent

@@ -34,7 +34,8 @@ from embedctl.jobs.broker import (
 from embedctl.jobs.report import RunReport, read_report
 from embedctl.jobs.spec import JobSpec
 from embedctl.pipeline.errors import BrokerError, EmbedctlError, StorageError
-from embedctl.pipeline.work import ProgressFactory, missing_chunks, no_progress
+from embedctl.pipeline.progress import ProgressFactory, no_progress, stage
+from embedctl.pipeline.work import missing_chunks
 
 LOG = logging.getLogger(__name__)
 
@@ -180,7 +181,7 @@ def _follow_until_reported(run: lifecycle.Run, progress: ProgressFactory, poll: 
     total_chunks = len(plan.corpus.chunks)
     t0 = time.monotonic()
     with locks.keep_alive(renew, run.lease_seconds / 3, f"run {run.run_id}"), \
-            progress("embed", plan.corpus.rows, "rows", rows) as update:
+            stage(progress, "embed", plan.corpus.rows, "rows", rows) as update:
         while True:
             report = read_report(plan.work_dir)
             if report is not None and report.run_id == run.run_id:
@@ -193,7 +194,7 @@ def _follow_until_reported(run: lifecycle.Run, progress: ProgressFactory, poll: 
             if now_rows != rows:
                 update(now_rows - rows)
                 rows = now_rows
-            getattr(update, "note", lambda _s: None)(
+            update.note(
                 "building indexes" if chunks == total_chunks else f"chunks {chunks}/{total_chunks}")
             watchdog.check()
             if timeout is not None and time.monotonic() - t0 > timeout:

@@ -14,8 +14,8 @@ from embedctl.pipeline import versions
 from embedctl.pipeline.build import build_all, staged_version
 from embedctl.pipeline.compose import BuildPlan
 from embedctl.pipeline.manifest import VersionInfo, read_info
+from embedctl.pipeline.progress import ProgressFactory, no_progress
 from embedctl.pipeline.retention import apply_retention
-from embedctl.pipeline.work import ProgressFactory, no_progress
 
 
 def publish(run: Run, progress: ProgressFactory = no_progress, forced: frozenset[str] = frozenset(),

@@ -18,10 +18,10 @@ from embedctl.pipeline import work
 from embedctl.pipeline.cache import EmbeddingCache
 from embedctl.pipeline.corpus import iter_chunks
 from embedctl.pipeline.errors import CorpusError, EmbedctlError, StorageError
-from embedctl.pipeline.models import ModelRef
-from embedctl.pipeline.plan import WORK, WorkPlan, load_plan
+from embedctl.pipeline.plan import WORK, load_plan
+from embedctl.pipeline.progress import ProgressFactory, no_progress, stage
 from embedctl.pipeline.vectors import DamagedChunks
-from embedctl.pipeline.work import ProgressFactory, no_progress
+from embedctl.pipeline.work import EncoderOnDemand
 
 LOG = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def run_embedded(spec: JobSpec, progress: ProgressFactory = no_progress, encoder
     run = lifecycle.begin(spec, "embedded", job=job)
     if run.up_to_date:
         return lifecycle.finish_up_to_date(run)
-    return _complete(run, progress, encoder or (lambda: load_job_encoder(run.plan, spec.threads, spec.shm)), overlap)
+    return _complete(run, progress, EncoderOnDemand(run.plan, spec.threads, spec.shm, encoder), overlap)
 
 
 def run_named(job, progress: ProgressFactory = no_progress) -> RunReport:
@@ -69,7 +69,7 @@ def repair(out: Path, progress: ProgressFactory = no_progress, threads: int | No
     previous = state.read_run(plan)
     run = lifecycle.begin_plan(plan, "embedded", keep=previous.keep if previous else None, force=True)
     lifecycle.discard_chunks(run, chunks)
-    return found, _complete(run, progress, lambda: load_job_encoder(plan, threads, shm), overlap=True,
+    return found, _complete(run, progress, EncoderOnDemand(plan, threads, shm), overlap=True,
                             forced=damaged_segments(found), rebuild=version_damaged(found))
 
 
@@ -98,35 +98,15 @@ def _complete(run: lifecycle.Run, progress: ProgressFactory, encoder, overlap: b
         run.lease.release()
 
 
-def _embed_missing(run: lifecycle.Run, progress: ProgressFactory, encoder, overlap: bool) -> None:
-    """`encoder`: an Encoder, or a function that loads one (called only when some text is not in the cache)."""
+def _embed_missing(run: lifecycle.Run, progress: ProgressFactory, encoder: EncoderOnDemand, overlap: bool) -> None:
+    """Embed the chunks not complete yet (`encoder` loads the model only when some text is not in the cache)."""
     plan = run.plan
     missing = work.missing_chunks(plan)
     if not missing:
         return
-    loaded = [encoder if hasattr(encoder, "encode") else None]
-
-    def lazy_encoder():
-        if loaded[0] is None:
-            loaded[0] = encoder()
-        return loaded[0]
-
     cache = EmbeddingCache(plan.cache_sources())
     todo = sum(plan.corpus.chunks[k].rows for k in missing)
-    with progress("embed", plan.corpus.rows, "rows", plan.corpus.rows - todo) as update:
-        for _report in work.embed_stream(plan, iter_chunks(plan.corpus, set(missing)), lazy_encoder, update, cache,
+    with stage(progress, "embed", plan.corpus.rows, "rows", plan.corpus.rows - todo) as update:
+        for _report in work.embed_stream(plan, iter_chunks(plan.corpus, set(missing)), encoder, update, cache,
                                          overlap=overlap, stamp={"run_id": run.run_id}):
             pass
-
-
-def load_job_encoder(plan: WorkPlan, threads: int | None = None, shm: str = "auto"):
-    """Load the encoder a job computes with (threads set first)."""
-    import torch  # imported here: planning and status need no torch
-
-    from embedctl.pipeline.encoder import load_encoder
-
-    if threads:
-        torch.set_num_threads(threads)
-    return load_encoder(ModelRef(plan.model, Path(plan.model_path)), device=plan.device, dtype=plan.dtype,
-                        max_length=plan.max_length, batch_tokens=plan.batch_tokens, shm=shm,
-                        compile=plan.compile)

@@ -31,9 +31,10 @@ from embedctl.pipeline.manifest import (
 )
 from embedctl.pipeline.merge import MergePolicy
 from embedctl.pipeline.plan import WorkPlan
+from embedctl.pipeline.progress import ProgressFactory, no_progress, stage
 from embedctl.pipeline.segments import ROWS_FILE, build_index_file, index_file, segment_dir, write_rows
 from embedctl.pipeline.vectors import DamagedChunks
-from embedctl.pipeline.work import ProgressFactory, chunk_reports, missing_chunks, no_progress
+from embedctl.pipeline.work import chunk_reports, missing_chunks
 
 LOG = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def build_piece(plan: WorkPlan, build: BuildPlan, segment: str, dim: int, rows: 
     if build.done(segment, "rows") is None:
         build.mark_done(segment, "rows", write_rows(folder, gather_rows(plan, rows, sources)))
     vectors = gather_vectors(plan, rows, sources)
-    with progress(f"index {dim}d {segment}", len(sources), "vec", 0) as update:
+    with stage(progress, f"index {dim}d {segment}", len(sources), "vec") as update:
         written = build_index_file(folder, dim, vectors, plan.hnsw_m, plan.ef_construction, plan.ef_search,
                                    plan.index_type, update)
     build.mark_done(segment, str(dim), written)

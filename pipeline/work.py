@@ -10,9 +10,9 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -23,28 +23,35 @@ from embedctl.pipeline.corpus import Chunk, ChunkRows, read_chunk
 from embedctl.pipeline.errors import StorageError
 from embedctl.pipeline.loader import dtype_name
 from embedctl.pipeline.plan import WorkPlan
+from embedctl.pipeline.progress import Update as Progress
 
 if TYPE_CHECKING:  # the encoder (and torch) is imported only by processes that embed
     from embedctl.pipeline.encoder import Encoded, Encoder, Prepared
 
 LOG = logging.getLogger(__name__)
 
-Progress = Callable[[int], None]
-ProgressFactory = Callable[[str, int, str, int], AbstractContextManager[Progress]]
-"""(description, total, unit, initial) -> a context manager yielding an update(n) callable (e.g. a tqdm bar)."""
+class EncoderOnDemand:
+    """The encoder of a plan, loaded the first time a text is not in the cache: a run whose changed texts are all
+    cached (or whose chunks are all complete) loads no model. `encoder`: one already loaded, used as it is."""
 
+    def __init__(self, plan: WorkPlan, threads: int | None = None, shm: str = "auto", encoder: Encoder | None = None):
+        self.plan, self.threads, self.shm = plan, threads, shm
+        self._encoder = encoder
 
-class _Silent:
-    def __call__(self, n: int) -> None:
-        pass
+    def __call__(self) -> Encoder:
+        if self._encoder is None:
+            import torch  # imported here: planning and status need no torch
 
-    def note(self, text: str) -> None:
-        pass
+            from embedctl.pipeline.encoder import load_encoder
+            from embedctl.pipeline.models import ModelRef
 
-
-def no_progress(desc: str, total: int, unit: str = "", initial: int = 0) -> AbstractContextManager[Progress]:
-    """A ProgressFactory that shows nothing (its update also takes `.note(text)`, like the CLI's bars)."""
-    return nullcontext(_Silent())
+            if self.threads:
+                torch.set_num_threads(self.threads)
+            plan = self.plan
+            self._encoder = load_encoder(ModelRef(plan.model, Path(plan.model_path)), device=plan.device,
+                                         dtype=plan.dtype, max_length=plan.max_length,
+                                         batch_tokens=plan.batch_tokens, shm=self.shm, compile=plan.compile)
+        return self._encoder
 
 
 def skip_reason(text: object) -> str | None:

@@ -107,12 +107,12 @@ def test_a_build_step_waits_while_another_holds_the_build_lease(corpus, tmp_path
 
 
 def test_a_run_that_lost_its_lease_beats_in_vain_and_does_not_publish(corpus, tmp_path, redis_server, caplog):
-    from embedctl.jobs.runner import load_job_encoder
+    from embedctl.pipeline.work import EncoderOnDemand
 
     settings = _settings(redis_server, lease_seconds=1)  # a beat every third of a second
     run = lifecycle.begin(_spec(corpus, tmp_path), "celery", settings)
     plan = run.plan
-    encoder = load_job_encoder(plan)
+    encoder = EncoderOnDemand(plan)()
     for number in range(len(plan.corpus.chunks)):
         done = steps.run_chunk(plan.work_dir, number, lambda plan: encoder, _no_cache, settings)
         assert done["rows"] == 12 and done["build_due"] == (number == len(plan.corpus.chunks) - 1)
