@@ -170,6 +170,34 @@ def print_json(data) -> None:
     click.echo(json.dumps(data, indent=2, default=str, ensure_ascii=False))
 
 
+def print_rows(rows: list[dict], as_json: bool, empty: str, header: str, line: Callable[[dict], str]) -> None:
+    """Rows as JSON, or as a table (`header`, then `line(row)` each), or `empty` when there are none."""
+    if as_json:
+        print_json(rows)
+    elif not rows:
+        click.echo(empty)
+    else:
+        click.echo(header)
+        for row in rows:
+            click.echo(line(row))
+
+
+def run_options(broker_help: str, detach_help: str, json_help: str) -> Callable:
+    """The options of a command that runs a job: `--broker`, `--detach`, `--quiet`, `--json`."""
+    from embedctl.settings import BROKER_ENV
+
+    def apply(func: Callable) -> Callable:
+        for option in reversed((
+                click.option("--broker", envvar=list(BROKER_ENV), show_envvar=True, default=None, help=broker_help),
+                env_option("--detach", env="DETACH", is_flag=True, help=detach_help),
+                env_option("--quiet", "-q", env="QUIET", is_flag=True, help="No progress bars."),
+                env_option("--json", "as_json", env="JSON", is_flag=True, help=json_help))):
+            func = option(func)
+        return func
+
+    return apply
+
+
 def setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)

@@ -10,13 +10,13 @@ from embedctl.cli.common import (
     env_option,
     parse_dims,
     print_json,
+    run_options,
     shm_option,
     tqdm_progress,
 )
 from embedctl.jobs.interrupts import InterruptedAfterPublish
 from embedctl.jobs.spec import JobSpec
 from embedctl.pipeline import defaults
-from embedctl.settings import BROKER_ENV
 
 
 @click.command()
@@ -61,11 +61,8 @@ from embedctl.settings import BROKER_ENV
 @env_option("--keep", env="KEEP", type=int, default=defaults.DEFAULT_KEEP_VERSIONS, show_default=True,
       help="Index versions kept in --out (older ones are removed; the current one never).")
 @shm_option
-@click.option("--broker", envvar=list(BROKER_ENV), show_envvar=True, default=None,
-              help="Redis URL: fan the chunks out to Celery workers (default: run in this process).")
-@env_option("--detach", env="DETACH", is_flag=True, help="With --broker: print the job id and return at once.")
-@env_option("--quiet", "-q", env="QUIET", is_flag=True, help="No progress bars.")
-@env_option("--json", "as_json", env="JSON", is_flag=True, help="Print the run report as JSON.")
+@run_options("Redis URL: fan the chunks out to Celery workers (default: run in this process).",
+             "With --broker: print the job id and return at once.", "Print the run report as JSON.")
 def index(corpus: str, out: str, model: str, text_column: str, id_column: str, instruction: str | None,
           query_instruction: str | None, instruction_format: str | None, dims: tuple[int, ...] | None,
           chunk_rows: int, batch_tokens: int | None,

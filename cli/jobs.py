@@ -6,8 +6,7 @@ import sys
 
 import click
 
-from embedctl.cli.common import env_option, print_json, tqdm_progress
-from embedctl.settings import BROKER_ENV
+from embedctl.cli.common import env_option, print_json, print_rows, run_options, tqdm_progress
 
 
 def _jobs_option(func):
@@ -52,11 +51,8 @@ def list_jobs(jobs_file: str | None, as_json: bool) -> None:
 @jobs.command("run")
 @click.argument("name")
 @_jobs_option
-@click.option("--broker", envvar=list(BROKER_ENV), show_envvar=True, default=None,
-              help="Run on the Celery workers (default: in this process).")
-@env_option("--detach", env="DETACH", is_flag=True, help="With a broker: return once the run is queued.")
-@env_option("--quiet", "-q", env="QUIET", is_flag=True, help="No progress bars.")
-@env_option("--json", "as_json", env="JSON", is_flag=True, help="Print the run record as JSON.")
+@run_options("Run on the Celery workers (default: in this process).", "With a broker: return once the run is queued.",
+             "Print the run record as JSON.")
 def run(name: str, jobs_file: str | None, broker: str | None, detach: bool, quiet: bool, as_json: bool) -> None:
     """Run job NAME now (embedded, or on the workers with a broker); skipped while another run of it is going."""
     from embedctl.jobs.schedule import jobs_path, load_named
@@ -111,17 +107,11 @@ def job_status(name: str, jobs_file: str | None, limit: int, as_json: bool) -> N
     runs = history(job.spec.out, limit=limit)
     fields = ("run_id", "started", "status", "rows_embedded", "rows_reused", "rows_deleted", "seconds", "version",
               "mode", "reason", "error")
-    runs = [{k: r.get(k) for k in fields} for r in runs]
-    if as_json:
-        print_json(runs)
-        return
-    if not runs:
-        click.echo(f"{name}: no runs yet")
-        return
-    click.echo(f"{'started':<26} {'status':<11} {'embedded':>9} {'reused':>9} {'deleted':>8} {'seconds':>8}  version")
-    for r in runs:
-        click.echo(f"{r['started'] or '':<26} {r['status']:<11} {r['rows_embedded'] or 0:>9} {r['rows_reused'] or 0:>9} "
-                   f"{r['rows_deleted'] or 0:>8} {r['seconds'] or 0:>8}  {r['version'] or r['reason'] or ''}")
+    print_rows([{k: r.get(k) for k in fields} for r in runs], as_json, f"{name}: no runs yet",
+               f"{'started':<26} {'status':<11} {'embedded':>9} {'reused':>9} {'deleted':>8} {'seconds':>8}  version",
+               lambda r: f"{r['started'] or '':<26} {r['status']:<11} {r['rows_embedded'] or 0:>9} "
+                         f"{r['rows_reused'] or 0:>9} {r['rows_deleted'] or 0:>8} {r['seconds'] or 0:>8}  "
+                         f"{r['version'] or r['reason'] or ''}")
 
 
 @click.group()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import click
@@ -21,7 +21,6 @@ from embedctl.cli.common import env_option, exported_devices, shm_option
 from embedctl.pipeline.errors import ConfigError, ModelError
 from embedctl.pipeline.manifest import read_info
 from embedctl.pipeline.versions import index_names, resolve_index_dir
-from embedctl.serve import config
 from embedctl.serve.config import ENV as SERVE_CONFIG_ENV
 from embedctl.serve.config import ServeConfig
 
@@ -37,6 +36,29 @@ def _check_port(host: str, port: int) -> None:
                 from None
 
 
+_DEFAULTS = {f.name: f.default for f in fields(ServeConfig)}
+"""The server's defaults, held by its config object."""
+_LIMITS = (  # option (EMBEDCTL_<OPTION>; the ServeConfig field of that name), type, help
+    ("--batch-wait-ms", float, "How long a batch's first request waits for others while clients are concurrent."),
+    ("--max-queue", int, "Requests waiting for the model per worker before the server answers 429."),
+    ("--max-body", int, "Largest request body in bytes (413 above it)."),
+    ("--max-inputs", int, "Most texts in one request."),
+    ("--cache", int, "Recent (text, instruction) embeddings kept per worker (0: no cache)."),
+    ("--header-timeout", float, "Seconds a connection has to send a request's headers; then it is closed (408)."),
+    ("--body-timeout", float, "Seconds a request's whole body has to arrive after its headers; then 408."),
+    ("--max-connections", int, "Open connections per worker; past it requests are answered 503."),
+)
+
+
+def _limit_options(func):
+    """The server's limits as options, in `_LIMITS`' order, with the config's defaults."""
+    for option, kind, text in reversed(_LIMITS):
+        name = option[2:].replace("-", "_")
+        func = env_option(option, env=name.upper(), type=kind, default=_DEFAULTS[name], show_default=True,
+                          help=text)(func)
+    return func
+
+
 @click.command()
 @click.argument("index_dirs", nargs=-1, type=click.Path(file_okay=False))
 @env_option("--model", "-m", env="MODEL", default=None,
@@ -46,7 +68,7 @@ def _check_port(host: str, port: int) -> None:
             help="Worker processes [default: one per GPU, else 1 using every core].")
 @env_option("--host", env="HOST", default="127.0.0.1", show_default=True,
             help="Address to listen on (0.0.0.0 for every interface: set --api-key then).")
-@env_option("--port", "-p", env="PORT", type=int, default=config.DEFAULT_PORT, show_default=True)
+@env_option("--port", "-p", env="PORT", type=int, default=_DEFAULTS["port"], show_default=True)
 @env_option("--api-key", env="API_KEY", default=None,
             help="Require `Authorization: Bearer KEY` on every route but /health.")
 @env_option("--device", env="DEVICE", default="auto", show_default=True)
@@ -56,22 +78,7 @@ def _check_port(host: str, port: int) -> None:
             help="Torch threads per worker [default: the cores shared out among the workers].")
 @env_option("--batch-tokens", env="BATCH_TOKENS", type=int, default=None,
             help="Token budget of one model call [default: the encoder's, 1024 on CPU, 32768 on CUDA].")
-@env_option("--batch-wait-ms", env="BATCH_WAIT_MS", type=float, default=config.DEFAULT_BATCH_WAIT_MS, show_default=True,
-            help="How long a batch's first request waits for others while clients are concurrent.")
-@env_option("--max-queue", env="MAX_QUEUE", type=int, default=config.DEFAULT_MAX_QUEUE, show_default=True,
-            help="Requests waiting for the model per worker before the server answers 429.")
-@env_option("--max-body", env="MAX_BODY", type=int, default=config.DEFAULT_MAX_BODY, show_default=True,
-            help="Largest request body in bytes (413 above it).")
-@env_option("--max-inputs", env="MAX_INPUTS", type=int, default=config.DEFAULT_MAX_INPUTS, show_default=True,
-            help="Most texts in one request.")
-@env_option("--cache", env="CACHE", type=int, default=config.DEFAULT_CACHE, show_default=True,
-            help="Recent (text, instruction) embeddings kept per worker (0: no cache).")
-@env_option("--header-timeout", env="HEADER_TIMEOUT", type=float, default=config.DEFAULT_HEADER_TIMEOUT, show_default=True,
-            help="Seconds a connection has to send a request's headers; then it is closed (408).")
-@env_option("--body-timeout", env="BODY_TIMEOUT", type=float, default=config.DEFAULT_BODY_TIMEOUT, show_default=True,
-            help="Seconds a request's whole body has to arrive after its headers; then 408.")
-@env_option("--max-connections", env="MAX_CONNECTIONS", type=int, default=config.DEFAULT_MAX_CONNECTIONS,
-            show_default=True, help="Open connections per worker; past it requests are answered 503.")
+@_limit_options
 @env_option("--no-verify", env="NO_VERIFY", is_flag=True,
             help="Do not check index files against their checksums when (re)loading them.")
 @env_option("--device-share", env="DEVICE_SHARE", type=click.Choice(["auto", "on", "off"]), default="auto",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from embedctl.cli.common import env_option, print_json
+from embedctl.cli.common import env_option, print_json, print_rows
 from embedctl.pipeline import defaults
 from embedctl.shm_loader.segment import human_bytes
 
@@ -55,17 +55,10 @@ def status(as_json: bool) -> None:
     """List the segments: model folder, dtype, size, created, state, processes that map it."""
     from embedctl.shm_loader.segment import default_shm_dir, list_segments
 
-    segments = list_segments()
-    if as_json:
-        print_json(segments)
-        return
-    if not segments:
-        click.echo(f"no embedctl segments in {default_shm_dir()}")
-        return
-    click.echo(f"{'name':<36} {'state':<10} {'dtype':<9} {'size':>10} {'procs':>5}  {'created':<25} folder")
-    for s in segments:
-        click.echo(f"{s['name']:<36} {s['state']:<10} {s['dtype'] or '-':<9} {human_bytes(s['bytes']):>10} "
-                   f"{s['processes']:>5}  {s['created'] or '-':<25} {s['folder'] or '-'}")
+    print_rows(list_segments(), as_json, f"no embedctl segments in {default_shm_dir()}",
+               f"{'name':<36} {'state':<10} {'dtype':<9} {'size':>10} {'procs':>5}  {'created':<25} folder",
+               lambda s: f"{s['name']:<36} {s['state']:<10} {s['dtype'] or '-':<9} {human_bytes(s['bytes']):>10} "
+                         f"{s['processes']:>5}  {s['created'] or '-':<25} {s['folder'] or '-'}")
 
 
 @shm.command()
