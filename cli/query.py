@@ -11,9 +11,8 @@ import click
 
 from embedctl.cli.common import env_option, print_json, shm_option
 from embedctl.pipeline import defaults
-from embedctl.pipeline.errors import ConfigError, ModelError
-from embedctl.pipeline.manifest import VersionInfo, read_info
-from embedctl.pipeline.models import ModelRef, format_instruction, resolve_model
+from embedctl.pipeline.errors import ConfigError
+from embedctl.pipeline.manifest import read_info
 from embedctl.pipeline.storage import join
 from embedctl.pipeline.versions import resolve_index_dir, version_folder
 
@@ -22,24 +21,6 @@ def no_verify_option(func):
     """`--no-verify` (EMBEDCTL_NO_VERIFY): skip the checksums of the index files (see `python -m bench.verify`)."""
     return env_option("--no-verify", env="NO_VERIFY", is_flag=True,
                       help="Do not check the index files against their checksums before using them.")(func)
-
-
-def _index_model(info: VersionInfo) -> ModelRef:
-    """The model recorded in an index: its folder when it still exists, else its name resolved again."""
-    path = Path(info.model_path)
-    if (path / "config.json").is_file() or (path / "modules.json").is_file():
-        return ModelRef(info.model, path)
-    try:
-        return resolve_model(info.model)
-    except ModelError as exc:
-        raise ModelError(f"the index was built with {info.model!r}, which cannot be loaded here: {exc}") from None
-
-
-def _query_prefix(info: VersionInfo, query_instruction: str | None) -> str:
-    """The index's recorded query prefix, or `--query-instruction` in the index's instruction format."""
-    if query_instruction is None:
-        return info.query_prefix
-    return format_instruction(query_instruction, info.instruction_format)
 
 
 def _undecodable(text: str) -> str | None:
@@ -161,8 +142,8 @@ def _search_here(index_dir: str, queries: list[str], k: int, dim: int | None, ef
     from embedctl.pipeline.encoder import load_encoder  # torch is imported only when a query is embedded
 
     info = reader.info
-    encoder = load_encoder(_index_model(info), device=device, max_length=info.max_length, shm=shm)
-    vectors = encoder.encode(queries, prefix=_query_prefix(info, query_instruction)).vectors
+    encoder = load_encoder(info.model_ref(), device=device, max_length=info.max_length, shm=shm)
+    vectors = encoder.encode(queries, prefix=info.query_prefix_for(query_instruction)).vectors
     return reader.search(vectors, k=k, dim=dim, ef=ef)
 
 
@@ -235,7 +216,7 @@ def evaluate_cmd(index_dir: str, queries_path: str, query_column: str, relevant_
     reader = IndexReader(Path(index_dir), verify=not no_verify)
     queries = load_queries(Path(queries_path), query_column, relevant_column, reader, limit=limit)
     info = reader.info
-    prefix = _query_prefix(info, query_instruction)
+    prefix = info.query_prefix_for(query_instruction)
     if server:
         from embedctl.jobs.client import ServerClient
 
@@ -248,7 +229,7 @@ def evaluate_cmd(index_dir: str, queries_path: str, query_column: str, relevant_
     else:
         from embedctl.pipeline.encoder import load_encoder
 
-        encoder = load_encoder(_index_model(info), device=device, max_length=info.max_length, shm=shm)
+        encoder = load_encoder(info.model_ref(), device=device, max_length=info.max_length, shm=shm)
         vectors = encoder.encode(queries.texts, prefix=prefix).vectors
     result = evaluate(reader, vectors, queries, cutoffs, ef=ef, exact_device=exact_device)
     if as_json:

@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from embedctl.cli.common import env_option, exported_devices, shm_option
-from embedctl.pipeline.errors import ConfigError, ModelError
+from embedctl.pipeline.errors import ConfigError
 from embedctl.pipeline.manifest import read_info
 from embedctl.pipeline.versions import index_names, resolve_index_dir
 from embedctl.serve.config import ENV as SERVE_CONFIG_ENV
@@ -97,20 +97,16 @@ def serve(index_dirs: tuple[str, ...], model: str | None, workers: int | None, h
 
     served = ServeConfig(  # checked first, one line naming the option; model, workers and share follow
         model=model or "", indexes=tuple(str(Path(f).resolve()) for f in index_dirs),
-        workers=1 if workers is None else workers, host=host, port=port, api_key=api_key, device=device, dtype=dtype, shm=shm, threads=threads,
-        batch_tokens=batch_tokens, batch_wait_ms=batch_wait_ms, max_queue=max_queue, max_body=max_body,
-        max_inputs=max_inputs, cache=cache, header_timeout=header_timeout, body_timeout=body_timeout,
+        workers=1 if workers is None else workers, host=host, port=port, api_key=api_key, device=device,
+        dtype=dtype, shm=shm, threads=threads, batch_tokens=batch_tokens, batch_wait_ms=batch_wait_ms,
+        max_queue=max_queue, max_body=max_body, max_inputs=max_inputs, cache=cache, header_timeout=header_timeout, body_timeout=body_timeout,
         max_connections=max_connections, verify=not no_verify)
     infos = [read_info(resolve_index_dir(Path(f))) for f in index_dirs]  # one line when one is not published
     if model is None:
         if not infos:
             raise click.UsageError("give --model MODEL, or index folders whose model is served")
-        model = infos[0].model  # as it was named at index time; its folder when that name no longer resolves
-        try:
-            ref = resolve_model(model)
-        except ModelError:
-            model = infos[0].model_path
-            ref = resolve_model(model)
+        ref = infos[0].model_ref()
+        model = infos[0].model  # clients name it as it was named at index time
     else:
         ref = resolve_model(model)
     fingerprint = ref.fingerprint
@@ -140,7 +136,7 @@ def serve(index_dirs: tuple[str, ...], model: str | None, workers: int | None, h
         devices = exported_devices(device_share, dev, gpus, count)
         if devices:
             share = {"folder": str(folder), "dtype": dtype_str(torch_dtype), "devices": devices}
-    served = replace(served, model=model, workers=count, share=share)
+    served = replace(served, model=model, model_path=str(ref.path), workers=count, share=share)
     click.echo(f"serving {model} on http://{host}:{port} with {served.workers} worker(s); indexes: "
                f"{', '.join(names) or 'none'}", err=True)
     env = dict(os.environ, **{SERVE_CONFIG_ENV: served.to_json()})

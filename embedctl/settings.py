@@ -13,7 +13,6 @@ values from `Settings.from_env()`.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -112,7 +111,7 @@ class Settings:
                 seconds = float(compile_after)
             except ValueError:
                 seconds = -1.0
-            if not 0 <= seconds < math.inf:
+            if not seconds >= 0:  # inf: never compile; NaN and negatives are refused
                 raise ConfigError(f"EMBEDCTL_COMPILE_AFTER must be a number of seconds >= 0, got {compile_after!r}")
         require_shm = _text(env, "EMBEDCTL_REQUIRE_SHM").lower() in TRUE
         shm = "require" if require_shm else _choice(

@@ -152,10 +152,9 @@ class Settings:
         """Settings from the environment: EMBEDCTL_BROKER_URL (else CELERY_BROKER_URL),
         EMBEDCTL_VISIBILITY_TIMEOUT, EMBEDCTL_RESULT_EXPIRES, EMBEDCTL_LEASE_SECONDS, EMBEDCTL_STALL_SECONDS,
         EMBEDCTL_EMBED_QUEUE, EMBEDCTL_BUILD_QUEUE, EMBEDCTL_JOBS; `overrides` win when not None."""
-        read = environment.Settings.from_env(environ)
-        values = {name: getattr(read, name) for name in ("broker_url", "visibility_timeout", "result_expires",
-                                                          "lease_seconds", "stall_seconds", "embed_queue",
-                                                          "build_queue", "jobs_path")}
+        values = {name: environment.setting(name, environ)  # these only: another knob's bad value is not ours
+                  for name in ("broker_url", "visibility_timeout", "result_expires", "lease_seconds",
+                               "stall_seconds", "embed_queue", "build_queue", "jobs_path")}
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 

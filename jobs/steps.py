@@ -149,6 +149,8 @@ def run_chunk(work_dir: Path, number: int, encoder_for: Callable[[WorkPlan], obj
         plan = s.run.plan
         summary = embed_chunk(plan, number, lambda: encoder_for(plan), cache=cache_for(plan),
                               stamp={"run_id": s.run.run_id})
+    if s.answer:  # superseded on the way (the run was recorded failed)
+        return s.answer
     return {**summary, "build_due": not missing_chunks(plan)}
 
 
@@ -195,6 +197,8 @@ def run_piece(work_dir: Path, key: str, segment: str, dim: int, settings: Settin
         if s.answer:
             return s.answer
         build_piece(s.run.plan, s.build, segment, dim)
+    if s.answer:  # superseded on the way (the run was recorded failed)
+        return s.answer
     return {"status": "built", "segment": segment, "dim": dim, "publish_due": not s.build.missing()}
 
 

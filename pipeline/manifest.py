@@ -99,6 +99,28 @@ class VersionInfo:
     def plan_id(self) -> str:
         return self.index_key.get("plan_id", "")
 
+    def model_ref(self):
+        """The model that built this index, as it loads here: its folder while that still holds a model, else its
+        name resolved again (a ModelError says it cannot be loaded here). `require_model` checks it is the same."""
+        from embedctl.pipeline.errors import ModelError
+        from embedctl.pipeline.models import ModelRef, resolve_model
+
+        path = Path(self.model_path)
+        if (path / "config.json").is_file() or (path / "modules.json").is_file():
+            return ModelRef(self.model, path)
+        try:
+            return resolve_model(self.model)
+        except ModelError as exc:
+            raise ModelError(f"the index was built with {self.model!r}, which cannot be loaded here: {exc}") from None
+
+    def query_prefix_for(self, instruction: str | None) -> str:
+        """What goes before a query: the prefix recorded at index time, or `instruction` in the index's format."""
+        if instruction is None:
+            return self.query_prefix
+        from embedctl.pipeline.models import format_instruction
+
+        return format_instruction(instruction, self.instruction_format)
+
     def require_model(self, fingerprint: str, model: str, where: Path) -> None:
         """Refuse (one line) to embed this index's queries with another model than the one that built it."""
         if self.model_fingerprint != fingerprint:

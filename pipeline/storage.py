@@ -68,6 +68,10 @@ class Pointer:
     token: str
 
 
+POINTER_LOCK = ".embedctl.pointer.lock"
+"""The lock file of a local folder's pointer swaps (`LocalStorage.compare_and_swap`)."""
+
+
 def join(*parts: str) -> str:
     """A key from parts (empty parts are left out)."""
     return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
@@ -249,14 +253,18 @@ class LocalStorage(Storage):
                 raise storage_error(exc, path, "read") from None
             return None
         token = f"{st.st_ino}-{st.st_mtime_ns}-{value}"
-        if os.path.isabs(value) and Path(value).is_relative_to(self._root):  # a link a user made by hand
-            value = Path(value).relative_to(self._root).as_posix()
+        if os.path.isabs(value) or ".." in Path(value).parts:  # a link a user made by hand (a rollback, say)
+            target, root = Path(os.path.realpath(path.parent / value)), Path(os.path.realpath(self._root))
+            if target.is_relative_to(root):  # whichever spelling of the folder (relative, through a symlink)
+                value = target.relative_to(root).as_posix()
         return Pointer(value, token)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        """An exclusive flock on the output folder itself (no lock file is added to it)."""
-        fd = os.open(make_dirs(self._root), os.O_RDONLY)
+        """An exclusive flock on the folder's pointer lock file: a regular file opened for writing, as an NFS
+        client needs for an exclusive lock (it refuses one on a folder). Not the run's lease file, which the
+        publishing process holds already."""
+        fd = os.open(make_dirs(self._root) / POINTER_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

@@ -78,9 +78,10 @@ class ServerState:
 
         from embedctl.pipeline.encoder import load_encoder
         from embedctl.pipeline.loader import import_model_code
-        from embedctl.pipeline.models import read_profile, resolve_model
+        from embedctl.pipeline.models import ModelRef, read_profile, resolve_model
 
-        ref = resolve_model(self.config.model)
+        ref = ModelRef(self.config.model, Path(self.config.model_path)) if self.config.model_path \
+            else resolve_model(self.config.model)
         self.profile = read_profile(ref.path)
         self.fingerprint = ref.fingerprint
         import_model_code(self.profile.transformer_path)  # the architecture's module: seconds, paid by any load
@@ -391,12 +392,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
                                 f"{', '.join(map(str, reader.dims))}", param="dim")
         if len(queries) > config.max_inputs:
             raise ApiError(400, f"{len(queries)} queries in one request; at most {config.max_inputs}", param="query")
-        if req.instruction is None:
-            prefix = info.query_prefix
-        else:
-            from embedctl.pipeline.models import format_instruction
-
-            prefix = format_instruction(req.instruction, info.instruction_format)
+        prefix = info.query_prefix_for(req.instruction)
         embedded = await engine.embed_texts(queries, prefix)
         results = await asyncio.to_thread(reader.search, embedded.vectors, req.k, req.dim, req.ef)
         metrics.TOKENS.labels("/v1/search").inc(embedded.tokens)

@@ -41,6 +41,7 @@ never finishes its requests must open 25 connections a second to reach it."""
 @dataclass(frozen=True)
 class ServeConfig:
     model: str  # --model as given (alias, folder or hub id): the name clients send as `model`
+    model_path: str | None = None  # the folder its weights load from (resolved by the CLI; None: resolve `model`)
     indexes: tuple[str, ...] = ()  # index folders (an --out folder each), served by folder name
     workers: int = 1
     host: str = "127.0.0.1"

@@ -95,7 +95,7 @@ def test_compare_and_swap_of_the_pointer(storage):
     assert storage.compare_and_swap("current", first.token, "versions/v000002")
     assert not storage.compare_and_swap("current", first.token, "versions/v000003")  # a stale token fails
     assert storage.read_pointer("current").value == "versions/v000002"
-    assert sorted(e.name for e in storage.list()) == ["current"]  # no lock or temporary file is left
+    assert sorted(e.name for e in storage.list()) == [".embedctl.pointer.lock", "current"]  # no temporary file left
 
 
 def test_ranged_reads(storage):
@@ -134,3 +134,29 @@ def test_rename_publishes_a_staged_folder_unless_the_name_is_taken(storage):
     storage.put(join(other, "info.json"), b"{}")
     assert not storage.rename(other, "versions/v000001")  # taken: nothing moves
     assert storage.is_folder(other) and storage.read_bytes("versions/v000001/info.json") == b"{}"
+
+
+def test_the_pointer_swap_locks_a_regular_file_not_the_folder(storage, tmp_path):
+    """An NFS client refuses an exclusive lock on a folder (it needs a file open for writing): the swap locks a
+    private regular file beside the pointer."""
+    from embedctl.pipeline.storage import POINTER_LOCK
+
+    (tmp_path / "out" / "versions" / "v000001").mkdir(parents=True)
+    assert storage.compare_and_swap("current", None, "versions/v000001")
+    lock = os.lstat(tmp_path / "out" / POINTER_LOCK)
+    assert stat.S_ISREG(lock.st_mode) and stat.S_IMODE(lock.st_mode) == 0o600
+
+
+@pytest.mark.parametrize("spelling", ["absolute", "parent"])
+def test_a_pointer_made_by_hand_is_read_whatever_the_spelling_of_the_folder(tmp_path, spelling, monkeypatch):
+    """A rollback by hand (`ln -sfn $PWD/out/versions/v000001 out/current`), a `../` link, or the folder reached
+    through a symlink or a relative path: the pointer still names the version inside the folder."""
+    out = tmp_path / "out"
+    (out / "versions" / "v000001").mkdir(parents=True)
+    target = {"absolute": str(out / "versions" / "v000001"), "parent": "../out/versions/v000001"}[spelling]
+    os.symlink(target, out / "current")
+    (tmp_path / "alias").symlink_to(out)
+    monkeypatch.chdir(tmp_path)
+    for root in ("out", tmp_path / "alias", out):
+        found = LocalStorage(root).read_pointer("current")
+        assert found is not None and found.value == "versions/v000001", (root, found)
