@@ -3,6 +3,8 @@ errors in any thread reach the caller, and an interrupt leaves complete chunks o
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -15,12 +17,16 @@ from embedctl.pipeline.models import ModelRef
 from embedctl.pipeline.plan import plan_job
 
 
-@pytest.fixture
-def corpus(write_corpus):
+def _texts():
     texts = [f"text number {i} about {'rivers' if i % 3 else 'stones'}" for i in range(70)]
     texts[5], texts[40] = None, " "  # skipped rows
     texts[12] = texts[11]  # a duplicate
-    return write_corpus({"id": [f"r{i}" for i in range(70)], "text": texts})
+    return texts
+
+
+@pytest.fixture
+def corpus(write_corpus):
+    return write_corpus({"id": [f"r{i}" for i in range(70)], "text": _texts()})
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +119,48 @@ def test_compile_is_a_job_setting_that_does_not_change_the_plan(tmp_path, corpus
         JobSpec.from_dict({**base, "compile": "sometimes"})
     old = {**fast.to_dict(), "compile": True}  # a plan written before --compile auto
     assert type(fast).from_dict(old).compile == "on"
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_a_small_change_over_many_chunks_runs_the_model_once(tmp_path, corpus, write_corpus, encoder, tiny_qwen3,
+                                                             monkeypatch, overlap):
+    from embedctl.pipeline.cache import EmbeddingCache
+
+    _plan(corpus, tmp_path / "out", tiny_qwen3).save()
+    _stream(_plan(corpus, tmp_path / "out", tiny_qwen3), encoder, overlap)  # the first index: 5 chunks of 16
+    texts = _texts()
+    for i in (1, 20, 33, 50, 66):  # one changed text in each chunk
+        texts[i] = f"a changed text {i} about lakes"
+    texts[67] = texts[20]  # the same changed text in two chunks: embedded once
+    changed = write_corpus({"id": [f"r{i}" for i in range(70)], "text": texts}, name="changed.parquet")
+    calls = []
+    original_run = type(encoder).run
+    monkeypatch.setattr(encoder, "run", lambda prepared, **kw: calls.append(prepared.unique) or original_run(
+        encoder, prepared, **kw), raising=False)
+
+    def rerun(out, gather):
+        monkeypatch.setattr(work, "GATHER_TEXTS", gather)
+        calls.clear()
+        plan = _plan(changed, out, tiny_qwen3)
+        progress = []
+        reports = _stream(plan, encoder, overlap, cache=EmbeddingCache(plan.cache_sources()),
+                          on_progress=progress.append)
+        assert sum(progress) == 70
+        return plan, reports, list(calls)
+
+    shutil.copytree(tmp_path / "out", tmp_path / "alone")
+    gathered, reports, gathered_calls = rerun(tmp_path / "out", work.GATHER_TEXTS)
+    alone, alone_reports, alone_calls = rerun(tmp_path / "alone", 0)  # one encoder call a chunk, as before
+    assert gathered_calls == [5] and alone_calls == [1, 1, 1, 1, 2]
+    assert [(r["chunk"], r["embedded"], r["unique"]) for r in reports] == [(0, 1, 1), (1, 1, 1), (2, 1, 1),
+                                                                         (3, 1, 1), (4, 2, 2)]
+    timing = ("seconds", "finished", "finished_ts", "files", "run_id")
+    for a, b in zip(reports, alone_reports, strict=True):
+        assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
+    scratch = _plan(changed, tmp_path / "scratch", tiny_qwen3)  # no cache: every text through the model
+    _stream(scratch, encoder, overlap)
+    for number in range(5):
+        assert gathered.store.read_rows(number).equals(scratch.store.read_rows(number))
+        assert np.array_equal(gathered.store.read_vectors(number), alone.store.read_vectors(number))
+        # from scratch, every text ran in other batches: equal up to the float16 the store keeps
+        assert np.allclose(gathered.store.read_vectors(number), scratch.store.read_vectors(number), atol=2e-3)
