@@ -121,18 +121,23 @@ def test_compile_is_a_job_setting_that_does_not_change_the_plan(tmp_path, corpus
     assert type(fast).from_dict(old).compile == "on"
 
 
+def _small_change(out, corpus, write_corpus, encoder, model):
+    """Index `corpus` into `out` (5 chunks of 16), then write the corpus with one text changed in each chunk."""
+    _plan(corpus, out, model).save()
+    _stream(_plan(corpus, out, model), encoder, True)
+    texts = _texts()
+    for i in (1, 20, 33, 50, 66):  # one changed text in each chunk
+        texts[i] = f"a changed text {i} about lakes"
+    texts[67] = texts[20]  # the same changed text in two chunks: embedded once
+    return write_corpus({"id": [f"r{i}" for i in range(70)], "text": texts}, name="changed.parquet")
+
+
 @pytest.mark.parametrize("overlap", [True, False])
 def test_a_small_change_over_many_chunks_runs_the_model_once(tmp_path, corpus, write_corpus, encoder, tiny_qwen3,
                                                              monkeypatch, overlap):
     from embedctl.pipeline.cache import EmbeddingCache
 
-    _plan(corpus, tmp_path / "out", tiny_qwen3).save()
-    _stream(_plan(corpus, tmp_path / "out", tiny_qwen3), encoder, overlap)  # the first index: 5 chunks of 16
-    texts = _texts()
-    for i in (1, 20, 33, 50, 66):  # one changed text in each chunk
-        texts[i] = f"a changed text {i} about lakes"
-    texts[67] = texts[20]  # the same changed text in two chunks: embedded once
-    changed = write_corpus({"id": [f"r{i}" for i in range(70)], "text": texts}, name="changed.parquet")
+    changed = _small_change(tmp_path / "out", corpus, write_corpus, encoder, tiny_qwen3)
     calls = []
     original_run = type(encoder).run
     monkeypatch.setattr(encoder, "run", lambda prepared, **kw: calls.append(prepared.unique) or original_run(
@@ -164,3 +169,26 @@ def test_a_small_change_over_many_chunks_runs_the_model_once(tmp_path, corpus, w
         assert np.array_equal(gathered.store.read_vectors(number), alone.store.read_vectors(number))
         # from scratch, every text ran in other batches: equal up to the float16 the store keeps
         assert np.allclose(gathered.store.read_vectors(number), scratch.store.read_vectors(number), atol=2e-3)
+
+
+def test_an_interrupt_in_a_gathered_call_leaves_complete_chunks_only(tmp_path, corpus, write_corpus, encoder,
+                                                                    tiny_qwen3):
+    from embedctl.pipeline.cache import EmbeddingCache
+
+    changed = _small_change(tmp_path / "out", corpus, write_corpus, encoder, tiny_qwen3)
+    plan = _plan(changed, tmp_path / "out", tiny_qwen3)
+    seen = []
+
+    def progress(n):
+        seen.append(n)
+        if len(seen) == 6:  # the cached rows of the 5 chunks are counted; then the model's first batch
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _stream(plan, encoder, True, cache=EmbeddingCache(plan.cache_sources()), on_progress=progress)
+    assert plan.store.complete() == set()  # the 5 chunks wait for the one call
+    assert not list(plan.store.root.glob(".*.tmp")) and not list(plan.store.root.glob("*.tmp"))
+    progress = []
+    resumed = _stream(plan, encoder, True, cache=EmbeddingCache(plan.cache_sources()), on_progress=progress.append)
+    assert [r["chunk"] for r in resumed] == list(range(5)) and sum(progress) == 70
+    assert [r["embedded"] for r in resumed] == [1, 1, 1, 1, 2]
