@@ -130,7 +130,9 @@ GATHER_TEXTS = 512
 """At most this many texts not cached, of chunks whose texts are mostly cached (a re-index of a small change), run
 through the model in one encoder call (`_groups`): one call per chunk costs a fixed overhead each."""
 GATHER_CHUNKS = 32
-"""At most this many chunks held in one gathered call (their rows stay in memory until it has run)."""
+GATHER_BYTES = 256 << 20
+"""At most this many chunks, and this many bytes of their vectors, held for one gathered call (their rows and
+vectors stay in memory until it has run)."""
 
 
 def _gathers(work: _ChunkWork) -> bool:
@@ -143,19 +145,21 @@ def _gathers(work: _ChunkWork) -> bool:
 def _groups(works: Iterable[_ChunkWork]) -> Iterator[list[_ChunkWork]]:
     """Consecutive chunks, in order, grouped into the chunks that share one encoder call (`_embed_group`)."""
     group: list[_ChunkWork] = []
-    misses = 0
+    misses = held = 0
     for work in works:
         if not _gathers(work):
             if group:
                 yield group
-                group, misses = [], 0
+                group, misses, held = [], 0, 0
             yield [work]
             continue
-        if group and (misses + len(work.miss) > GATHER_TEXTS or len(group) >= GATHER_CHUNKS):
+        if group and (misses + len(work.miss) > GATHER_TEXTS or len(group) >= GATHER_CHUNKS
+                      or held + work.vectors.nbytes > GATHER_BYTES):
             yield group
-            group, misses = [], 0
+            group, misses, held = [], 0, 0
         group.append(work)
         misses += len(work.miss)
+        held += work.vectors.nbytes
     if group:
         yield group
 

@@ -192,3 +192,21 @@ def test_an_interrupt_in_a_gathered_call_leaves_complete_chunks_only(tmp_path, c
     resumed = _stream(plan, encoder, True, cache=EmbeddingCache(plan.cache_sources()), on_progress=progress.append)
     assert [r["chunk"] for r in resumed] == list(range(5)) and sum(progress) == 70
     assert [r["embedded"] for r in resumed] == [1, 1, 1, 1, 2]
+
+
+def test_groups_gather_mostly_cached_chunks_within_their_limits(monkeypatch):
+    from types import SimpleNamespace
+
+    def chunk(misses, rows=100, dim=4):
+        return SimpleNamespace(miss=np.arange(misses), texts=["t"] * rows, vectors=np.zeros((rows, dim), np.float32))
+
+    def sizes(works):
+        return [[len(w.miss) for w in group] for group in work._groups(works)]
+
+    monkeypatch.setattr(work, "GATHER_TEXTS", 10)
+    monkeypatch.setattr(work, "GATHER_CHUNKS", 3)
+    # a chunk mostly to embed runs alone, between the groups around it; a group ends at the text or chunk limit
+    assert sizes([chunk(2), chunk(0), chunk(80), chunk(4), chunk(4), chunk(4), chunk(1), chunk(1), chunk(1),
+                  chunk(1)]) == [[2, 0], [80], [4, 4], [4, 1, 1], [1, 1]]
+    monkeypatch.setattr(work, "GATHER_BYTES", 2 * 100 * 4 * 4)  # the vectors of two chunks
+    assert sizes([chunk(1)] * 5) == [[1, 1], [1, 1], [1]]
