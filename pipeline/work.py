@@ -167,7 +167,9 @@ def _groups(works: Iterable[_ChunkWork]) -> Iterator[list[_ChunkWork]]:
 def _embed_group(plan: WorkPlan, works: list[_ChunkWork], encoder: Encoder | Callable[[], Encoder],
                  on_progress: Progress | None) -> list[_ChunkWork]:
     """`_embed` for consecutive chunks whose texts not cached run through the model in one call; each chunk gets
-    its own vectors, and the report figures (`unique`, `tokens`, truncated rows) it would get embedded alone."""
+    its own vectors, and the report figures (`unique`, `tokens`, truncated rows) it would get embedded alone. A text
+    embedded here shares its batch with other chunks' texts: its vector may differ from a call of its chunk's alone
+    in the last float32 bits (other padding), as it already did with what else changed in its chunk."""
     texts = [work.texts[i] for work in works for i in work.miss]
     if len(works) == 1 or not texts:
         return [_embed(plan, work, encoder, on_progress) for work in works]

@@ -166,7 +166,11 @@ def test_a_small_change_over_many_chunks_runs_the_model_once(tmp_path, corpus, w
     _stream(scratch, encoder, overlap)
     for number in range(5):
         assert gathered.store.read_rows(number).equals(scratch.store.read_rows(number))
-        assert np.array_equal(gathered.store.read_vectors(number), alone.store.read_vectors(number))
+        # the cached rows are the stored vectors; a changed text ran in another batch (other padding): equal up to
+        # the float16 the store keeps
+        cached = ~np.char.startswith(np.array(gathered.store.read_rows(number).column("text").to_pylist()), "a changed")
+        mine, before = gathered.store.read_vectors(number), alone.store.read_vectors(number)
+        assert np.array_equal(mine[cached], before[cached]) and np.allclose(mine, before, atol=2e-3)
         # from scratch, every text ran in other batches: equal up to the float16 the store keeps
         assert np.allclose(gathered.store.read_vectors(number), scratch.store.read_vectors(number), atol=2e-3)
 
