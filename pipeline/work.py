@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -79,6 +79,7 @@ class _ChunkWork:
     encoder: Encoder | None = None  # set when some text is not cached
     prepared: Prepared | None = None
     encoded: Encoded | None = None
+    seconds: float = 0.0  # time spent reading and preparing it
 
     @property
     def miss(self) -> np.ndarray:
@@ -101,7 +102,7 @@ def _prepare(plan: WorkPlan, chunk: Chunk, data: ChunkRows, cache: EmbeddingCach
         found, dtypes = hits.found, hits.dtypes
         vectors[found] = hits.vectors[found]
     work = _ChunkWork(chunk, data, keep, skipped, texts, hashes, vectors, found, dtypes)
-    if len(work.miss) and encoder is not None:
+    if len(work.miss) and encoder is not None and not _gathers(work):  # a gathered chunk is tokenised with the rest
         work.prepared = encoder.prepare([texts[i] for i in work.miss], prefix=plan.document_prefix)
     return work
 
@@ -123,6 +124,77 @@ def _embed(plan: WorkPlan, work: _ChunkWork, encoder: Encoder | Callable[[], Enc
     if on_progress is not None and work.skipped:
         on_progress(len(work.skipped))
     return work
+
+
+GATHER_TEXTS = 512
+"""At most this many texts not cached, of chunks whose texts are mostly cached (a re-index of a small change), run
+through the model in one encoder call (`_groups`): one call per chunk costs a fixed overhead each."""
+GATHER_CHUNKS = 32
+GATHER_BYTES = 256 << 20
+"""At most this many chunks, and this many bytes of their vectors, held for one gathered call (their rows and
+vectors stay in memory until it has run)."""
+
+
+def _gathers(work: _ChunkWork) -> bool:
+    """Whether a chunk's texts not cached may join those of its neighbours: few, and most of its texts cached (a
+    chunk embedded from scratch runs alone, as it always has)."""
+    misses = len(work.miss)
+    return misses <= GATHER_TEXTS and 2 * misses <= len(work.texts)
+
+
+def _groups(works: Iterable[_ChunkWork]) -> Iterator[list[_ChunkWork]]:
+    """Consecutive chunks, in order, grouped into the chunks that share one encoder call (`_embed_group`)."""
+    group: list[_ChunkWork] = []
+    misses = held = 0
+    for work in works:
+        if not _gathers(work):
+            if group:
+                yield group
+                group, misses, held = [], 0, 0
+            yield [work]
+            continue
+        if group and (misses + len(work.miss) > GATHER_TEXTS or len(group) >= GATHER_CHUNKS
+                      or held + work.vectors.nbytes > GATHER_BYTES):
+            yield group
+            group, misses, held = [], 0, 0
+        group.append(work)
+        misses += len(work.miss)
+        held += work.vectors.nbytes
+    if group:
+        yield group
+
+
+def _embed_group(plan: WorkPlan, works: list[_ChunkWork], encoder: Encoder | Callable[[], Encoder],
+                 on_progress: Progress | None) -> list[_ChunkWork]:
+    """`_embed` for consecutive chunks whose texts not cached run through the model in one call; each chunk gets
+    its own vectors, and the report figures (`unique`, `tokens`, truncated rows) it would get embedded alone. A text
+    embedded here shares its batch with other chunks' texts: its vector may differ from a call of its chunk's alone
+    in the last float32 bits (other padding), as it already did with what else changed in its chunk."""
+    texts = [work.texts[i] for work in works for i in work.miss]
+    if len(works) == 1 or not texts:
+        return [_embed(plan, work, encoder, on_progress) for work in works]
+    for work in works:
+        if on_progress is not None and work.found.any():
+            on_progress(int(work.found.sum()))
+    model = encoder if hasattr(encoder, "encode") else encoder()
+    prepared = model.prepare(texts, prefix=plan.document_prefix)
+    encoded = model.run(prepared, on_progress=on_progress)
+    start = 0
+    for work in works:
+        stop = start + len(work.miss)
+        if stop > start:
+            unique = np.unique(prepared.inverse[start:stop])  # positions among the call's distinct texts
+            work.encoder, work.encoded = model, replace(
+                encoded, vectors=encoded.vectors[start:stop], truncated=encoded.truncated[start:stop],
+                tokens=int(prepared.lengths[unique].sum()), unique=len(unique))
+            work.vectors[work.miss] = work.encoded.vectors
+        start = stop
+    if on_progress is not None:
+        on_progress(len(texts) - encoded.unique)  # duplicates count as done too
+        skipped = sum(len(work.skipped) for work in works)
+        if skipped:
+            on_progress(skipped)
+    return works
 
 
 def _write(plan: WorkPlan, work: _ChunkWork, seconds: float, stamp: dict | None) -> dict:
@@ -168,44 +240,68 @@ def embed_stream(plan: WorkPlan, chunks: Iterable[tuple[Chunk, ChunkRows]], enco
                  overlap: bool = True, stamp: dict | None = None) -> Iterator[dict]:
     """Embed and write a stream of chunks in order, yielding each chunk's report once it is written.
 
+    Consecutive chunks whose texts are mostly cached (a re-index of a small change) run their few texts not cached
+    through the model in one call (`_groups`), then are written one by one; a chunk is complete only once written,
+    so an interrupt before the call ends loses those chunks' model time only.
+
     With `overlap`, the model never waits for I/O: a reader thread reads chunk k+1 from Parquet and tokenises it
     while the model runs chunk k, and a writer thread writes chunk k-1. Chunks are still written one at a time and
     in order, each atomically, so an interrupt leaves complete chunks only (the thread pools finish the read and
     the write in flight before the interrupt propagates).
     """
     if not overlap:
-        for chunk, data in chunks:
-            yield embed_rows(plan, chunk, data, encoder, on_progress, cache, stamp)
+        def read_each() -> Iterator[_ChunkWork]:
+            for chunk, data in chunks:
+                t0 = time.perf_counter()
+                work = _prepare(plan, chunk, data, cache, None)
+                work.seconds = time.perf_counter() - t0
+                yield work
+
+        for group in _groups(read_each()):
+            t0 = time.perf_counter()
+            _embed_group(plan, group, encoder, on_progress)
+            for work, seconds in _shares(group, time.perf_counter() - t0):
+                yield _write(plan, work, work.seconds + seconds, stamp)
         return
     it = iter(chunks)
     loaded = [encoder if hasattr(encoder, "encode") else None]  # set once the model is loaded (main thread)
 
-    def read_next() -> tuple[_ChunkWork, float] | None:
+    def read_next() -> _ChunkWork | None:
         item = next(it, None)
         if item is None:
             return None
         t0 = time.perf_counter()
-        return _prepare(plan, item[0], item[1], cache, loaded[0]), time.perf_counter() - t0
-
-    def embed(work: _ChunkWork) -> _ChunkWork:
-        _embed(plan, work, encoder, on_progress)
-        loaded[0] = loaded[0] or work.encoder
+        work = _prepare(plan, item[0], item[1], cache, loaded[0])
+        work.seconds = time.perf_counter() - t0
         return work
 
     with ThreadPoolExecutor(1, thread_name_prefix="embedctl-read") as reader, \
             ThreadPoolExecutor(1, thread_name_prefix="embedctl-write") as writer:
-        ahead = reader.submit(read_next)
-        behind: Future | None = None
-        while (item := ahead.result()) is not None:
+
+        def read() -> Iterator[_ChunkWork]:
             ahead = reader.submit(read_next)
-            work, t_read = item
+            while (work := ahead.result()) is not None:
+                ahead = reader.submit(read_next)
+                yield work
+
+        behind: Future | None = None
+        for group in _groups(read()):
             t0 = time.perf_counter()
-            embed(work)
-            if behind is not None:
-                yield behind.result()
-            behind = writer.submit(_write, plan, work, t_read + time.perf_counter() - t0, stamp)
+            _embed_group(plan, group, encoder, on_progress)
+            loaded[0] = loaded[0] or next((w.encoder for w in group if w.encoder is not None), None)
+            for work, seconds in _shares(group, time.perf_counter() - t0):
+                if behind is not None:
+                    yield behind.result()
+                behind = writer.submit(_write, plan, work, work.seconds + seconds, stamp)
         if behind is not None:
             yield behind.result()
+
+
+def _shares(group: list[_ChunkWork], seconds: float) -> list[tuple[_ChunkWork, float]]:
+    """Each chunk of a group with its share of the group's model time (by texts embedded; evenly when none)."""
+    misses = [len(work.miss) for work in group]
+    total = sum(misses)
+    return [(work, seconds * (m / total if total else 1 / len(group))) for work, m in zip(group, misses, strict=True)]
 
 
 def embed_chunk(plan: WorkPlan, number: int, encoder: Encoder | Callable[[], Encoder],
