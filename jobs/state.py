@@ -29,7 +29,7 @@ from embedctl.pipeline.errors import StorageError
 from embedctl.pipeline.fsutil import json_writer
 from embedctl.pipeline.manifest import damaged_files, read_info
 from embedctl.pipeline.plan import CHUNKS, PLAN_FILE, WORK, WorkPlan, load_plan
-from embedctl.pipeline.storage import join, storage_of
+from embedctl.pipeline.storage import Storage, join, storage_of
 
 LOG = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ def resolve_work_dir(target: Path) -> Path:
     return storage.local_path(jobs[-1])
 
 
-def _is_file(storage, key: str) -> bool:
+def _is_file(storage: Storage, key: str) -> bool:
     return storage.exists(key) and not storage.is_folder(key)
 
 
