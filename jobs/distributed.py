@@ -35,6 +35,7 @@ from embedctl.jobs.report import RunReport, read_report
 from embedctl.jobs.spec import JobSpec
 from embedctl.pipeline.errors import BrokerError, EmbedctlError, StorageError
 from embedctl.pipeline.progress import ProgressFactory, no_progress, stage
+from embedctl.pipeline.vectors import chunk_name
 from embedctl.pipeline.work import missing_chunks
 
 LOG = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ def _pending(plan, settings: Settings, missing: list[int]) -> set[int]:
         LOG.debug("cannot read the queue %s (%s)", settings.embed_queue, clean(str(exc), settings.url))
         queued = set()
     running = {k for k in missing
-               if (age := state.heartbeat_age(plan, state.chunk_name(k))) is not None and age < settings.stall_seconds}
+               if (age := state.heartbeat_age(plan, chunk_name(k))) is not None and age < settings.stall_seconds}
     return (queued | running) & set(missing)
 
 
@@ -370,7 +371,7 @@ class Watchdog:
         work_dir = str(plan.work_dir)
         missing = missing_chunks(plan)
         if missing:
-            return [(state.chunk_name(k), EMBED_TASK, (work_dir, k)) for k in missing], self.settings.embed_queue
+            return [(chunk_name(k), EMBED_TASK, (work_dir, k)) for k in missing], self.settings.embed_queue
         if state.published_version(plan) is not None:
             return [], self.settings.build_queue
         try:

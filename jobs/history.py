@@ -7,42 +7,29 @@ that found the folder busy writes one `skipped` event. `embedctl jobs status` an
 from __future__ import annotations
 
 import json
-import os
 from datetime import UTC, datetime
 from pathlib import Path
 
 from embedctl.pipeline.errors import StorageError
-from embedctl.pipeline.fsutil import make_dirs, private_opener, storage_error
+from embedctl.pipeline.storage import Storage, storage_of
 
 RUNS_FILE = "runs.jsonl"
 
 
-def record(out: str | Path, event: dict) -> None:
-    """Append one event to OUT/runs.jsonl (an append of one line is atomic for these sizes)."""
-    path = Path(out) / RUNS_FILE
+def record(out: str | Path | Storage, event: dict) -> None:
+    """Append one event to OUT/runs.jsonl (`Storage.append`: an append of one line is atomic for these sizes)."""
     line = json.dumps({**event, "at": datetime.now(UTC).isoformat(timespec="seconds")}, default=str) + "\n"
-    try:
-        make_dirs(path.parent)
-        with open(path, "a+b", opener=private_opener) as fh:
-            if fh.tell():  # a line cut by a crash or a full disk: start on a line of our own
-                fh.seek(-1, os.SEEK_END)
-                if fh.read(1) != b"\n":
-                    line = "\n" + line
-            fh.write(line.encode("utf-8"))
-            fh.flush()
-            os.fsync(fh.fileno())
-    except OSError as exc:
-        raise storage_error(exc, path) from None
+    storage_of(out).append(RUNS_FILE, line.encode("utf-8"))
 
 
-def history(out: str | Path, limit: int | None = None) -> list[dict]:
+def history(out: str | Path | Storage, limit: int | None = None) -> list[dict]:
     """Runs of the output folder, newest first, each the fold of its events."""
-    path = Path(out) / RUNS_FILE
+    storage = storage_of(out)
     runs: dict[str, dict] = {}
     try:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines() if path.exists() else []
+        lines = storage.read_appended(RUNS_FILE).decode("utf-8", errors="replace").splitlines()
     except OSError as exc:
-        raise StorageError(f"cannot read the run history {path} ({exc.strerror})") from None
+        raise StorageError(f"cannot read the run history {storage.describe(RUNS_FILE)} ({exc.strerror})") from None
     for line in lines:
         try:
             event = json.loads(line)

@@ -29,6 +29,7 @@ from embedctl.jobs.spec import JobSpec
 from embedctl.pipeline import versions
 from embedctl.pipeline.errors import EmbedctlError, StorageError
 from embedctl.pipeline.plan import WORK, WorkPlan, load_plan, plan_job
+from embedctl.pipeline.storage import storage_of
 
 if TYPE_CHECKING:
     from embedctl.jobs.broker import Settings
@@ -247,10 +248,12 @@ def still_ours(run: Run) -> None:
 
 def live_celery_runs(out: str | Path, idle: float) -> dict[str, state.RunRecord]:
     """Work folder name -> the live Celery run working there (see `_live_celery_run`), over the folders of `out`."""
-    root = Path(out) / WORK
+    storage = storage_of(out)
     found = {}
-    for work_dir in sorted(root.glob("*")) if root.is_dir() else []:
-        record = _live_celery_run(work_dir, idle)
+    for entry in storage.list(WORK):
+        if not entry.folder:
+            continue  # not a work folder
+        record = _live_celery_run(storage.local_path(entry.key), idle)
         if record is not None:
-            found[work_dir.name] = record
+            found[entry.name] = record
     return found

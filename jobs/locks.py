@@ -32,7 +32,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from embedctl.pipeline.fsutil import FILE_MODE, make_dirs, storage_error, write_json
+from embedctl.pipeline.fsutil import FILE_MODE, json_writer, make_dirs, storage_error
+from embedctl.pipeline.storage import storage_of
 from embedctl.settings import setting
 
 if TYPE_CHECKING:  # the broker module is imported where a Redis lease is made: an embedded run never needs it
@@ -294,7 +295,8 @@ class FileLease:
         except OSError as exc:
             raise storage_error(exc, self.key) from None
         if write_holder:
-            write_json(self.out / HOLDER_FILE, json.loads(self.token))
+            storage = storage_of(self.out)
+            storage.write(HOLDER_FILE, json_writer(json.loads(self.token)))
         return True
 
     def renew(self) -> bool:
@@ -305,10 +307,9 @@ class FileLease:
             self._lock.release()
 
     def holder(self) -> dict | None:
-        from embedctl.pipeline.fsutil import read_json
-
+        storage = storage_of(self.out)
         try:
-            return read_json(self.out / HOLDER_FILE)
+            return json.loads(storage.read_bytes(HOLDER_FILE))
         except (OSError, ValueError):
             return None
 

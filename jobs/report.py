@@ -6,10 +6,12 @@ one of a job; the run history (`OUT/runs.jsonl`) records it without the list of 
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from embedctl.pipeline.fsutil import read_json, write_json
+from embedctl.pipeline.fsutil import json_writer
+from embedctl.pipeline.storage import storage_of
 
 REPORT_FILE = "report.json"
 
@@ -75,12 +77,15 @@ def field_names() -> list[str]:
 
 
 def write_report(work_dir: Path, report: RunReport) -> Path:
-    return write_json(Path(work_dir) / REPORT_FILE, report.to_dict())
+    storage = storage_of(work_dir)  # the work folder's storage (OUT/work/<job id>)
+    storage.write(REPORT_FILE, json_writer(report.to_dict()))
+    return storage.local_path(REPORT_FILE)
 
 
 def read_report(work_dir: Path) -> RunReport | None:
     """The last report written in a work folder (None when there is none or it cannot be read)."""
+    storage = storage_of(work_dir)
     try:
-        return RunReport.from_dict(read_json(Path(work_dir) / REPORT_FILE))
+        return RunReport.from_dict(json.loads(storage.read_bytes(REPORT_FILE)))
     except (OSError, ValueError, TypeError):
         return None

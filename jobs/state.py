@@ -13,6 +13,7 @@ Redis holds none of this: losing it loses no work.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -25,15 +26,18 @@ from embedctl.jobs.locks import LeaseRef
 from embedctl.jobs.report import read_report
 from embedctl.pipeline import versions
 from embedctl.pipeline.errors import StorageError
-from embedctl.pipeline.fsutil import read_json, write_json
+from embedctl.pipeline.fsutil import json_writer
 from embedctl.pipeline.manifest import damaged_files, read_info
-from embedctl.pipeline.plan import PLAN_FILE, WORK, WorkPlan, load_plan
+from embedctl.pipeline.plan import CHUNKS, PLAN_FILE, WORK, WorkPlan, load_plan
+from embedctl.pipeline.storage import Storage, join, storage_of
 
 LOG = logging.getLogger(__name__)
 
 JOB_FILE = "job.json"
 FAILURES = "failures"
 RUNNING = "running"
+RECORD = ".json"
+"""The suffix of a failure record (`failures/<what>.json`) and of a heartbeat (`running/<what>.json`)."""
 
 
 def now() -> str:
@@ -70,59 +74,68 @@ def write_run(plan: WorkPlan, record: RunRecord) -> None:
     """Record the run that owns the job (and the plan it runs); clear the failures of earlier runs."""
     plan.save()
     clear_failures(plan)
-    write_json(plan.work_dir / JOB_FILE, {**record.to_dict(), "job_id": plan.plan_id, "out": str(plan.out),
-                                          "chunks_total": len(plan.corpus.chunks), "rows_total": plan.corpus.rows})
+    plan.storage.write(plan.work.child(JOB_FILE), json_writer({
+        **record.to_dict(), "job_id": plan.plan_id, "out": str(plan.out), "chunks_total": len(plan.corpus.chunks),
+        "rows_total": plan.corpus.rows}))
 
 
 def read_run(plan: WorkPlan) -> RunRecord | None:
-    path = plan.work_dir / JOB_FILE
+    key = plan.work.child(JOB_FILE)
     try:
-        return RunRecord.from_dict(read_json(path))
+        return RunRecord.from_dict(json.loads(plan.storage.read_bytes(key)))
     except FileNotFoundError:
         return None
     except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise StorageError(f"cannot read {path} ({exc}); run the job again to record it anew") from None
+        raise StorageError(f"cannot read {plan.storage.describe(key)} ({exc}); run the job again to record it "
+                           "anew") from None
 
 
 # -- failures ---------------------------------------------------------------------------------------------------
 
 def record_failure(plan: WorkPlan, what: str, message: str) -> None:
     """Note that a chunk or the build failed for good (the follower stops and shows `message`)."""
-    write_json(plan.work_dir / FAILURES / f"{what}.json", {"what": what, "error": message, "at": now(),
-                                                            "host": socket.gethostname()})
+    plan.storage.write(_record_key(plan, FAILURES, what), json_writer({"what": what, "error": message, "at": now(),
+                                                                       "host": socket.gethostname()}))
+
+
+def _record_key(plan: WorkPlan, folder: str, what: str) -> str:
+    return join(plan.work.child(folder), what + RECORD)
+
+
+def _records(plan: WorkPlan, folder: str) -> list[str]:
+    """Keys of the records in `folder` of the work folder, by name."""
+    return [e.key for e in plan.storage.list(plan.work.child(folder)) if not e.folder and e.name.endswith(RECORD)]
 
 
 def failures(plan: WorkPlan) -> list[dict]:
-    root = plan.work_dir / FAILURES
     found = []
-    for path in sorted(root.glob("*.json")) if root.is_dir() else []:
+    for key in _records(plan, FAILURES):
         try:
-            found.append(read_json(path))
+            found.append(json.loads(plan.storage.read_bytes(key)))
         except (OSError, ValueError):
             continue  # being written
     return found
 
 
 def clear_failures(plan: WorkPlan) -> None:
-    root = plan.work_dir / FAILURES
-    for p in root.glob("*.json") if root.is_dir() else []:
-        p.unlink(missing_ok=True)
+    for key in _records(plan, FAILURES):
+        plan.storage.delete(key)
 
 
 # -- heartbeats -------------------------------------------------------------------------------------------------
 
 def heartbeat(plan: WorkPlan, what: str, run_id: str | None = None) -> bool:
-    """Write or refresh the heartbeat of a task working on `what` (chunk-000003, build); False if the work
+    """Write or refresh the heartbeat of a task working on `what` (`vectors.chunk_name`, build); False if the work
     folder is gone (the job was superseded)."""
-    path = plan.work_dir / RUNNING / f"{what}.json"
-    if not plan.work_dir.is_dir():
+    storage, key = plan.storage, _record_key(plan, RUNNING, what)
+    if not storage.is_folder(plan.work.key):
         return False
     try:
-        if path.exists():
-            os.utime(path)
+        if storage.exists(key):
+            storage.touch(key)
         else:
-            write_json(path, {"what": what, "run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
-                              "started": now()})
+            storage.write(key, json_writer({"what": what, "run_id": run_id, "host": socket.gethostname(),
+                                            "pid": os.getpid(), "started": now()}))
     except FileNotFoundError:
         return False
     return True
@@ -131,25 +144,22 @@ def heartbeat(plan: WorkPlan, what: str, run_id: str | None = None) -> bool:
 def heartbeat_age(plan: WorkPlan, what: str) -> float | None:
     """Seconds since the last heartbeat of `what`, None when no task has worked on it (or it ended)."""
     try:
-        return max(0.0, time.time() - (plan.work_dir / RUNNING / f"{what}.json").stat().st_mtime)
+        st = plan.storage.stat(_record_key(plan, RUNNING, what))
     except OSError:
         return None
+    return None if st is None else max(0.0, time.time() - st.mtime)
 
 
 def end_heartbeat(plan: WorkPlan, what: str) -> None:
-    (plan.work_dir / RUNNING / f"{what}.json").unlink(missing_ok=True)
-
-
-def chunk_name(number: int) -> str:
-    return f"chunk-{number:06d}"
+    plan.storage.delete(_record_key(plan, RUNNING, what))
 
 
 def latest_activity(plan: WorkPlan) -> float:
     """Unix time of the newest sign of work on the job: a chunk written or a heartbeat."""
-    times = [0.0]
-    for folder in (plan.store.root, plan.work_dir / RUNNING):
+    storage, times = plan.storage, [0.0]
+    for folder in (plan.work.child(CHUNKS), plan.work.child(RUNNING)):
         try:
-            times.extend(p.stat().st_mtime for p in folder.iterdir())
+            times.extend(st.mtime for e in storage.list(folder) if (st := storage.stat(e.key)) is not None)
         except OSError:
             continue
     return max(times)
@@ -189,17 +199,20 @@ def published_version(plan: WorkPlan, contents: bool = False) -> tuple[str, int]
 def resolve_work_dir(target: Path) -> Path:
     """The work folder of a job: given itself, or an output folder (its newest job)."""
     target = Path(target)
-    if (target / PLAN_FILE).is_file():
+    storage = storage_of(target)
+    if _is_file(storage, PLAN_FILE):
         return target
-    root = target / WORK
-    jobs = sorted((p for p in root.glob("*") if (p / PLAN_FILE).is_file()),
-                  key=lambda p: (p / JOB_FILE).stat().st_mtime if (p / JOB_FILE).exists() else 0) \
-        if root.is_dir() else []
+    jobs = sorted((e.key for e in storage.list(WORK) if _is_file(storage, join(e.key, PLAN_FILE))),
+                  key=lambda key: st.mtime if (st := storage.stat(join(key, JOB_FILE))) is not None else 0)
     if not jobs:
         if target.exists() and not target.is_dir():
             raise StorageError(f"{str(target)!r} is a file; give an --out folder of `embedctl index` or a job folder")
         raise StorageError(f"no job in {str(target)!r}; give an --out folder of `embedctl index` or a job folder")
-    return jobs[-1]
+    return storage.local_path(jobs[-1])
+
+
+def _is_file(storage: Storage, key: str) -> bool:
+    return storage.exists(key) and not storage.is_folder(key)
 
 
 def status(target: Path) -> dict:

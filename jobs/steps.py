@@ -31,7 +31,7 @@ from embedctl.jobs.report import RunReport
 from embedctl.pipeline.compose import BuildPlan, load_build
 from embedctl.pipeline.errors import EmbedctlError, StorageError, WeightsLost
 from embedctl.pipeline.plan import WorkPlan
-from embedctl.pipeline.vectors import DamagedChunks
+from embedctl.pipeline.vectors import DamagedChunks, chunk_name
 from embedctl.pipeline.work import embed_chunk, missing_chunks
 
 if TYPE_CHECKING:
@@ -142,7 +142,7 @@ def run_chunk(work_dir: Path, number: int, encoder_for: Callable[[WorkPlan], obj
             return {"chunk": number, "skipped_complete": True, "build_due": not missing_chunks(run.plan)}
         return None
 
-    with step(work_dir, settings, state.chunk_name(number), f"chunk {number}", done=complete,
+    with step(work_dir, settings, chunk_name(number), f"chunk {number}", done=complete,
               extra={"chunk": number}) as s:
         if s.answer:
             return s.answer
@@ -161,7 +161,7 @@ def fail_chunk(work_dir: Path, number: int, message: str, settings: Settings | N
     except Superseded:
         return
     message = f"chunk {number}: {message}"
-    state.record_failure(run.plan, state.chunk_name(number), message)
+    state.record_failure(run.plan, chunk_name(number), message)
     fail(run, message)
 
 

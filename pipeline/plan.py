@@ -19,12 +19,14 @@ from embedctl.pipeline import defaults, versions
 from embedctl.pipeline.corpus import CorpusPlan, plan_corpus
 from embedctl.pipeline.defaults import DEFAULT_SEGMENT_ROWS
 from embedctl.pipeline.errors import ConfigError, StorageError
-from embedctl.pipeline.fsutil import read_json, write_json
+from embedctl.pipeline.fsutil import json_writer
 from embedctl.pipeline.manifest import read_info
+from embedctl.pipeline.storage import Folder, Storage, grandparent, join, storage_of
 from embedctl.pipeline.vectors import ChunkStore
 
 PLAN_FILE = "plan.json"
 WORK = "work"
+CHUNKS = "chunks"
 
 
 def index_dims(full_dim: int, dims: Sequence[int] | None, defaults: Sequence[int] = ()) -> list[int]:
@@ -94,8 +96,18 @@ class WorkPlan:
         return Path(self.out) / WORK / self.plan_id
 
     @property
+    def storage(self) -> Storage:
+        """The storage of the output folder."""
+        return storage_of(self.out)
+
+    @property
+    def work(self) -> Folder:
+        """The work folder in the output folder's storage (what `work_dir` is as a path)."""
+        return Folder(self.storage, join(WORK, self.plan_id))
+
+    @property
     def store(self) -> ChunkStore:
-        return ChunkStore(self.work_dir / "chunks")
+        return ChunkStore(self.work_dir / CHUNKS)
 
     @property
     def index_key(self) -> dict:
@@ -118,29 +130,31 @@ class WorkPlan:
     def cache_sources(self) -> list[ChunkStore]:
         """Chunk stores of other plans of this output folder whose vectors this plan can reuse."""
         sources = []
-        root = Path(self.out) / WORK
-        for path in sorted(root.iterdir()) if root.is_dir() else []:
-            if path.name == self.plan_id or not (path / PLAN_FILE).is_file():
+        storage = self.storage
+        for entry in storage.list(WORK):
+            if entry.name == self.plan_id or not entry.folder:
                 continue
             try:
-                key = read_json(path / PLAN_FILE).get("vector_key")
-            except (OSError, ValueError):
-                continue
+                key = json.loads(storage.read_bytes(join(entry.key, PLAN_FILE))).get("vector_key")
+            except (OSError, ValueError, AttributeError):
+                continue  # no plan (or not a file), or one that cannot be read
             if key == self.vector_key:
-                sources.append(ChunkStore(path / "chunks"))
+                sources.append(ChunkStore(Folder(storage, join(entry.key, CHUNKS))))
         return sources
 
     def save(self) -> Path:
         """Write plan.json into the work folder (idempotent)."""
-        return write_json(self.work_dir / PLAN_FILE, self.to_dict())
+        key = self.work.child(PLAN_FILE)
+        self.storage.write(key, json_writer(self.to_dict()))
+        return self.storage.local_path(key)
 
 
 def load_plan(work_dir: Path) -> WorkPlan:
     """Read the plan a job saved in `work_dir`."""
-    path = Path(work_dir) / PLAN_FILE
+    path, storage = Path(work_dir) / PLAN_FILE, storage_of(work_dir)  # the work folder's storage
     try:
-        plan = WorkPlan.from_dict(read_json(path))
-        out = Path(work_dir).parent.parent
+        plan = WorkPlan.from_dict(json.loads(storage.read_bytes(PLAN_FILE)))
+        out = grandparent(work_dir)  # OUT/work/<plan id>
         # an output folder that was moved or copied: its plans belong where they are now
         return plan if Path(plan.out) == out else replace(plan, out=str(out))
     except FileNotFoundError:

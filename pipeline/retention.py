@@ -9,12 +9,11 @@ holds the output folder's lock; it names the work folders that live runs of the 
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Collection
 
 from embedctl.pipeline import versions
 from embedctl.pipeline.compose import remove_builds, segments_in_use
-from embedctl.pipeline.plan import WorkPlan
+from embedctl.pipeline.plan import WORK, WorkPlan
 from embedctl.pipeline.segments import collect_garbage
 
 LOG = logging.getLogger(__name__)
@@ -36,14 +35,14 @@ def apply_retention(plan: WorkPlan, keep: int | None, live_work: Collection[str]
 
 def remove_stale_work(plan: WorkPlan, live_work: Collection[str] = ()) -> list[str]:
     """Remove the work folders of plans other than `plan` (but those named in `live_work`); returns their names."""
-    root = plan.work_dir.parent
+    storage = plan.storage
     removed = []
-    for path in root.iterdir() if root.is_dir() else []:
-        if not path.is_dir() or path.name == plan.plan_id:
+    for entry in storage.list(WORK):
+        if not entry.folder or entry.name == plan.plan_id:
             continue
-        if path.name in live_work:
-            LOG.info("kept %s: a live run is writing there", path)
+        if entry.name in live_work:
+            LOG.info("kept %s: a live run is writing there", storage.describe(entry.key))
             continue
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path.name)
+        storage.delete(entry.key)
+        removed.append(entry.name)
     return removed

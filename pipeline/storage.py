@@ -14,12 +14,19 @@ offers, so that a remote backend (S3 and compatibles) fits behind it without cha
   how a version is committed;
 - `local_path(key)`: a real file for libraries that open paths (faiss.read_index with mmap flags, pyarrow, numpy
   mmap); a remote backend returns a local cache copy, kept by key (objects are immutable);
+- `append(key, data)` and `read_appended(key)`: an append-only log (the run history). An object cannot be
+  appended to: a remote backend stores each appended record as an object of its own under the prefix `key + "/"`,
+  named so that names sort in the order of the appends (UTC time, then a unique suffix), and `read_appended`
+  returns the bytes of an object `key` written before (a log kept as one file) followed by those records in
+  order; the local backend appends to the file itself;
+- `touch(key)`: gives an existing object a new mtime (a heartbeat); a remote backend writes the same bytes again;
 - `rename(src, dst, commit)`: publishes a staged folder under a new name unless that name is taken; a remote
   backend copies the other objects, then creates `commit` (the version's manifest) with `create_if_absent`, which
   is what makes the folder a version (a reader asks for the manifest, never for the folder alone).
 
 `LocalStorage` keeps today's layout and semantics: atomic writes (temporary file, fsync, rename), private modes
-(`pipeline.fsutil`), a pointer that is a symlink replaced with `os.replace`, and an `flock` on the output folder
+(`pipeline.fsutil`), appends of one line at a time to a 0600 file opened for append (an append that small is
+atomic; no lock), a pointer that is a symlink replaced with `os.replace`, and an `flock` on the output folder
 around a compare-and-swap.
 """
 
@@ -36,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from embedctl.pipeline.fsutil import atomic_write, fsync_dir, make_dirs, storage_error
+from embedctl.pipeline.fsutil import atomic_write, fsync_dir, make_dirs, private_opener, storage_error
 
 Writer = Callable[[Path], None]
 """Writes an object's bytes into the local file it is given (pyarrow, faiss and numpy write files)."""
@@ -112,6 +119,22 @@ class Storage(ABC):
         if isinstance(data, Path):
             return self.write(key, lambda tmp: shutil.copyfile(data, tmp))
         return self.write(key, lambda tmp: tmp.write_bytes(data))
+
+    @abstractmethod
+    def append(self, key: str, data: bytes) -> None:
+        """Add `data` (one record, ending with a newline) at the end of the log `key`, durably; a record cut by an
+        earlier crash is ended first, so that `data` starts a line of its own (see the module doc)."""
+
+    def read_appended(self, key: str) -> bytes:
+        """Everything appended to the log `key`, in order (empty when nothing was)."""
+        try:
+            return self.read_bytes(key)
+        except FileNotFoundError:
+            return b""
+
+    def touch(self, key: str) -> None:
+        """Give the existing object `key` a new mtime (raises FileNotFoundError when it does not exist)."""
+        self.put(key, self.read_bytes(key))
 
     @abstractmethod
     def create_if_absent(self, key: str, data: bytes) -> bool:
@@ -217,6 +240,24 @@ class LocalStorage(Storage):
     def write(self, key: str, write: Writer, before_commit: Writer | None = None) -> Stat:
         path = atomic_write(self.local_path(key), write, before_replace=before_commit)
         return _stat(path)
+
+    def append(self, key: str, data: bytes) -> None:
+        path = self.local_path(key)
+        try:
+            make_dirs(path.parent)
+            with open(path, "a+b", opener=private_opener) as fh:
+                if fh.tell():  # a line cut by a crash or a full disk: start on a line of our own
+                    fh.seek(-1, os.SEEK_END)
+                    if fh.read(1) != b"\n":
+                        data = b"\n" + data
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            raise storage_error(exc, path) from None
+
+    def touch(self, key: str) -> None:
+        os.utime(self.local_path(key))
 
     def create_if_absent(self, key: str, data: bytes) -> bool:
         path = self.local_path(key)

@@ -41,6 +41,11 @@ class DamagedChunks(StorageError):
 _VECTORS, _ROWS, _REPORT = ".npy", ".rows.parquet", ".json"
 
 
+def chunk_name(number: int) -> str:
+    """The name of chunk `number` (its files' names less their suffix; the run state's heartbeats use it too)."""
+    return f"chunk-{number:06d}"
+
+
 class ChunkStore:
     """Reads and writes the outputs of the chunks of one plan, in a folder of the output folder's storage (a local
     path: that folder)."""
@@ -51,7 +56,7 @@ class ChunkStore:
         self.root = self.folder.path
 
     def _key(self, number: int, suffix: str) -> str:
-        return self.folder.child(f"chunk-{number:06d}{suffix}")
+        return self.folder.child(chunk_name(number) + suffix)
 
     def _path(self, number: int, suffix: str) -> Path:
         return self.storage.local_path(self._key(number, suffix))

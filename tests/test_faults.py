@@ -319,7 +319,7 @@ def test_a_full_disk_at_any_write_is_one_line_and_the_published_version_stays(ta
                 raise OSError(errno.ENOSPC, "No space left on device")
             return real_open(path, *a, **kw)
 
-        monkeypatch.setattr("embedctl.jobs.history.open", full, raising=False)
+        monkeypatch.setattr("embedctl.pipeline.storage.open", full, raising=False)  # Storage.append
     else:
         _disk_full_at(monkeypatch, target)
     one_line_error(invoke(*args), "no space left on the device", "run the same command again")

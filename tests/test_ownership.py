@@ -25,6 +25,14 @@ NAMES = {  # a pattern of string literals (not docstrings) that spells an on-dis
     r"^\.rows\.parquet$": "pipeline/vectors.py",
     r"^plan\.json$": "pipeline/plan.py",
     r"^work$": "pipeline/plan.py",
+    r"^chunk-": "pipeline/vectors.py",
+    r"^runs\.jsonl$": "jobs/history.py",
+    r"^report\.json$": "jobs/report.py",
+    r"^job\.json$": "jobs/state.py",
+    r"^failures$": "jobs/state.py",
+    r"^\.embedctl\.lock": "jobs/locks.py",
+    # not listed, as other modules spell the same word as something else: `chunks` (pipeline/plan.py's CHUNKS; a
+    # result's key too) and `running` (jobs/state.py's RUNNING; a run's status too)
 }
 
 FILE_OPERATIONS = {"replace", "rename", "renames", "symlink", "link", "unlink", "remove", "rmdir", "removedirs",
@@ -38,20 +46,15 @@ ALLOWED = {  # module -> the file operations it may call, and why
     "pipeline/corpus.py": {"open", "rglob", "glob"},  # the corpus (input Parquet files)
     "pipeline/models.py": {"read_text"},  # model folders
     "jobs/specfile.py": {"read_text"},  # the job spec file
-    "jobs/locks.py": {"read_text"},  # /proc (whether a lock holder is alive)
+    "jobs/locks.py": {"read_text"},  # /proc (whether a lock holder is alive); its flock file OUT/.embedctl.lock
+    # is opened by py-filelock, not here: an flock needs a real local file (a remote output folder's lock is Redis)
     "cli/query.py": {"read_bytes"},  # a queries file named on the command line
     "cli/common.py": {"open"},  # /dev/null
     "serve/__main__.py": {"mkdtemp", "rmtree"},  # the server's private metrics folder
-    # owned by the run lifecycle (jobs/), not yet moved behind the storage interface: run state, history, the
-    # removal of stale work folders (issue 20's retention and GC move out of jobs/lifecycle.py)
-    "jobs/state.py": {"glob", "iterdir", "unlink"},
-    "jobs/history.py": {"open", "read_text"},
-    "jobs/lifecycle.py": {"glob", "iterdir", "rmtree"},
-    "pipeline/plan.py": {"iterdir"},  # the other plans of an output folder (the embedding cache's sources)
 }
 
 
-CLIMBING = {"pipeline/plan.py"}  # load_plan: a job folder's output folder (the plan module is not ours to change here)
+CLIMBING: set[str] = set()  # modules that may find an output folder by `.parent.parent` (storage.grandparent does)
 
 
 def _modules():

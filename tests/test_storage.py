@@ -160,3 +160,26 @@ def test_a_pointer_made_by_hand_is_read_whatever_the_spelling_of_the_folder(tmp_
     for root in ("out", tmp_path / "alias", out):
         found = LocalStorage(root).read_pointer("current")
         assert found is not None and found.value == "versions/v000001", (root, found)
+
+
+def test_append_is_private_durable_and_ends_a_cut_line_first(storage):
+    assert storage.read_appended("runs.jsonl") == b""  # nothing appended yet
+    storage.append("runs.jsonl", b'{"a": 1}\n')
+    path = storage.local_path("runs.jsonl")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    with open(path, "ab") as fh:  # a line cut by a crash
+        fh.write(b'{"b": ')
+    storage.append("runs.jsonl", b'{"c": 3}\n')
+    assert storage.read_appended("runs.jsonl") == b'{"a": 1}\n{"b": \n{"c": 3}\n'
+    with pytest.raises(StorageError, match="runs.jsonl/log"):  # an OS error names the key's file
+        storage.append("runs.jsonl/log", b"x\n")
+
+
+def test_touch_renews_the_mtime_of_an_object_only(storage):
+    storage.put("work/j1/running/chunk-000000.json", b"{}")
+    os.utime(storage.local_path("work/j1/running/chunk-000000.json"), (1, 1))
+    storage.touch("work/j1/running/chunk-000000.json")
+    assert storage.stat("work/j1/running/chunk-000000.json").mtime > 1
+    assert storage.read_bytes("work/j1/running/chunk-000000.json") == b"{}"
+    with pytest.raises(FileNotFoundError):
+        storage.touch("work/j1/running/build.json")
