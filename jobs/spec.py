@@ -89,10 +89,6 @@ class JobSpec:
         if self.dtype != "auto" and self.dtype.lower() not in DTYPE_NAMES:
             raise ConfigError(f"dtype must be auto or one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
 
-    @property
-    def id_column_required(self) -> bool:
-        return self.id_column != DEFAULT_ID_COLUMN
-
     def to_dict(self) -> dict:
         data = asdict(self)
         data.pop("extra")

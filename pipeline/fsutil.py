@@ -118,11 +118,6 @@ def write_json(path: Path, data: dict) -> Path:
     return atomic_write(path, json_writer(data))
 
 
-def read_json(path: Path) -> dict:
-    """Read a JSON file written by `write_json` (raises OSError or ValueError: callers say what the file is)."""
-    return json.loads(Path(path).read_text())
-
-
 def npy_writer(array) -> Callable[[Path], None]:
     """A writer of `array` as a `.npy` file (np.save's bytes) into the file it is given. The bytes are written by
     Python rather than numpy's fwrite: a short fwrite (a full disk) raises an OSError without errno ("76800
