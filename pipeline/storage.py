@@ -189,8 +189,25 @@ class Storage(ABC):
 
 
 def storage_of(out: Path | str | Storage) -> Storage:
-    """The storage of an output folder given by its path (a local folder today) or already open."""
-    return out if isinstance(out, Storage) else LocalStorage(Path(out))
+    """The storage of an output folder given by its path, its URI (`s3://bucket/prefix`: `pipeline.s3`) or already
+    open."""
+    if isinstance(out, Storage):
+        return out
+    if is_uri(out):
+        from embedctl.pipeline.s3 import S3Storage
+
+        return S3Storage(str(out))
+    return LocalStorage(Path(out))
+
+
+def is_uri(location: object) -> bool:
+    """Whether `location` names an object store (`s3://...`) rather than a local path."""
+    return isinstance(location, str) and location.startswith("s3://")
+
+
+def location(text: str | Path) -> str | Path:
+    """A location a user gave (an option, a job spec field): a URI stays a string, anything else is a path."""
+    return str(text) if is_uri(str(text)) else Path(text).expanduser()
 
 
 def grandparent(path: Path) -> Path:

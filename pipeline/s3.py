@@ -1,0 +1,538 @@
+"""An output folder (or a corpus) on S3 or an S3-compatible store: `S3Storage`, the remote backend of
+`pipeline.storage.Storage`, and the one S3 client of a process.
+
+Why boto3 (`python -m bench.s3client`, side by side against one SeaweedFS server): obstore was 2-4x faster on small
+requests, but a child forked after its parent used obstore hangs on its first request (its Rust runtime does not
+survive a fork), and Celery's prefork pool and `serve`'s workers are forked; boto3 in a forked child works. Both
+enforce the two conditional writes a commit needs (If-None-Match: * and If-Match: ETag).
+
+- Credentials, region and endpoint come the way every AWS tool takes them: `AWS_ACCESS_KEY_ID`,
+  `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_PROFILE`, `AWS_REGION`, `AWS_ENDPOINT_URL` (a MinIO, Ceph,
+  R2 or SeaweedFS server). No message, report or job file ever holds a credential: errors name the URI.
+- Retries: botocore's standard mode (throttling such as 503 SlowDown, 5xx, connection errors, with backoff); past
+  those, a store that answered before in this process is waited for up to `RETRY_SECONDS` (a restart, a cut link)
+  before the error is raised; one that never answered fails at once, with one line.
+- Immutable objects are cached locally by key (`local_path`): index files, rows and chunk vectors are opened by
+  faiss, pyarrow and numpy from the cache. The cache is bounded (`configure_cache`: least recently used files are
+  evicted) and keys that may be replaced (a chunk re-written by a retried task) are checked by ETag.
+- Requests are counted per process (`requests()`), so a run report can say what a run cost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from embedctl.pipeline.errors import StorageError
+from embedctl.pipeline.storage import Entry, Pointer, Stat, Storage, Writer, join
+
+SCHEME = "s3://"
+RETRY_SECONDS = 120.0
+"""How long a store that answered before is waited for (it restarts, a link comes back) before a request fails."""
+FIRST_CONTACT_ATTEMPTS = 3
+MULTIPART_BYTES = 64 << 20
+"""Objects at least this large are uploaded in parts (several at once); a failed upload's parts are aborted."""
+DEFAULT_CACHE = Path("~/.cache/embedctl/s3")
+IMMUTABLE = ("segments/", "versions/v")
+"""Key prefixes written once and never replaced: their cached copies are trusted without asking the store."""
+
+_OPS = {"GetObject": "GET", "HeadObject": "HEAD", "PutObject": "PUT", "UploadPart": "PUT",
+        "CreateMultipartUpload": "PUT", "CompleteMultipartUpload": "PUT", "CopyObject": "PUT",
+        "ListObjectsV2": "LIST", "DeleteObject": "DELETE", "DeleteObjects": "DELETE", "AbortMultipartUpload": "DELETE",
+        "ListMultipartUploads": "LIST"}
+
+
+def is_remote(location: object) -> bool:
+    """Whether `location` (a path, a string) names an object store."""
+    return isinstance(location, str) and location.startswith(SCHEME)
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """(bucket, key prefix) of `s3://bucket/prefix`."""
+    if not is_remote(uri):
+        raise StorageError(f"{uri!r} is not an s3:// URI")
+    bucket, _, prefix = uri[len(SCHEME):].partition("/")
+    if not bucket:
+        raise StorageError(f"{uri!r} names no bucket; write s3://BUCKET/PREFIX")
+    return bucket, prefix.strip("/")
+
+
+# --- the process's client, request counts, cache settings -------------------------------------------------------
+
+_lock = threading.Lock()
+_client: tuple[int, object] | None = None  # (pid, client): a forked child makes its own
+_counts: Counter = Counter()
+_answered = False
+
+
+@dataclass
+class CacheConfig:
+    folder: Path = DEFAULT_CACHE
+    max_bytes: int | None = None  # None: unbounded
+
+
+_cache = CacheConfig()
+
+
+def configure_cache(folder: Path | str | None = None, max_bytes: int | None = None) -> None:
+    """Where remote objects are cached and how large the cache may grow (`--cache-dir`, `--cache-size`)."""
+    global _cache
+    _cache = CacheConfig(Path(folder) if folder else DEFAULT_CACHE, max_bytes)
+
+
+def cache_folder() -> Path:
+    return _cache.folder.expanduser()
+
+
+def requests() -> dict[str, int]:
+    """Requests this process sent (GET, HEAD, PUT, LIST, DELETE) and bytes it moved (`bytes_up`, `bytes_down`)."""
+    return dict(_counts)
+
+
+def _count(model, **_) -> None:
+    _counts[_OPS.get(model.name, "OTHER")] += 1
+
+
+def client():
+    """The process's S3 client (made after a fork anew: a client's connections are not shared across processes)."""
+    global _client
+    with _lock:
+        if _client is not None and _client[0] == os.getpid():
+            return _client[1]
+        import boto3
+        from botocore.config import Config
+
+        session = boto3.session.Session()
+        made = session.client("s3", config=Config(retries={"mode": "standard", "max_attempts": FIRST_CONTACT_ATTEMPTS},
+                                                  connect_timeout=5, read_timeout=60,
+                                                  max_pool_connections=32))
+        made.meta.events.register("before-call.s3.*", _count)
+        _client = (os.getpid(), made)
+        return made
+
+
+def endpoint() -> str:
+    """The endpoint the client sends to, without any user or password in it (for messages)."""
+    url = str(client().meta.endpoint_url)
+    parts = urlsplit(url)
+    return parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")).geturl() \
+        if parts.hostname else url
+
+
+def _status(exc) -> int:
+    return int(getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+
+
+def _code(exc) -> str:
+    return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+
+
+def _transient(exc) -> bool:
+    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
+
+    if isinstance(exc, ConnectionError | HTTPClientError):
+        return True
+    return isinstance(exc, ClientError) and (_status(exc) >= 500 or _code(exc) in ("SlowDown", "Throttling",
+                                                                                   "RequestTimeout"))
+
+
+def call(uri: str, action: str, fn, *, missing_ok: bool = False):
+    """`fn()` (one S3 request of `action` on `uri`), retried past botocore's own retries while a store that answered
+    before is down (`RETRY_SECONDS`); its errors as one `StorageError` line naming `uri` (FileNotFoundError for a
+    missing object)."""
+    global _answered
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+    deadline, pause = time.monotonic() + RETRY_SECONDS, 0.5
+    while True:
+        try:
+            result = fn()
+            _answered = True
+            return result
+        except NoCredentialsError:
+            raise StorageError(f"no S3 credentials to {action} {uri}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                               "(or AWS_PROFILE)") from None
+        except (ClientError, BotoCoreError) as exc:
+            if isinstance(exc, ClientError) and (_status(exc) == 404 or _code(exc) in ("NoSuchKey", "404")) \
+                    and _code(exc) != "NoSuchBucket":
+                raise FileNotFoundError(uri) from None
+            if _transient(exc) and _answered and time.monotonic() < deadline:
+                time.sleep(pause)
+                pause = min(pause * 2, 8.0)
+                continue
+            raise _error(exc, uri, action) from None
+
+
+def _error(exc, uri: str, action: str) -> StorageError:
+    from botocore.exceptions import ClientError
+
+    code, status = _code(exc), _status(exc)
+    if code == "NoSuchBucket":
+        bucket = split_uri(uri)[0]
+        return StorageError(f"the bucket {bucket!r} does not exist at {endpoint()} (while trying to {action} {uri}); "
+                            "create it, or check the URI and AWS_ENDPOINT_URL")
+    if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"):
+        return StorageError(f"the S3 credentials were refused by {endpoint()} ({code}, while trying to {action} "
+                            f"{uri}); check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)")
+    if code in ("AccessDenied", "AllAccessDisabled") or status == 403:
+        return StorageError(f"access denied to {action} {uri}; grant these credentials access to that bucket and "
+                            "prefix")
+    if isinstance(exc, ClientError):
+        return StorageError(f"cannot {action} {uri}: {code or status} from {endpoint()}; check the store, then run "
+                            "again")
+    return StorageError(f"cannot {action} {uri}: the S3 endpoint {endpoint()} does not answer "
+                        f"({type(exc).__name__}); check AWS_ENDPOINT_URL and the network, then run again")
+
+
+# --- the storage -------------------------------------------------------------------------------------------------
+
+
+class S3Storage(Storage):
+    """An output folder under `s3://bucket/prefix` (see the module doc and `pipeline.storage`)."""
+
+    def __init__(self, uri: str):
+        self.bucket, self.prefix = split_uri(uri)
+        self._uri = f"{SCHEME}{self.bucket}/{self.prefix}".rstrip("/")
+
+    def __repr__(self) -> str:
+        return f"S3Storage({self._uri!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, S3Storage) and other._uri == self._uri
+
+    def __hash__(self) -> int:
+        return hash(self._uri)
+
+    @property
+    def root(self) -> str:
+        return self._uri
+
+    def describe(self, key: str = "") -> str:
+        return f"{self._uri}/{key}" if key else self._uri
+
+    def _key(self, key: str) -> str:
+        if key.startswith("/") or ".." in key.split("/"):
+            raise ValueError(f"a storage key is relative to the output folder, got {key!r}")
+        return join(self.prefix, key)
+
+    def _call(self, key: str, action: str, fn):
+        return call(self.describe(key), action, fn)
+
+    # reads
+
+    def read_bytes(self, key: str) -> bytes:
+        data = self._call(key, "read", lambda: client().get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+                          .read())
+        _counts["bytes_down"] += len(data)
+        return data
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        if start < 0 or length < 0:
+            raise ValueError(f"a range starts and lasts >= 0 bytes, got start {start!r}, length {length!r}")
+        if length == 0:
+            return b""
+
+        def get() -> bytes:
+            try:
+                return client().get_object(Bucket=self.bucket, Key=self._key(key),
+                                           Range=f"bytes={start}-{start + length - 1}")["Body"].read()
+            except Exception as exc:
+                if _status(exc) == 416:  # the range starts at or past the end
+                    return b""
+                raise
+
+        data = self._call(key, "read", get)
+        _counts["bytes_down"] += len(data)
+        return data
+
+    def stat(self, key: str) -> Stat | None:
+        try:
+            head = self._call(key, "read", lambda: client().head_object(Bucket=self.bucket, Key=self._key(key)))
+            return Stat(int(head["ContentLength"]), head["LastModified"].timestamp(), head["ETag"])
+        except FileNotFoundError:
+            pass
+        newest = None  # a folder: its newest object says when it was last written
+        size = 0
+        for _, st in self.walk(key):
+            size += st.size
+            newest = st if newest is None or st.mtime > newest.mtime else newest
+        return Stat(size, newest.mtime, newest.token) if newest else None
+
+    def exists(self, key: str) -> bool:
+        return self.stat(key) is not None
+
+    def is_folder(self, key: str) -> bool:
+        found = self._call(key, "list", lambda: client().list_objects_v2(
+            Bucket=self.bucket, Prefix=self._key(key) + "/", MaxKeys=1))
+        return bool(found.get("KeyCount"))
+
+    def _pages(self, key: str, delimiter: bool) -> Iterator[dict]:
+        prefix = self._key(key)
+        prefix = prefix + "/" if prefix else ""
+        args = {"Bucket": self.bucket, "Prefix": prefix, **({"Delimiter": "/"} if delimiter else {})}
+        while True:
+            page = self._call(key, "list", lambda: client().list_objects_v2(**args))
+            yield page
+            if not page.get("IsTruncated"):
+                return
+            args["ContinuationToken"] = page["NextContinuationToken"]
+
+    def _relative(self, full: str) -> str:
+        return full[len(self.prefix) + 1:] if self.prefix else full
+
+    def list(self, prefix: str = "") -> list[Entry]:
+        found: dict[str, Entry] = {}
+        for page in self._pages(prefix, delimiter=True):
+            for common in page.get("CommonPrefixes", []):
+                name = common["Prefix"].rstrip("/").rsplit("/", 1)[-1]
+                found[name] = Entry(name, join(prefix, name), True)
+            for obj in page.get("Contents", []):
+                name = obj["Key"].rsplit("/", 1)[-1]
+                if name:
+                    found.setdefault(name, Entry(name, join(prefix, name), False))
+        return [found[name] for name in sorted(found)]
+
+    def walk(self, prefix: str) -> Iterator[tuple[str, Stat]]:
+        for page in self._pages(prefix, delimiter=False):
+            for obj in page.get("Contents", []):
+                yield self._relative(obj["Key"]), Stat(int(obj["Size"]), obj["LastModified"].timestamp(), obj["ETag"])
+
+    # the local cache
+
+    def cache_path(self, key: str) -> Path:
+        """Where the cached copy of `key` lives (whether or not it is there)."""
+        return cache_folder() / self.bucket / self._key(key)
+
+    def local_path(self, key: str) -> Path:
+        path = self.cache_path(key)
+        if not key:
+            return path
+        mutable = not key.startswith(IMMUTABLE)
+        if path.is_file() and (not mutable or _cached_token(path) == (self.stat(key) or Stat(0, 0, "")).token):
+            with contextlib.suppress(OSError):
+                os.utime(path)  # recently used: evicted last
+            return path
+        if not mutable or not self.is_folder(key):
+            self._fill(key, path)
+        return path
+
+    def _fill(self, key: str, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            head = self._call(key, "read", lambda: client().head_object(Bucket=self.bucket, Key=self._key(key)))
+            self._call(key, "read", lambda: client().download_file(self.bucket, self._key(key), str(tmp)))
+            _counts["bytes_down"] += tmp.stat().st_size
+            _set_token(tmp, head["ETag"])
+            os.replace(tmp, path)
+        except FileNotFoundError:
+            tmp.unlink(missing_ok=True)
+            return  # a missing object has no copy: the caller's open says it is missing
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        evict(keep=path)
+
+    # writes
+
+    def write(self, key: str, write: Writer, before_commit: Writer | None = None) -> Stat:
+        path = self.cache_path(key)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            write(tmp)
+            if before_commit is not None:
+                before_commit(tmp)
+            stat = self._upload(key, tmp)
+            _set_token(tmp, stat.token)
+            os.replace(tmp, path)  # the writer's own later reads come from here
+        except OSError as exc:
+            from embedctl.pipeline.fsutil import storage_error
+
+            raise storage_error(exc, path) from None
+        finally:
+            tmp.unlink(missing_ok=True)
+        evict(keep=path)
+        return stat
+
+    def _upload(self, key: str, local: Path, **conditions) -> Stat:
+        size = local.stat().st_size
+        if size < MULTIPART_BYTES or conditions:
+            with open(local, "rb") as fh:
+                body = fh.read()
+            reply = self._call(key, "write", lambda: client().put_object(Bucket=self.bucket, Key=self._key(key),
+                                                                         Body=body, **conditions))
+            _counts["bytes_up"] += size
+            return Stat(size, time.time(), reply["ETag"])
+        from boto3.s3.transfer import TransferConfig
+
+        config = TransferConfig(multipart_threshold=MULTIPART_BYTES, multipart_chunksize=16 << 20, max_concurrency=8)
+        # s3transfer aborts the multipart upload when a part fails; `cache prune` collects any left by a killed process
+        self._call(key, "write", lambda: client().upload_file(str(local), self.bucket, self._key(key), Config=config))
+        _counts["bytes_up"] += size
+        return self.stat(key) or Stat(size, time.time(), "")
+
+    def put(self, key: str, data: bytes | Path) -> Stat:
+        if isinstance(data, Path):
+            return self.write(key, lambda tmp: shutil.copyfile(data, tmp))
+        reply = self._call(key, "write", lambda: client().put_object(Bucket=self.bucket, Key=self._key(key),
+                                                                     Body=data))
+        _counts["bytes_up"] += len(data)
+        cached = self.cache_path(key)
+        if cached.exists():  # a replaced object: the old copy is stale
+            cached.unlink(missing_ok=True)
+        return Stat(len(data), time.time(), reply["ETag"])
+
+    def append(self, key: str, data: bytes) -> None:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+        self.put(join(key, f"{stamp}-{uuid.uuid4().hex[:8]}"), data)
+
+    def read_appended(self, key: str) -> bytes:
+        parts = []
+        with contextlib.suppress(FileNotFoundError):
+            parts.append(self.read_bytes(key))
+        for name, _ in sorted(self.walk(key)):
+            with contextlib.suppress(FileNotFoundError):
+                parts.append(self.read_bytes(name))
+        return b"".join(p if p.endswith(b"\n") else p + b"\n" for p in parts if p)
+
+    def touch(self, key: str) -> None:
+        self.put(key, self.read_bytes(key))
+
+    def _conditional_put(self, key: str, data: bytes, **condition) -> bool:
+        from botocore.exceptions import ClientError
+
+        def put():
+            try:
+                client().put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **condition)
+                return True
+            except ClientError as exc:
+                # 412: the condition failed; 409: a conditional write raced another to the same key
+                if _status(exc) in (409, 412) or _code(exc) in ("PreconditionFailed", "ConditionalRequestConflict"):
+                    return False
+                raise
+
+        done = self._call(key, "write", put)
+        if done:
+            _counts["bytes_up"] += len(data)
+        return done
+
+    def create_if_absent(self, key: str, data: bytes) -> bool:
+        return self._conditional_put(key, data, IfNoneMatch="*")
+
+    def read_pointer(self, key: str) -> Pointer | None:
+        try:
+            reply = self._call(key, "read", lambda: client().get_object(Bucket=self.bucket, Key=self._key(key)))
+        except FileNotFoundError:
+            return None
+        value = reply["Body"].read().decode("utf-8", "replace").strip()
+        return Pointer(value, reply["ETag"])
+
+    def compare_and_swap(self, key: str, expected: str | None, value: str) -> bool:
+        data = (value + "\n").encode()
+        if expected is None:
+            return self._conditional_put(key, data, IfNoneMatch="*")
+        return self._conditional_put(key, data, IfMatch=expected)
+
+    def delete(self, key: str) -> None:
+        keys = [self._key(key)] if key else []
+        keys += [self._key(k) for k, _ in self.walk(key)]
+        for start in range(0, len(keys), 1000):
+            batch = [{"Key": k} for k in keys[start:start + 1000]]
+            self._call(key, "delete", lambda b=batch: client().delete_objects(
+                Bucket=self.bucket, Delete={"Objects": b, "Quiet": True}))
+        with contextlib.suppress(OSError):
+            cached = self.cache_path(key)
+            if cached.is_dir():
+                shutil.rmtree(cached, ignore_errors=True)
+            else:
+                cached.unlink(missing_ok=True)
+
+    def rename(self, src: str, dst: str, commit: str | None = None) -> bool:
+        """Copy the objects of `src` to `dst`, each created only if absent and `commit` last; False (and the objects
+        this call created removed) when `dst` is taken. The staged objects are removed once the copy is complete."""
+        if self.is_folder(dst):
+            return False
+        objects = sorted(k for k, _ in self.walk(src))
+        names = [k[len(src) + 1:] for k in objects]
+        if commit in names:  # the commit object last: a reader that finds it finds the rest
+            names.remove(commit)
+            names.append(commit)
+        created: list[str] = []
+        for name in names:
+            target = join(dst, name)
+            if not self.create_if_absent(target, self.read_bytes(join(src, name))):
+                for key in created:
+                    self._call(key, "delete", lambda k=key: client().delete_object(Bucket=self.bucket,
+                                                                                   Key=self._key(k)))
+                return False
+            created.append(target)
+        self.delete(src)
+        return True
+
+    def staging(self, prefix: str, name_prefix: str) -> str:
+        return join(prefix, f"{name_prefix}{uuid.uuid4().hex[:12]}")
+
+
+# --- cache bookkeeping -------------------------------------------------------------------------------------------
+
+_TOKEN = "user.embedctl.etag"
+
+
+def _set_token(path: Path, token: str) -> None:
+    """Remember which version of the object a cached file holds (an xattr; a sidecar file where none is allowed)."""
+    try:
+        os.setxattr(path, _TOKEN, token.encode())
+    except OSError:
+        path.with_name(path.name + ".etag").write_text(token)
+
+
+def _cached_token(path: Path) -> str | None:
+    try:
+        return os.getxattr(path, _TOKEN).decode()
+    except OSError:
+        side = path.with_name(path.name + ".etag")
+        return side.read_text() if side.exists() else None
+
+
+def evict(keep: Path | None = None) -> list[Path]:
+    """Remove the least recently used cached files until the cache fits `--cache-size` (never `keep`, the file
+    just filled); returns what was removed."""
+    limit = _cache.max_bytes
+    root = cache_folder()
+    if limit is None or not root.is_dir():
+        return []
+    files = []
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = Path(folder) / name
+            with contextlib.suppress(OSError):
+                st = path.stat()
+                files.append((st.st_mtime, st.st_size, path))
+    total = sum(size for _, size, _ in files)
+    removed = []
+    for _, size, path in sorted(files, key=lambda f: f[0]):
+        if total <= limit:
+            break
+        if path == keep or path.name.endswith((".part", ".tmp")):
+            continue
+        with contextlib.suppress(OSError):
+            path.unlink()
+            total -= size
+            removed.append(path)
+    return removed
