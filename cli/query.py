@@ -13,7 +13,7 @@ from embedctl.cli.common import env_option, print_json, shm_option
 from embedctl.pipeline import defaults
 from embedctl.pipeline.errors import ConfigError
 from embedctl.pipeline.manifest import read_info
-from embedctl.pipeline.storage import join
+from embedctl.pipeline.storage import join, location
 from embedctl.pipeline.versions import resolve_index_dir, version_folder
 
 
@@ -135,7 +135,7 @@ def _search_here(index_dir: str, queries: list[str], k: int, dim: int | None, ef
     """Load the index and its model in this process and search."""
     from embedctl.pipeline.index import IndexReader
 
-    reader = IndexReader(Path(index_dir), verify=not no_verify)
+    reader = IndexReader(location(index_dir), verify=not no_verify)
     if dim is not None and dim not in reader.dims:
         raise ConfigError(f"--dim {dim} is not indexed in {index_dir}; choose one of "
                           f"{', '.join(map(str, reader.dims))}")
@@ -152,13 +152,15 @@ def _search_here(index_dir: str, queries: list[str], k: int, dim: int | None, ef
 @env_option("--json", "as_json", env="JSON", is_flag=True, help="Print the index info as JSON.")
 def info(index_dir: str, as_json: bool) -> None:
     """Describe the index published in INDEX_DIR: model, dims, rows, version, files."""
-    version_dir = resolve_index_dir(Path(index_dir))
+    version_dir = resolve_index_dir(location(index_dir))
     info = read_info(version_dir)
     storage = version_folder(version_dir).storage
     segments = [{"id": ref.id, "rows": ref.rows, "deleted": ref.deleted, "folder": storage.describe(ref.prefix),
                  "files": {name: storage.describe(join(ref.prefix, name)) for name in ref.files}}
                 for ref in info.segments]
-    data = {**info.to_dict(), "version": version_dir.name, "path": str(version_dir), "paths": {"segments": segments}}
+    version = version_folder(version_dir)
+    data = {**info.to_dict(), "version": version.name, "path": str(version_dir) if isinstance(version_dir, Path)
+            else storage.describe(version.key), "paths": {"segments": segments}}
     if as_json:
         print_json(data)
         return
@@ -213,7 +215,7 @@ def evaluate_cmd(index_dir: str, queries_path: str, query_column: str, relevant_
         raise click.BadParameter(f"{ks!r} is not a comma-separated list of integers", param_hint="-k") from None
     # a refused gpu fails before any index or model is loaded
     exact_device = resolve_exact_device(exact_device, max(cutoffs, default=1))
-    reader = IndexReader(Path(index_dir), verify=not no_verify)
+    reader = IndexReader(location(index_dir), verify=not no_verify)
     queries = load_queries(Path(queries_path), query_column, relevant_column, reader, limit=limit)
     info = reader.info
     prefix = info.query_prefix_for(query_instruction)

@@ -20,6 +20,7 @@ import click
 from embedctl.cli.common import env_option, exported_devices, shm_option
 from embedctl.pipeline.errors import ConfigError
 from embedctl.pipeline.manifest import read_info
+from embedctl.pipeline.storage import is_uri, location
 from embedctl.pipeline.versions import index_names, resolve_index_dir
 from embedctl.serve.config import ENV as SERVE_CONFIG_ENV
 from embedctl.serve.config import ServeConfig
@@ -96,12 +97,12 @@ def serve(index_dirs: tuple[str, ...], model: str | None, workers: int | None, h
     from embedctl.pipeline.models import resolve_model
 
     served = ServeConfig(  # checked first, one line naming the option; model, workers and share follow
-        model=model or "", indexes=tuple(str(Path(f).resolve()) for f in index_dirs),
+        model=model or "", indexes=tuple(str(f) if is_uri(f) else str(Path(f).resolve()) for f in index_dirs),
         workers=1 if workers is None else workers, host=host, port=port, api_key=api_key, device=device,
         dtype=dtype, shm=shm, threads=threads, batch_tokens=batch_tokens, batch_wait_ms=batch_wait_ms,
         max_queue=max_queue, max_body=max_body, max_inputs=max_inputs, cache=cache, header_timeout=header_timeout, body_timeout=body_timeout,
         max_connections=max_connections, verify=not no_verify)
-    infos = [read_info(resolve_index_dir(Path(f))) for f in index_dirs]  # one line when one is not published
+    infos = [read_info(resolve_index_dir(location(f))) for f in index_dirs]  # one line when one is not published
     if model is None:
         if not infos:
             raise click.UsageError("give --model MODEL, or index folders whose model is served")
@@ -110,7 +111,7 @@ def serve(index_dirs: tuple[str, ...], model: str | None, workers: int | None, h
     else:
         ref = resolve_model(model)
     fingerprint = ref.fingerprint
-    for folder, info in zip(map(Path, index_dirs), infos, strict=True):
+    for folder, info in zip(map(location, index_dirs), infos, strict=True):
         info.require_model(fingerprint, model, folder)
     names = index_names(index_dirs)
     _check_port(host, port)

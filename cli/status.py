@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from embedctl.cli.common import print_json
+from embedctl.pipeline.storage import location
 
 
 @click.command()
@@ -16,7 +15,7 @@ def status(job: str, as_json: bool) -> None:
     """State of the newest job in an --out folder JOB (or of a job folder OUT/work/<job id>), read from disk."""
     from embedctl.jobs.state import status as job_status
 
-    data = job_status(Path(job))
+    data = job_status(location(job))
     if as_json:
         print_json(data)
         return

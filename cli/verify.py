@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import click
 
 from embedctl.cli.common import env_option, print_json, shm_option, tqdm_progress
+from embedctl.pipeline.storage import location
 
 
 @click.command()
@@ -28,9 +28,9 @@ def verify(out: str, repair: bool, quiet: bool, shm: str, as_json: bool) -> None
     if repair:
         from embedctl.jobs.runner import repair as run_repair
 
-        found, report = run_repair(Path(out), progress=tqdm_progress(quiet), shm=shm)
+        found, report = run_repair(location(out), progress=tqdm_progress(quiet), shm=shm)
     else:
-        found, report = check(Path(out)), None
+        found, report = check(location(out)), None
     if as_json:
         print_json({"check": found.to_dict(), "repair": report.to_dict() if report else None})
     else:

@@ -29,7 +29,7 @@ from embedctl.jobs.spec import JobSpec
 from embedctl.pipeline import versions
 from embedctl.pipeline.errors import EmbedctlError, StorageError
 from embedctl.pipeline.plan import WORK, WorkPlan, load_plan, plan_job
-from embedctl.pipeline.storage import storage_of
+from embedctl.pipeline.storage import location, storage_of
 
 if TYPE_CHECKING:
     from embedctl.jobs.broker import Settings
@@ -114,7 +114,7 @@ def begin_plan(plan: WorkPlan, mode: str, settings: Settings | None = None, job:
                keep: int | None = None, force: bool = False) -> Run:
     """Take the output folder of `plan` for a new run (see `begin`); `force`: publish a new version even when
     the current one was built from this plan (what a repair does)."""
-    out = Path(plan.out)
+    out = location(plan.out)
     run_id = new_run_id()
     token = json.dumps(locks.holder_record(run_id, mode, job))
     if mode == "embedded":

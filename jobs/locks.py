@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from embedctl.pipeline.fsutil import FILE_MODE, json_writer, make_dirs, storage_error
-from embedctl.pipeline.storage import storage_of
+from embedctl.pipeline.storage import is_uri, location, storage_of
 from embedctl.settings import setting
 
 if TYPE_CHECKING:  # the broker module is imported where a Redis lease is made: an embedded run never needs it
@@ -135,7 +135,8 @@ def describe_holder(holder: dict | None) -> str:
 def out_key(out: str | Path) -> str:
     """The Redis key of an output folder's lock (the folder's absolute path, hashed: the same on every host that
     mounts the shared folder at the same path)."""
-    return "embedctl:lock:out:" + hashlib.sha256(str(Path(out).resolve()).encode()).hexdigest()[:16]
+    name = str(out).rstrip("/") if is_uri(str(out)) else str(Path(out).resolve())  # a URI: the same on every host
+    return "embedctl:lock:out:" + hashlib.sha256(name.encode()).hexdigest()[:16]
 
 
 def build_key(out: str | Path, plan_id: str) -> str:
@@ -267,15 +268,18 @@ class RedisLease:
 
 
 class FileLease:
-    """An OS lock on OUT/.embedctl.lock (py-filelock), released by the kernel when its process exits."""
+    """An OS lock on OUT/.embedctl.lock (py-filelock), released by the kernel when its process exits. An output
+    folder on an object store has no file to lock: the lock file is then in this host's cache folder of it, which
+    keeps two runs of one host apart; runs of two hosts are kept apart by the conditional commit of a version."""
 
     backend = "file"
 
     def __init__(self, out: str | Path, token: str):
         from filelock import FileLock
 
-        self.out = Path(out)
-        self.key = str(self.out / LOCK_FILE)
+        self.out = location(out)
+        self.folder = storage_of(self.out).local_path("") if is_uri(self.out) else Path(self.out)
+        self.key = str(self.folder / LOCK_FILE)
         self.token = token
         self._lock = FileLock(self.key, timeout=0, thread_local=False, mode=FILE_MODE)
 
@@ -288,7 +292,7 @@ class FileLease:
         from filelock import Timeout
 
         try:
-            make_dirs(self.out)
+            make_dirs(self.folder)
             self._lock.acquire(timeout=0)
         except Timeout:
             return False

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from embedctl.pipeline.fsutil import json_writer
-from embedctl.pipeline.storage import storage_of
+from embedctl.pipeline.storage import location, storage_of
 
 REPORT_FILE = "report.json"
 
@@ -76,15 +76,16 @@ def field_names() -> list[str]:
     return [f.name for f in fields(RunReport)]
 
 
-def write_report(work_dir: Path, report: RunReport) -> Path:
-    storage = storage_of(work_dir)  # the work folder's storage (OUT/work/<job id>)
+def write_report(work_dir: Path | str, report: RunReport) -> str:
+    """Write the run report into a work folder (a local path or a URI); returns where it is (for messages)."""
+    storage = storage_of(location(work_dir))  # the work folder's storage (OUT/work/<job id>)
     storage.write(REPORT_FILE, json_writer(report.to_dict()))
-    return storage.local_path(REPORT_FILE)
+    return storage.describe(REPORT_FILE)
 
 
-def read_report(work_dir: Path) -> RunReport | None:
+def read_report(work_dir: Path | str) -> RunReport | None:
     """The last report written in a work folder (None when there is none or it cannot be read)."""
-    storage = storage_of(work_dir)
+    storage = storage_of(location(work_dir))
     try:
         return RunReport.from_dict(json.loads(storage.read_bytes(REPORT_FILE)))
     except (OSError, ValueError, TypeError):

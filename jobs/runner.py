@@ -20,6 +20,7 @@ from embedctl.pipeline.corpus import iter_chunks
 from embedctl.pipeline.errors import CorpusError, EmbedctlError, StorageError
 from embedctl.pipeline.plan import WORK, load_plan
 from embedctl.pipeline.progress import ProgressFactory, no_progress, stage
+from embedctl.pipeline.storage import child, location
 from embedctl.pipeline.vectors import DamagedChunks
 from embedctl.pipeline.work import EncoderOnDemand
 
@@ -59,7 +60,7 @@ def repair(out: Path, progress: ProgressFactory = no_progress, threads: int | No
     if found.job_id is None:
         raise StorageError(f"cannot repair {out}: the stored vectors it was built from are gone; run `embedctl index "
                            f"CORPUS --out {out}` to build it again")
-    plan = load_plan(Path(out) / WORK / found.job_id)
+    plan = load_plan(child(location(out), WORK, found.job_id))
     changed = [(f.path, change) for f in plan.corpus.files if (change := f.changes()) is not None]
     chunks = damaged_chunks(found)
     if chunks and changed:

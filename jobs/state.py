@@ -29,7 +29,7 @@ from embedctl.pipeline.errors import StorageError
 from embedctl.pipeline.fsutil import json_writer
 from embedctl.pipeline.manifest import damaged_files, read_info
 from embedctl.pipeline.plan import CHUNKS, PLAN_FILE, WORK, WorkPlan, load_plan
-from embedctl.pipeline.storage import Storage, join, storage_of
+from embedctl.pipeline.storage import Storage, child, is_uri, join, location, storage_of
 
 LOG = logging.getLogger(__name__)
 
@@ -196,19 +196,19 @@ def published_version(plan: WorkPlan, contents: bool = False) -> tuple[str, int]
     return current.name, info.rows
 
 
-def resolve_work_dir(target: Path) -> Path:
-    """The work folder of a job: given itself, or an output folder (its newest job)."""
-    target = Path(target)
+def resolve_work_dir(target: Path | str) -> Path | str:
+    """The work folder of a job: given itself, or an output folder (its newest job); a path or a URI."""
+    target = location(target)
     storage = storage_of(target)
     if _is_file(storage, PLAN_FILE):
         return target
     jobs = sorted((e.key for e in storage.list(WORK) if _is_file(storage, join(e.key, PLAN_FILE))),
                   key=lambda key: st.mtime if (st := storage.stat(join(key, JOB_FILE))) is not None else 0)
     if not jobs:
-        if target.exists() and not target.is_dir():
+        if not is_uri(target) and target.exists() and not target.is_dir():
             raise StorageError(f"{str(target)!r} is a file; give an --out folder of `embedctl index` or a job folder")
         raise StorageError(f"no job in {str(target)!r}; give an --out folder of `embedctl index` or a job folder")
-    return storage.local_path(jobs[-1])
+    return child(target, jobs[-1])
 
 
 def _is_file(storage: Storage, key: str) -> bool:

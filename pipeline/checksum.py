@@ -16,7 +16,7 @@ from pathlib import Path
 
 from embedctl.pipeline.errors import StorageError
 from embedctl.pipeline.fsutil import json_writer
-from embedctl.pipeline.storage import Storage, storage_of
+from embedctl.pipeline.storage import LocalStorage, Storage, storage_of
 
 LOG = logging.getLogger(__name__)
 
@@ -117,6 +117,8 @@ class Verdicts:
     def __init__(self, out: Path | Storage):
         self.storage = storage_of(out)
         self._root = self.storage.local_path("")
+        if not isinstance(self.storage, LocalStorage):  # verdicts on the cached copies of a remote folder's files
+            self.storage = LocalStorage(self._root)
         try:
             self._known = json.loads(self.storage.read_bytes(VERDICTS))
             if not isinstance(self._known, dict):

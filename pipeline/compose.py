@@ -147,7 +147,7 @@ def _read_json(storage: Storage, key: str) -> dict | None:
 def _builds(plan: WorkPlan) -> Folder:
     """The folder of a job's build plans."""
     storage = storage_of(plan.out)
-    return Folder(storage, join(Path(plan.work_dir).relative_to(plan.out).as_posix(), BUILD))
+    return Folder(storage, plan.work.child(BUILD))
 
 
 def _key(plan: WorkPlan, base: Path | None, base_info: VersionInfo | None, policy: MergePolicy,

@@ -240,12 +240,33 @@ def version_files(version_dir: Path | Folder, info: VersionInfo):
             yield ref, storage.local_path(join(ref.prefix, name)), expected
 
 
+def _remote_problems(version: Path | Folder, info: VersionInfo) -> list[tuple[SegmentRef | None, str, str]]:
+    """Missing or resized objects of a version on an object store (no object is downloaded: a reader checks each
+    file's checksum when it caches it)."""
+    version = version_folder(version)
+    storage = version.storage
+    keys = [(None, version.child(name), expected) for name, expected in sorted(info.checksums.items())]
+    keys += [(ref, join(ref.prefix, name), expected) for ref in info.segments for name, expected in
+             sorted(ref.files.items())]
+    found = []
+    for ref, key, expected in keys:
+        st = storage.stat(key)
+        if st is None:
+            found.append((ref, storage.describe(key), "missing"))
+        elif expected and st.size != expected.get("bytes", st.size):
+            found.append((ref, storage.describe(key), f"{st.size} bytes, {expected['bytes']} were written"))
+    return found
+
+
 def damaged_files(version: Path | Folder, info: VersionInfo,
                   contents: bool = True) -> list[tuple[SegmentRef | None, Path, str]]:
     """(segment or None for the version's own files, path, problem) of the files of a version that are missing or
     whose contents differ from their checksum. A file is read whole only when its stat changed since it last
     matched (`checksum.Verdicts`), so the check of an untouched version reads no file; `embedctl verify` reads
     them all. `contents` False: existence and sizes only (no file read, nothing written)."""
+    storage = version_folder(version).storage
+    if not isinstance(storage, LocalStorage):  # an object store: sizes by asking it (readers check contents)
+        return _remote_problems(version, info)
     if not contents:
         return [(ref, path, p) for ref, path, expected in version_files(version, info)
                 if (p := size_problem(path, expected))]

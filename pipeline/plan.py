@@ -21,7 +21,7 @@ from embedctl.pipeline.defaults import DEFAULT_SEGMENT_ROWS
 from embedctl.pipeline.errors import ConfigError, StorageError
 from embedctl.pipeline.fsutil import json_writer
 from embedctl.pipeline.manifest import read_info
-from embedctl.pipeline.storage import Folder, Storage, grandparent, join, storage_of
+from embedctl.pipeline.storage import Folder, Storage, child, is_uri, join, location, parent, storage_of
 from embedctl.pipeline.vectors import ChunkStore
 
 PLAN_FILE = "plan.json"
@@ -92,8 +92,9 @@ class WorkPlan:
         return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]
 
     @property
-    def work_dir(self) -> Path:
-        return Path(self.out) / WORK / self.plan_id
+    def work_dir(self) -> Path | str:
+        """The work folder: a local path, or a URI when the output folder is on an object store."""
+        return child(self.out, WORK, self.plan_id)
 
     @property
     def storage(self) -> Storage:
@@ -107,7 +108,7 @@ class WorkPlan:
 
     @property
     def store(self) -> ChunkStore:
-        return ChunkStore(self.work_dir / CHUNKS)
+        return ChunkStore(Folder(self.storage, self.work.child(CHUNKS)))
 
     @property
     def index_key(self) -> dict:
@@ -142,21 +143,23 @@ class WorkPlan:
                 sources.append(ChunkStore(Folder(storage, join(entry.key, CHUNKS))))
         return sources
 
-    def save(self) -> Path:
-        """Write plan.json into the work folder (idempotent)."""
+    def save(self) -> str:
+        """Write plan.json into the work folder (idempotent); returns where it is (for messages)."""
         key = self.work.child(PLAN_FILE)
         self.storage.write(key, json_writer(self.to_dict()))
-        return self.storage.local_path(key)
+        return self.storage.describe(key)
 
 
-def load_plan(work_dir: Path) -> WorkPlan:
-    """Read the plan a job saved in `work_dir`."""
-    path, storage = Path(work_dir) / PLAN_FILE, storage_of(work_dir)  # the work folder's storage
+def load_plan(work_dir: Path | str) -> WorkPlan:
+    """Read the plan a job saved in `work_dir` (a local path or a URI)."""
+    storage = storage_of(location(work_dir))  # the work folder's storage
+    path = storage.describe(PLAN_FILE)
     try:
         plan = WorkPlan.from_dict(json.loads(storage.read_bytes(PLAN_FILE)))
-        out = grandparent(work_dir)  # OUT/work/<plan id>
+        out = parent(location(work_dir), 2)  # OUT/work/<plan id>
         # an output folder that was moved or copied: its plans belong where they are now
-        return plan if Path(plan.out) == out else replace(plan, out=str(out))
+        same = plan.out == out if is_uri(out) else not is_uri(plan.out) and Path(plan.out) == out
+        return plan if same else replace(plan, out=str(out))
     except FileNotFoundError:
         raise StorageError(f"no plan at {path}: the job folder is missing or was removed; re-run the job") from None
     except (ValueError, TypeError, KeyError) as exc:

@@ -15,6 +15,7 @@ from embedctl.pipeline import versions
 from embedctl.pipeline.compose import remove_builds, segments_in_use
 from embedctl.pipeline.plan import WORK, WorkPlan
 from embedctl.pipeline.segments import collect_garbage
+from embedctl.pipeline.storage import parent, storage_of
 
 LOG = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ def apply_retention(plan: WorkPlan, keep: int | None, live_work: Collection[str]
     remove_builds(plan)
     used = versions.segments_of_kept_versions(plan.out)
     if used is not None:
-        collect_garbage(plan.out, used | segments_in_use(plan.work_dir.parent))
+        collect_garbage(plan.out, used | segments_in_use(storage_of(parent(plan.work_dir))))
     return removed
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from embedctl.pipeline.errors import StorageError
-from embedctl.pipeline.storage import Entry, Pointer, Stat, Storage, Writer, join
+from embedctl.pipeline.storage import Entry, Pointer, Stat, Storage, Writer, is_immutable, join
 
 SCHEME = "s3://"
 RETRY_SECONDS = 120.0
@@ -44,8 +44,6 @@ FIRST_CONTACT_ATTEMPTS = 3
 MULTIPART_BYTES = 64 << 20
 """Objects at least this large are uploaded in parts (several at once); a failed upload's parts are aborted."""
 DEFAULT_CACHE = Path("~/.cache/embedctl/s3")
-IMMUTABLE = ("segments/", "versions/v")
-"""Key prefixes written once and never replaced: their cached copies are trusted without asking the store."""
 
 _OPS = {"GetObject": "GET", "HeadObject": "HEAD", "PutObject": "PUT", "UploadPart": "PUT",
         "CreateMultipartUpload": "PUT", "CompleteMultipartUpload": "PUT", "CopyObject": "PUT",
@@ -318,7 +316,7 @@ class S3Storage(Storage):
         path = self.cache_path(key)
         if not key:
             return path
-        mutable = not key.startswith(IMMUTABLE)
+        mutable = not is_immutable(key)
         if path.is_file() and (not mutable or _cached_token(path) == (self.stat(key) or Stat(0, 0, "")).token):
             with contextlib.suppress(OSError):
                 os.utime(path)  # recently used: evicted last
@@ -470,7 +468,10 @@ class S3Storage(Storage):
             return False
         objects = sorted(k for k, _ in self.walk(src))
         names = [k[len(src) + 1:] for k in objects]
-        if commit in names:  # the commit object last: a reader that finds it finds the rest
+        if commit is not None:  # the commit object last: a reader that finds it finds the rest
+            if commit not in names:
+                raise StorageError(f"cannot publish {self.describe(src)}: it has no {commit} (the build did not "
+                                   "finish); run the job again")
             names.remove(commit)
             names.append(commit)
         created: list[str] = []

@@ -22,7 +22,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from embedctl.pipeline.checksum import checksum
-from embedctl.pipeline.storage import Folder, LocalStorage, Storage, grandparent, join, storage_of
+from embedctl.pipeline.storage import (
+    Folder,
+    LocalStorage,
+    Storage,
+    declare_immutable,
+    grandparent,
+    join,
+    storage_of,
+)
 
 if TYPE_CHECKING:
     import faiss
@@ -32,6 +40,7 @@ if TYPE_CHECKING:
 LOG = logging.getLogger(__name__)
 
 SEGMENTS = "segments"
+declare_immutable(f"{SEGMENTS}/")  # a segment's files are written once under its unique id
 ROWS_FILE = "rows.parquet"
 ROWS_GROUP = 16384
 """Row group size of a segment's rows.parquet: a query reads only the groups of its hits."""
@@ -52,8 +61,11 @@ def segment_prefix(segment_id: str, path: str | None = None) -> str:
     return path or join(SEGMENTS, segment_id)
 
 
-def segment_dir(out: Path | str, segment_id: str) -> Path:
-    return storage_of(out).local_path(segment_prefix(segment_id))
+def segment_dir(out: Path | str, segment_id: str) -> Path | Folder:
+    """A segment's folder: a local path, or the folder itself on an object store."""
+    storage = storage_of(out)
+    folder = Folder(storage, segment_prefix(segment_id))
+    return folder.path if isinstance(storage, LocalStorage) else folder
 
 
 def _folder(folder: Path | Folder) -> Folder:

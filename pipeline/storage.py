@@ -75,6 +75,19 @@ class Pointer:
     token: str
 
 
+IMMUTABLE: set[str] = set()
+"""Key prefixes whose objects are written once and never replaced, declared by their format owners
+(`declare_immutable`): a remote backend trusts its cached copies of them without asking the store again."""
+
+
+def declare_immutable(prefix: str) -> None:
+    IMMUTABLE.add(prefix)
+
+
+def is_immutable(key: str) -> bool:
+    return key.startswith(tuple(IMMUTABLE))
+
+
 POINTER_LOCK = ".embedctl.pointer.lock"
 """The lock file of a local folder's pointer swaps (`LocalStorage.compare_and_swap`)."""
 
@@ -208,6 +221,23 @@ def is_uri(location: object) -> bool:
 def location(text: str | Path) -> str | Path:
     """A location a user gave (an option, a job spec field): a URI stays a string, anything else is a path."""
     return str(text) if is_uri(str(text)) else Path(text).expanduser()
+
+
+def child(location: Path | str, *parts: str) -> Path | str:
+    """`location` (a local path or a URI) with `parts` below it, of the same kind."""
+    if is_uri(location):
+        return "/".join([str(location).rstrip("/"), join(*parts)]).rstrip("/")
+    return Path(location).joinpath(*parts)
+
+
+def parent(location: Path | str, levels: int = 1) -> Path | str:
+    """The folder `levels` above `location` (a local path or a URI), of the same kind."""
+    if is_uri(location):
+        text = str(location).rstrip("/")
+        for _ in range(levels):
+            text = text.rsplit("/", 1)[0] if text.count("/") > 2 else text
+        return text
+    return grandparent(Path(location)) if levels == 2 else Path(location).parents[levels - 1]
 
 
 def grandparent(path: Path) -> Path:

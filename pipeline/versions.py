@@ -19,12 +19,23 @@ import time
 from pathlib import Path
 
 from embedctl.pipeline.errors import ConfigError, IndexNotFoundError
-from embedctl.pipeline.storage import Folder, LocalStorage, Pointer, Storage, grandparent, join, storage_of
+from embedctl.pipeline.storage import (
+    Folder,
+    LocalStorage,
+    Pointer,
+    Storage,
+    declare_immutable,
+    grandparent,
+    is_uri,
+    join,
+    storage_of,
+)
 
 CURRENT = "current"
 VERSIONS = "versions"
 BUILD_PREFIX = ".build-"
 _VERSION = re.compile(r"^v(\d{6,})$")
+declare_immutable(f"{VERSIONS}/v")  # a version's files are written once, under the name its commit took
 
 
 def version_folder(path: Path | str | Folder) -> Folder:
@@ -42,10 +53,15 @@ def version_names(storage: Storage) -> list[str]:
     return [name for _, name in sorted(found)]
 
 
-def version_dirs(out: Path) -> list[Path]:
-    """Complete versions in `out`, oldest first."""
+def version_dirs(out: Path | str) -> list[Path | Folder]:
+    """Complete versions in `out`, oldest first (local paths; folders of the store when `out` is remote)."""
     storage = storage_of(out)
-    return [storage.local_path(join(VERSIONS, name)) for name in version_names(storage)]
+    return [_ref(Folder(storage, join(VERSIONS, name))) for name in version_names(storage)]
+
+
+def _ref(folder: Folder) -> Path | Folder:
+    """A version or build folder as its callers take it: a local path, or the folder itself on an object store."""
+    return folder.path if isinstance(folder.storage, LocalStorage) else folder
 
 
 def read_current(storage: Storage) -> Pointer | None:
@@ -79,16 +95,18 @@ def current_folder(storage: Storage) -> Folder | None:
     return folder if folder is not None and storage.exists(folder.child(INFO)) else None
 
 
-def current_version(out: Path) -> Path | None:
+def current_version(out: Path | str) -> Path | Folder | None:
     """The version `out/current` points to, or None before the first publish."""
     folder = current_folder(storage_of(out))
-    return folder.path.resolve() if folder else None
+    if folder is None:
+        return None
+    return folder.path.resolve() if isinstance(folder.storage, LocalStorage) else folder
 
 
-def new_build_dir(out: Path) -> Path:
+def new_build_dir(out: Path | str) -> Path | Folder:
     """A fresh private folder in which to build the next version."""
     storage = storage_of(out)
-    return storage.local_path(storage.staging(VERSIONS, BUILD_PREFIX))  # 0700, and so is the version it becomes
+    return _ref(Folder(storage, storage.staging(VERSIONS, BUILD_PREFIX)))  # 0700, and so is the version it becomes
 
 
 def remove_dead_builds(out: Path, idle_seconds: float) -> list[str]:
@@ -111,12 +129,12 @@ def remove_dead_builds(out: Path, idle_seconds: float) -> list[str]:
     return removed
 
 
-def publish(out: Path, build_dir: Path) -> Path:
+def publish(out: Path | str, build_dir: Path | Folder) -> Path | Folder:
     """Move a complete build to the next version number and point `current` at it, atomically."""
     from embedctl.pipeline.manifest import INFO
 
     storage = storage_of(out)
-    staged = join(VERSIONS, Path(build_dir).name)
+    staged = join(VERSIONS, build_dir.name)
     while True:
         existing = version_names(storage)
         number = int(_VERSION.match(existing[-1]).group(1)) + 1 if existing else 1
@@ -126,7 +144,7 @@ def publish(out: Path, build_dir: Path) -> Path:
     while True:  # the newest publish wins, as it did when the pointer was replaced without a compare
         pointer = read_current(storage)
         if storage.compare_and_swap(CURRENT, pointer.token if pointer else None, target):
-            return storage.local_path(target)
+            return _ref(Folder(storage, target))
 
 
 def prune(out: Path, keep: int) -> list[str]:
@@ -144,7 +162,7 @@ def prune(out: Path, keep: int) -> list[str]:
     return removed
 
 
-def discard(build_dir: Path) -> None:
+def discard(build_dir: Path | Folder) -> None:
     """Remove an unfinished build."""
     folder = version_folder(build_dir)
     folder.storage.delete(folder.key)
@@ -153,8 +171,8 @@ def discard(build_dir: Path) -> None:
 def index_names(folders) -> dict[str, Path]:
     """The name each index folder is served and searched by (its folder name), refusing two of one name."""
     names: dict[str, Path] = {}
-    for folder in map(Path, folders):
-        name = folder.resolve().name
+    for folder in folders:
+        name = str(folder).rstrip("/").rsplit("/", 1)[-1] if is_uri(str(folder)) else Path(folder).resolve().name
         if name in names:
             raise ConfigError(f"two indexes are named {name!r} ({names[name]} and {folder}); serve folders with "
                               "different names")
@@ -162,10 +180,13 @@ def index_names(folders) -> dict[str, Path]:
     return names
 
 
-def resolve_index_dir(path: Path) -> Path:
-    """The version folder to read for `path`: an output folder (its current version) or a version folder."""
+def resolve_index_dir(path: Path | str) -> Path | Folder:
+    """The version folder to read for `path`: an output folder (its current version) or a version folder; a local
+    path, or a folder of an object store when `path` is a URI (`pipeline.s3`)."""
     from embedctl.pipeline.manifest import INFO
 
+    if is_uri(str(path)):
+        return _resolve_remote(storage_of(str(path)))
     path = Path(path).expanduser()
     storage = LocalStorage(path)
     if storage.exists(INFO):
@@ -185,6 +206,21 @@ def resolve_index_dir(path: Path) -> Path:
                                  "again")
     raise IndexNotFoundError(f"{str(path)!r} holds no published index yet; run `embedctl index CORPUS --out "
                              f"{path}` (or wait for the running job to finish)")
+
+
+def _resolve_remote(storage: Storage) -> Folder:
+    """The current version of an output folder on an object store (read once: a reader never mixes versions)."""
+    from embedctl.pipeline.manifest import INFO
+
+    pointer = read_current(storage)
+    folder = pointed_folder(storage, pointer) if pointer else None
+    if folder is not None and storage.exists(folder.child(INFO)):
+        return folder
+    if pointer is not None:
+        raise IndexNotFoundError(f"{storage.describe(CURRENT)} points to {pointer.value}, which is missing or "
+                                 "incomplete; run `embedctl index` again")
+    raise IndexNotFoundError(f"{storage.root} holds no published index yet; run `embedctl index CORPUS --out "
+                             f"{storage.root}` (or wait for the running job to finish)")
 
 
 def live_ids(version_dir: Path):

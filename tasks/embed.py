@@ -9,11 +9,11 @@ celery/celery#5106), while the chunk files survive requeues, duplicates and a Re
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from embedctl.jobs import steps
 from embedctl.jobs.broker import BUILD_TASK, EMBED_TASK, PUBLISH_TASK, RUN_JOB_TASK, SEGMENT_TASK
 from embedctl.pipeline.errors import WeightsLost
+from embedctl.pipeline.storage import location
 from embedctl.tasks.app import app, settings
 from embedctl.tasks.worker import forget_lost_models, worker_cache, worker_encoder
 
@@ -25,12 +25,12 @@ def embed_chunk(self, work_dir: str, number: int) -> dict:
     """Embed chunk `number` of the job in `work_dir` (skipped when complete); the last one queues the build.
     When the device weights' exporter exits mid-chunk, nothing is written and the chunk is queued again."""
     try:
-        result = steps.run_chunk(Path(work_dir), number, worker_encoder, worker_cache, settings())
+        result = steps.run_chunk(location(work_dir), number, worker_encoder, worker_cache, settings())
     except WeightsLost as exc:
         forget_lost_models()
         if self.request.retries >= self.max_retries:
             LOG.error("chunk %d: %s; out of retries (%d): the run fails", number, exc, self.max_retries)
-            steps.fail_chunk(Path(work_dir), number, f"{exc} ({self.max_retries} retries)", settings())
+            steps.fail_chunk(location(work_dir), number, f"{exc} ({self.max_retries} retries)", settings())
             raise
         LOG.error("chunk %d: %s (re-queued)", number, exc)
         raise self.retry(countdown=2 ** self.request.retries) from None
@@ -43,7 +43,7 @@ def embed_chunk(self, work_dir: str, number: int) -> dict:
 def build_index(self, work_dir: str) -> dict:
     """Plan the build of a complete job and queue its pieces (one task per new segment and dim, on any host);
     retried while another planner of the job holds its lease."""
-    result = steps.run_build(Path(work_dir), settings())
+    result = steps.run_build(location(work_dir), settings())
     if result["status"] == "busy":
         raise self.retry(countdown=result["retry_in"])
     for number in result.get("chunks", []):  # damaged chunks, discarded: embedded again
@@ -56,7 +56,7 @@ def build_index(self, work_dir: str) -> dict:
 @app.task(bind=True, name=SEGMENT_TASK)
 def build_segment(self, work_dir: str, key: str, segment: str, dim: int) -> dict:
     """Build one segment's index of one dim; the last piece of the job (counted on disk) queues the publish."""
-    result = steps.run_piece(Path(work_dir), key, segment, dim, settings())
+    result = steps.run_piece(location(work_dir), key, segment, dim, settings())
     if result.get("publish_due"):
         publish.apply_async((work_dir, key))
     return result
@@ -65,7 +65,7 @@ def build_segment(self, work_dir: str, key: str, segment: str, dim: int) -> dict
 @app.task(bind=True, name=PUBLISH_TASK, max_retries=None)
 def publish(self, work_dir: str, key: str) -> dict:
     """Publish a job whose pieces are built; retried while another publish of it holds the job's lease."""
-    result = steps.run_publish(Path(work_dir), key, settings())
+    result = steps.run_publish(location(work_dir), key, settings())
     if result["status"] == "busy":
         raise self.retry(countdown=result["retry_in"])
     return result

@@ -39,7 +39,8 @@ FILE_OPERATIONS = {"replace", "rename", "renames", "symlink", "link", "unlink", 
                    "rmtree", "move", "copyfile", "copytree", "open", "write_text", "write_bytes", "read_text",
                    "read_bytes", "iterdir", "glob", "rglob", "mkdir", "makedirs", "mkdtemp", "mkstemp", "touch"}
 
-STORAGE = {"pipeline/storage.py", "pipeline/fsutil.py"}  # the interface and the local backend's file primitives
+STORAGE = {"pipeline/storage.py", "pipeline/fsutil.py", "pipeline/s3.py"}  # the interface, the local backend's file
+# primitives, and the S3 backend (its local cache of objects)
 ALLOWED = {  # module -> the file operations it may call, and why
     "pipeline/checksum.py": {"open"},  # hashes a local copy of a file (`Storage.local_path`)
     # inputs and private folders, not output folders
