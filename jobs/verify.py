@@ -16,7 +16,7 @@ from embedctl.pipeline.errors import StorageError
 from embedctl.pipeline.manifest import read_info, version_files
 from embedctl.pipeline.plan import WORK, WorkPlan, load_plan
 from embedctl.pipeline.segments import ROWS_FILE
-from embedctl.pipeline.storage import storage_of
+from embedctl.pipeline.storage import child, is_uri, location, storage_of
 
 
 @dataclass
@@ -61,12 +61,12 @@ def _size(path: Path) -> int:
 
 def check(out: Path) -> Check:
     """Check the current version of `out` and the chunks of its plan; never raises for damage (it reports it)."""
-    out = Path(out)
+    out = location(out)
     t0 = time.perf_counter()
     result = Check(out=str(out))
-    if not out.is_dir():
-        raise StorageError(f"{out} is not an output folder of `embedctl index` (no such folder)")
     storage = storage_of(out)
+    if not (storage.list("") if is_uri(out) else Path(out).is_dir()):
+        raise StorageError(f"{out} is not an output folder of `embedctl index` (no such folder)")
     pointer, pointed = versions.pointed_version(storage)
     current = versions.current_folder(storage) or pointed  # pointed: its info.json is damaged, read_info says how
     plan_id = None
@@ -124,7 +124,7 @@ def _check_file(result: Check, verdicts: checksum.Verdicts, path: Path, expected
 
 def _plan_of(out: Path, plan_id: str | None) -> WorkPlan | None:
     """The plan the current version was built from (the newest job when its info.json cannot tell)."""
-    candidates = [out / WORK / plan_id] if plan_id else []
+    candidates = [child(out, WORK, plan_id)] if plan_id else []
     with contextlib.suppress(StorageError):
         candidates.append(state.resolve_work_dir(out))
     for work_dir in candidates:

@@ -134,7 +134,7 @@ def prune(out: Path | str, everything: bool = False, published: Callable[[WorkPl
         if not entry.folder or (entry.name == keep_id and not everything):
             continue
         try:
-            plan = load_plan(storage.local_path(entry.key))
+            plan = load_plan(storage.describe(entry.key))
             newest = plan.store.newest_write()
             unfinished = not published(plan) and newest is not None and time.time() - newest < UNFINISHED_SECONDS
         except EmbedctlError:
@@ -144,4 +144,28 @@ def prune(out: Path | str, everything: bool = False, published: Callable[[WorkPl
         freed += sum(st.size for _key, st in storage.walk(entry.key))
         storage.delete(entry.key)
         removed.append(entry.name)
+    freed += _collect_leftovers(storage)
     return removed, freed
+
+
+def _collect_leftovers(storage) -> int:
+    """What dead runs left besides their work folders: segments that no kept version and no build plan of a kept
+    work folder refers to, and (on an object store) multipart uploads a killed process never finished. Returns the
+    bytes freed."""
+    from embedctl.pipeline import versions
+    from embedctl.pipeline.compose import segments_in_use
+    from embedctl.pipeline.plan import WORK
+    from embedctl.pipeline.segments import SEGMENTS, collect_garbage
+
+    freed = 0
+    used = versions.segments_of_kept_versions(storage)
+    if used is not None:
+        used |= segments_in_use(storage.sub(WORK))
+        sizes = {e.name: sum(st.size for _k, st in storage.walk(e.key)) for e in storage.list(SEGMENTS)
+                 if e.folder and e.name not in used}
+        for name in collect_garbage(storage, used):
+            freed += sizes.get(name, 0)
+    collect = getattr(storage, "abort_uploads", None)
+    if collect is not None:
+        collect(older_than=UNFINISHED_SECONDS)
+    return freed

@@ -486,6 +486,20 @@ class S3Storage(Storage):
         self.delete(src)
         return True
 
+    def abort_uploads(self, older_than: float) -> int:
+        """Abort the multipart uploads under this folder started more than `older_than` seconds ago (a process killed
+        while uploading leaves its parts, which the store keeps and bills); returns how many."""
+        found = self._call("", "list", lambda: client().list_multipart_uploads(
+            Bucket=self.bucket, Prefix=self._key("") + "/" if self.prefix else ""))
+        aborted = 0
+        for upload in found.get("Uploads", []):
+            if time.time() - upload["Initiated"].timestamp() < older_than:
+                continue
+            self._call("", "delete", lambda u=upload: client().abort_multipart_upload(
+                Bucket=self.bucket, Key=u["Key"], UploadId=u["UploadId"]))
+            aborted += 1
+        return aborted
+
     def staging(self, prefix: str, name_prefix: str) -> str:
         return join(prefix, f"{name_prefix}{uuid.uuid4().hex[:12]}")
 

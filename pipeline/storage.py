@@ -109,6 +109,10 @@ class Storage(ABC):
         """A key as a user would find it (a path, later a URL): for messages."""
         return str(self.local_path(key)) if key else self.root
 
+    def sub(self, prefix: str) -> Storage:
+        """The storage of the folder `prefix` of this one (its keys relative to that folder)."""
+        return storage_of(self.describe(prefix))
+
     @abstractmethod
     def local_path(self, key: str) -> Path:
         """A local file (or folder) holding the object `key`, for libraries that open paths."""
