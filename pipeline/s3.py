@@ -338,6 +338,7 @@ class S3Storage(Storage):
             os.replace(tmp, path)
         except FileNotFoundError:
             tmp.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)  # a copy of an object deleted since is stale
             return  # a missing object has no copy: the caller's open says it is missing
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -423,6 +424,8 @@ class S3Storage(Storage):
                 # 412: the condition failed; 409: a conditional write raced another to the same key
                 if _status(exc) in (409, 412) or _code(exc) in ("PreconditionFailed", "ConditionalRequestConflict"):
                     return False
+                if "IfMatch" in condition and _status(exc) == 404:  # AWS: If-Match on a key that is not there
+                    return False
                 raise
 
         done = self._call(key, "write", put)
@@ -449,11 +452,21 @@ class S3Storage(Storage):
 
     def delete(self, key: str) -> None:
         keys = [self._key(key)] if key else []
-        keys += [self._key(k) for k, _ in self.walk(key)]
+        below = [k for k, _ in self.walk(key)]
+        keys += [self._key(k) for k in below]
+        # A store with real directories (SeaweedFS) keeps the emptied folders, and lists them: their keys ("a/b/")
+        # go last, deepest first (elsewhere, deleting a key that is not there does nothing)
+        folders = {k.rsplit("/", n)[0] for k in below for n in range(1, k[len(key):].count("/") + 1)}
+        keys += [self._key(f) + "/" for f in sorted(folders, key=lambda f: (-f.count("/"), f)) if f]
         for start in range(0, len(keys), 1000):
             batch = [{"Key": k} for k in keys[start:start + 1000]]
-            self._call(key, "delete", lambda b=batch: client().delete_objects(
+            reply = self._call(key, "delete", lambda b=batch: client().delete_objects(
                 Bucket=self.bucket, Delete={"Objects": b, "Quiet": True}))
+            # a quiet delete reports only what it could not delete (a folder that filled again meanwhile is kept)
+            if failed := [e for e in reply.get("Errors", []) if not e.get("Key", "").endswith("/")]:
+                raise StorageError(f"cannot delete {self.describe(self._relative(failed[0]['Key']))}: "
+                                   f"{failed[0].get('Code', 'refused')} from {endpoint()} ({len(failed)} objects "
+                                   "not deleted); check the store and its permissions, then run again")
         with contextlib.suppress(OSError):
             cached = self.cache_path(key)
             if cached.is_dir():
