@@ -244,3 +244,42 @@ def exported_devices(mode: str, dev, gpus: int, processes: int) -> list[str]:
 
     devices = dict.fromkeys(process_device(str(dev), i, gpus) for i in range(max(1, processes)))
     return [d for d in devices if exports(mode, d)]
+
+
+def _size(_ctx, _param, value: str | None) -> int | None:
+    """A size such as 500M, 20G or 1.5T (powers of 1024), or plain bytes."""
+    if value in (None, ""):
+        return None
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = str(value).strip().upper().removesuffix("IB").removesuffix("B")
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "")
+    try:
+        size = int(float(number) * units[unit])
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a size; write bytes or a number with K, M, G or T (20G)") \
+            from None
+    if size <= 0:
+        raise click.BadParameter(f"{value!r} must be > 0")
+    return size
+
+
+def cache_options(func: Callable) -> Callable:
+    """`--cache-dir` and `--cache-size`: where the objects of an s3:// folder are cached on this host, and how large
+    the cache may grow (least recently used files go first). Applied before the command runs."""
+
+    def apply(ctx, _param, value):
+        from embedctl.pipeline import s3
+
+        ctx.ensure_object(dict)[_param.name] = value
+        if "cache_dir" in ctx.obj and "cache_size" in ctx.obj:
+            s3.configure_cache(ctx.obj["cache_dir"], ctx.obj["cache_size"])
+        return value
+
+    func = click.option("--cache-size", type=str, default=None, envvar="EMBEDCTL_CACHE_SIZE", show_envvar=True,
+                        expose_value=False, is_eager=True,
+                        callback=lambda ctx, p, v: apply(ctx, p, _size(ctx, p, v)),
+                        help="Largest size of that cache (500M, 20G; default: unbounded).")(func)
+    return click.option("--cache-dir", type=click.Path(file_okay=False), default=None, envvar="EMBEDCTL_CACHE_DIR",
+                        show_envvar=True, expose_value=False, is_eager=True, callback=apply,
+                        help="Where objects of s3:// folders are cached on this host [default: "
+                             "~/.cache/embedctl/s3].")(func)

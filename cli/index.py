@@ -7,6 +7,7 @@ import sys
 import click
 
 from embedctl.cli.common import (
+    cache_options,
     env_option,
     parse_dims,
     print_json,
@@ -63,6 +64,7 @@ from embedctl.pipeline import defaults
 @shm_option
 @run_options("Redis URL: fan the chunks out to Celery workers (default: run in this process).",
              "With --broker: print the job id and return at once.", "Print the run report as JSON.")
+@cache_options
 def index(corpus: str, out: str, model: str, text_column: str, id_column: str, instruction: str | None,
           query_instruction: str | None, instruction_format: str | None, dims: tuple[int, ...] | None,
           chunk_rows: int, batch_tokens: int | None,

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from embedctl.cli.common import env_option, print_json, print_rows, run_options, tqdm_progress
+from embedctl.cli.common import cache_options, env_option, print_json, print_rows, run_options, tqdm_progress
 
 
 def _jobs_option(func):
@@ -53,6 +53,7 @@ def list_jobs(jobs_file: str | None, as_json: bool) -> None:
 @_jobs_option
 @run_options("Run on the Celery workers (default: in this process).", "With a broker: return once the run is queued.",
              "Print the run record as JSON.")
+@cache_options
 def run(name: str, jobs_file: str | None, broker: str | None, detach: bool, quiet: bool, as_json: bool) -> None:
     """Run job NAME now (embedded, or on the workers with a broker); skipped while another run of it is going."""
     from embedctl.jobs.schedule import jobs_path, load_named
@@ -124,6 +125,7 @@ def cache() -> None:
 @env_option("--all", "all_", env="PRUNE_ALL", is_flag=True,
               help="Also drop the vectors of the current version (the next run embeds everything again).")
 @env_option("--json", "as_json", env="JSON", is_flag=True, help="Print what was removed as JSON.")
+@cache_options
 def prune(out: str, all_: bool, as_json: bool) -> None:
     """Remove stored vectors of OUT that no published version needs (published versions stay servable)."""
     from embedctl.jobs.state import published_version

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from embedctl.cli.common import env_option, print_json, shm_option
+from embedctl.cli.common import cache_options, env_option, print_json, shm_option
 from embedctl.pipeline import defaults
 from embedctl.pipeline.errors import ConfigError
 from embedctl.pipeline.manifest import read_info
@@ -97,6 +97,7 @@ def server_options(func):
 @no_verify_option
 @server_options
 @env_option("--json", "as_json", env="JSON", is_flag=True, help="Print a list of {id, score, text} per query.")
+@cache_options
 def query(index_dir: str, texts: tuple[str, ...], k: int, dim: int | None, ef: int | None,
           query_instruction: str | None, file: str | None, device: str, shm: str, no_verify: bool,
           server: str | None, api_key: str | None, as_json: bool) -> None:
@@ -150,6 +151,7 @@ def _search_here(index_dir: str, queries: list[str], k: int, dim: int | None, ef
 @click.command()
 @click.argument("index_dir", type=click.Path(file_okay=False))
 @env_option("--json", "as_json", env="JSON", is_flag=True, help="Print the index info as JSON.")
+@cache_options
 def info(index_dir: str, as_json: bool) -> None:
     """Describe the index published in INDEX_DIR: model, dims, rows, version, files."""
     version_dir = resolve_index_dir(location(index_dir))
@@ -198,6 +200,7 @@ def info(index_dir: str, as_json: bool) -> None:
 @no_verify_option
 @server_options
 @env_option("--json", "as_json", env="JSON", is_flag=True, help="Print the metrics as JSON.")
+@cache_options
 def evaluate_cmd(index_dir: str, queries_path: str, query_column: str, relevant_column: str, ks: str,
                  ef: int | None, limit: int | None, query_instruction: str | None, device: str, exact_device: str,
                  shm: str, no_verify: bool, server: str | None, api_key: str | None, as_json: bool) -> None:

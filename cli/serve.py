@@ -17,7 +17,7 @@ from pathlib import Path
 
 import click
 
-from embedctl.cli.common import env_option, exported_devices, shm_option
+from embedctl.cli.common import cache_options, env_option, exported_devices, shm_option
 from embedctl.pipeline.errors import ConfigError
 from embedctl.pipeline.manifest import read_info
 from embedctl.pipeline.storage import is_uri, location
@@ -85,6 +85,7 @@ def _limit_options(func):
 @env_option("--device-share", env="DEVICE_SHARE", type=click.Choice(["auto", "on", "off"]), default="auto",
             show_default=True, help="One device copy of the weights per GPU, mapped by every worker on it "
                                     "(auto: on CUDA).")
+@cache_options
 def serve(index_dirs: tuple[str, ...], model: str | None, workers: int | None, host: str, port: int,
           api_key: str | None, device: str, dtype: str, shm: str, threads: int | None, batch_tokens: int | None,
           batch_wait_ms: float, max_queue: int, max_body: int, max_inputs: int, cache: int,

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import click
 
-from embedctl.cli.common import print_json
+from embedctl.cli.common import cache_options, print_json
 from embedctl.pipeline.storage import location
 
 
 @click.command()
 @click.argument("job", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, envvar="EMBEDCTL_JSON", help="Print the job state as JSON.")
+@cache_options
 def status(job: str, as_json: bool) -> None:
     """State of the newest job in an --out folder JOB (or of a job folder OUT/work/<job id>), read from disk."""
     from embedctl.jobs.state import status as job_status

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from embedctl.cli.common import env_option, print_json, shm_option, tqdm_progress
+from embedctl.cli.common import cache_options, env_option, print_json, shm_option, tqdm_progress
 from embedctl.pipeline.storage import location
 
 
@@ -17,6 +17,7 @@ from embedctl.pipeline.storage import location
 @env_option("--quiet", "-q", env="QUIET", is_flag=True, help="No progress bars.")
 @shm_option
 @env_option("--json", "as_json", env="JSON", is_flag=True, help="Print what was checked (and repaired) as JSON.")
+@cache_options
 def verify(out: str, repair: bool, quiet: bool, shm: str, as_json: bool) -> None:
     """Check every file of OUT's current version and of its stored vectors against their checksums.
 

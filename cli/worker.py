@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from embedctl.cli.common import env_option, exported_devices, shm_option
+from embedctl.cli.common import cache_options, env_option, exported_devices, shm_option
 from embedctl.pipeline import defaults
 from embedctl.pipeline.errors import EmbedctlError
 from embedctl.settings import BROKER_ENV, setting
@@ -30,6 +30,7 @@ from embedctl.settings import BROKER_ENV, setting
 @shm_option
 @env_option("--loglevel", "-l", env="LOGLEVEL", default="INFO", show_default=True, help="Celery's log level.")
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
+@cache_options
 def worker(model: str, broker: str | None, concurrency: int | None, queues: str | None, dtype: str, device: str,
            device_share: str, shm: str, loglevel: str, celery_args: tuple[str, ...]) -> None:
     """Publish MODEL's weights to shared memory (if needed) and start a prefork Celery worker on them.

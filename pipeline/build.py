@@ -33,6 +33,7 @@ from embedctl.pipeline.merge import MergePolicy
 from embedctl.pipeline.plan import WorkPlan
 from embedctl.pipeline.progress import ProgressFactory, no_progress, stage
 from embedctl.pipeline.segments import ROWS_FILE, build_index_file, index_file, segment_dir, write_rows
+from embedctl.pipeline.storage import Folder
 from embedctl.pipeline.vectors import DamagedChunks
 from embedctl.pipeline.work import chunk_reports, missing_chunks
 
@@ -54,7 +55,8 @@ def plan_build(plan: WorkPlan, forced: frozenset[str] = frozenset(), rebuild: bo
     damage = plan.store.damaged()
     if damage:
         raise DamagedChunks(damage, f"`embedctl verify {plan.out} --repair`")
-    base = None if rebuild else versions.current_version(plan.out)
+    now = versions.current_version(plan.out)
+    base = None if rebuild else now
     try:
         base_info = read_info(base) if base is not None else None
     except StorageError as exc:
@@ -69,7 +71,7 @@ def plan_build(plan: WorkPlan, forced: frozenset[str] = frozenset(), rebuild: bo
             if ref is not None and ref.id not in forced:
                 LOG.warning("%s is damaged (%s): rewriting segment %s from the stored vectors", path, problem, ref.id)
                 forced = forced | {ref.id}
-    build = compose(plan, base, base_info, policy_of(plan), forced)
+    build = compose(plan, base, base_info, policy_of(plan), forced, current=now.name if now is not None else None)
     if not build.new and not build.kept:
         raise CorpusError(f"nothing to index: all {plan.corpus.rows} texts of the corpus are null or empty")
     return build
@@ -110,12 +112,13 @@ class StagedVersion:
 
     plan: WorkPlan
     info: VersionInfo
-    folder: Path
-    target: Path | None = None  # the version folder, once published
+    folder: Path | Folder
+    after: str | None = ""  # the version current when the build was planned (`versions.publish`)
+    target: Path | Folder | None = None  # the version folder, once published
 
-    def publish(self) -> Path:
+    def publish(self) -> Path | Folder:
         """Swap `current` to this version (atomically); returns its folder."""
-        self.target = versions.publish(self.plan.out, self.folder)
+        self.target = versions.publish(self.plan.out, self.folder, self.after)
         return self.target
 
 
@@ -133,7 +136,7 @@ def staged_version(plan: WorkPlan, build: BuildPlan) -> Iterator[StagedVersion]:
     folder = versions.new_build_dir(plan.out)
     staged = None
     try:
-        staged = StagedVersion(plan, _write_version(plan, build, folder), folder)
+        staged = StagedVersion(plan, _write_version(plan, build, folder), folder, build.current)
         yield staged
     finally:
         if staged is None or staged.target is None:

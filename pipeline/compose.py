@@ -99,6 +99,8 @@ class BuildPlan:
     rewritten: list[str] = field(default_factory=list)  # segments of the base rewritten by the merge policy
     rows_new: int = 0  # rows not in the base (new or changed texts)
     rows_rewritten: int = 0  # live rows moved out of rewritten segments
+    current: str | None = ""  # the version current when it was planned (None: none; "": not recorded): the
+    # publish commits only if it still is, so that of two runs that built on one version only the first publishes
     folder: Folder | None = None  # where its files are
 
     @property
@@ -190,10 +192,11 @@ def reusable(plan: WorkPlan, base_info: VersionInfo | None) -> bool:
             and all(s.path is None for s in base_info.segments))
 
 
-def compose(plan: WorkPlan, base: Path | None, base_info: VersionInfo | None, policy: MergePolicy,
-            forced: frozenset[str] = frozenset()) -> BuildPlan:
+def compose(plan: WorkPlan, base: Path | Folder | None, base_info: VersionInfo | None, policy: MergePolicy,
+            forced: frozenset[str] = frozenset(), current: str | None = "") -> BuildPlan:
     """The build plan of the next version of a complete job (reusing a plan already made for the same job, base
-    and settings: the pieces it built are kept)."""
+    and settings: the pieces it built are kept). `current`: the name of the current version (None: there is none),
+    which the publish checks is still current."""
     if not reusable(plan, base_info):
         base = base_info = None
     key = _key(plan, base, base_info, policy, forced)
@@ -202,9 +205,14 @@ def compose(plan: WorkPlan, base: Path | None, base_info: VersionInfo | None, po
     storage = folder.storage
     if storage.exists(folder.child(PLAN)):
         try:
-            return load_build(plan, key)
+            build = load_build(plan, key)
         except StorageError:  # a torn or garbled plan: its pieces cannot be trusted, plan the build again
             storage.delete(folder.key)
+        else:
+            if build.current != current:
+                build.current = current
+                storage.write(folder.child(PLAN), json_writer(build.to_dict()))
+            return build
     rows = plan_rows(plan)
     n = len(rows.hashes)
     assigned = np.zeros(n, dtype=bool)
@@ -231,7 +239,7 @@ def compose(plan: WorkPlan, base: Path | None, base_info: VersionInfo | None, po
     count = math.ceil(len(sources) / policy.segment_rows) if len(sources) else 0
     build = BuildPlan(key=key, plan_id=plan.plan_id, base=base.name if base else None, segment_key=segment_key(plan),
                       dims=list(plan.dims), rewritten=list(rewrite), rows_new=len(new_positions),
-                      rows_rewritten=len(sources) - len(new_positions), folder=folder)
+                      rows_rewritten=len(sources) - len(new_positions), current=current, folder=folder)
     for part in np.array_split(sources, count) if count else []:
         segment = NewSegment(new_segment_id(), len(part))
         write_positions(storage, folder.child(sources_file(segment.id)), part)

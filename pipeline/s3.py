@@ -145,11 +145,12 @@ def _transient(exc) -> bool:
                                                                                    "RequestTimeout"))
 
 
-def call(uri: str, action: str, fn, *, missing_ok: bool = False):
+def call(uri: str, action: str, fn):
     """`fn()` (one S3 request of `action` on `uri`), retried past botocore's own retries while a store that answered
     before is down (`RETRY_SECONDS`); its errors as one `StorageError` line naming `uri` (FileNotFoundError for a
     missing object)."""
     global _answered
+    from boto3.exceptions import Boto3Error
     from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
     deadline, pause = time.monotonic() + RETRY_SECONDS, 0.5
@@ -161,6 +162,13 @@ def call(uri: str, action: str, fn, *, missing_ok: bool = False):
         except NoCredentialsError:
             raise StorageError(f"no S3 credentials to {action} {uri}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                                "(or AWS_PROFILE)") from None
+        except Boto3Error as exc:  # a managed transfer (a large upload or download) that failed past its retries
+            if _answered and time.monotonic() < deadline:
+                time.sleep(pause)
+                pause = min(pause * 2, 8.0)
+                continue
+            raise StorageError(f"cannot {action} {uri}: the transfer failed ({type(exc).__name__}); check the store "
+                               "and the network, then run again") from None
         except (ClientError, BotoCoreError) as exc:
             if isinstance(exc, ClientError) and (_status(exc) == 404 or _code(exc) in ("NoSuchKey", "404")) \
                     and _code(exc) != "NoSuchBucket":

@@ -18,7 +18,7 @@ import re
 import time
 from pathlib import Path
 
-from embedctl.pipeline.errors import ConfigError, IndexNotFoundError
+from embedctl.pipeline.errors import ConfigError, IndexNotFoundError, StorageError
 from embedctl.pipeline.storage import (
     Folder,
     LocalStorage,
@@ -129,22 +129,51 @@ def remove_dead_builds(out: Path, idle_seconds: float) -> list[str]:
     return removed
 
 
-def publish(out: Path | str, build_dir: Path | Folder) -> Path | Folder:
-    """Move a complete build to the next version number and point `current` at it, atomically."""
+class PublishConflict(StorageError):
+    """Another run published a version since this one planned its build: committing would drop that version's
+    changes, so this run does not publish (its vectors and segments are kept for the next run)."""
+
+
+def publish(out: Path | str, build_dir: Path | Folder, after: str | None = "") -> Path | Folder:
+    """Move a complete build to the next version number and point `current` at it, atomically.
+
+    `after`: the version that was current when the build was planned (None: there was none); the publish fails with
+    PublishConflict when `current` moved since, whoever moved it. "" checks nothing."""
     from embedctl.pipeline.manifest import INFO
 
     storage = storage_of(out)
     staged = join(VERSIONS, build_dir.name)
+    expected = None if after is None else join(VERSIONS, after)
+    if after != "":
+        _still_current(storage, expected)
     while True:
         existing = version_names(storage)
         number = int(_VERSION.match(existing[-1]).group(1)) + 1 if existing else 1
         target = join(VERSIONS, f"v{number:06d}")
         if storage.rename(staged, target, commit=INFO):  # False when another publisher took the number: try the next
             break
-    while True:  # the newest publish wins, as it did when the pointer was replaced without a compare
+    while True:  # without `after`, the newest publish wins, as it did when the pointer was replaced without a compare
         pointer = read_current(storage)
+        if after != "":
+            try:
+                _still_current(storage, expected, pointer)
+            except PublishConflict:
+                storage.delete(target)  # committed under its number but never current: nobody reads it
+                raise
         if storage.compare_and_swap(CURRENT, pointer.token if pointer else None, target):
             return _ref(Folder(storage, target))
+
+
+def _still_current(storage: Storage, expected: str | None, pointer: Pointer | None = None) -> None:
+    """Raise PublishConflict unless `current` names `expected` (None: there is no `current`)."""
+    pointer = pointer if pointer is not None else read_current(storage)
+    found = posixpath.normpath(pointer.value) if pointer else None
+    if found != expected:
+        now = found.rsplit("/", 1)[-1] if found else "none"
+        was = expected.rsplit("/", 1)[-1] if expected else "none"
+        raise PublishConflict(f"another run published {now} to {storage.root} while this run built on {was}: this "
+                              "run did not publish, so that version's changes are not overwritten; run the command "
+                              "again (its vectors are kept: only what changed is embedded)")
 
 
 def prune(out: Path, keep: int) -> list[str]:
