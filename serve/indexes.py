@@ -5,20 +5,27 @@ An index is an `--out` folder named by its folder name. Each request asks for th
 version (its files checked, its indexes memory-mapped) and later ones use it; requests already searching keep
 the reader they hold, whose files stay readable while it is open (memory maps and open files survive a removal
 by retention). A new version that cannot be opened is logged and the previous one stays served.
+
+An index on an object store (`s3://...`) is not asked on every request: its `current` pointer is read at most every
+`POLL_SECONDS` (one GET; a new ETag means a new version), and the version's files come from the local cache.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from embedctl.pipeline.errors import ConfigError, EmbedctlError
 from embedctl.pipeline.index import IndexReader
+from embedctl.pipeline.storage import is_uri
 from embedctl.pipeline.versions import index_names, resolve_index_dir
 
 LOG = logging.getLogger(__name__)
+POLL_SECONDS = 2.0
+"""How often a server reads the `current` pointer of an index on an object store."""
 
 
 class UnknownIndex(ConfigError):
@@ -35,6 +42,7 @@ class ServedIndex:
     model: tuple[str, str] | None = None  # (fingerprint, name) of the served model: every version must match it
     reloads: int = 0
     failed: str | None = None  # the version that could not be opened (not retried until current moves again)
+    polled: float = 0.0  # when the pointer of a remote index was last read (monotonic seconds)
 
     def open(self) -> IndexReader:
         reader = IndexReader(self.out, verify=self.verify)
@@ -45,8 +53,13 @@ class ServedIndex:
 
     async def current(self) -> IndexReader:
         """The reader of the version `current` points to (opening it on first use after a swap)."""
+        if self.reader is not None and is_uri(str(self.out)):
+            if time.monotonic() - self.polled < POLL_SECONDS:
+                return self.reader
+            self.polled = time.monotonic()
         try:
-            now = resolve_index_dir(self.out)
+            now = await asyncio.to_thread(resolve_index_dir, self.out) if is_uri(str(self.out)) \
+                else resolve_index_dir(self.out)
         except EmbedctlError:
             now = None  # current is being swapped or was removed: keep serving what is open
         if self.reader is not None and (now is None or now == self.reader.dir or str(now) == self.failed):
