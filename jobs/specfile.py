@@ -23,7 +23,8 @@ from pathlib import Path
 
 from embedctl.jobs.spec import JobSpec
 from embedctl.pipeline.corpus import discover_files
-from embedctl.pipeline.errors import ConfigError, CorpusError
+from embedctl.pipeline.errors import ConfigError, CorpusError, StorageError
+from embedctl.pipeline.storage import is_uri
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _INTERVAL = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd])$")
@@ -117,10 +118,12 @@ def load_jobs(path: Path) -> dict[str, NamedJob]:
             if out != root and root not in out.parents:
                 job_errors.append(f"out {str(out)!r} is outside the output root {str(root)!r}")
         if isinstance(table.get("corpus"), str):
-            corpus = table["corpus"] if Path(table["corpus"]).is_absolute() else str(base / table["corpus"])
+            corpus = table["corpus"]
+            if not is_uri(corpus) and not Path(corpus).is_absolute():
+                corpus = str(base / corpus)
             try:
                 discover_files(corpus)
-            except CorpusError as exc:
+            except (CorpusError, StorageError) as exc:
                 job_errors.append(str(exc))
         if job_errors:
             errors.extend(f"{where}: {e}" for e in job_errors)

@@ -4,7 +4,11 @@
 reading the footers, the id column and the text column, and splits the rows into chunks (global row ranges that
 may span files). Text and id columns may be dictionary-encoded (their values are read).
 `iter_chunks` then streams the chunks in order, reading each file once; `read_chunk` reads one chunk alone
-(what a distributed worker does).
+(what a distributed worker does), reading only the row groups that hold its rows.
+
+A corpus may be S3 objects (`s3://bucket/prefix/`, `s3://bucket/file.parquet`, `s3://bucket/dir/*.parquet`,
+see `pipeline.s3files`): each is read by ranged GETs (its footer, then the row groups a read needs), and a file
+of the plan is then the object's URI, its size and its ETag.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +28,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from embedctl.pipeline.errors import ConfigError, CorpusError
+from embedctl.pipeline.s3 import is_remote
+from embedctl.pipeline.s3files import ObjectFile, ObjectInfo, discover_objects, head
 
 LOG = logging.getLogger(__name__)
 
@@ -40,9 +47,12 @@ class CorpusFile:
     mtime_ns: int
     row_offset: int
     footer: str = ""  # digest of the Parquet footer (schema, row groups, statistics)
+    etag: str = ""  # an object's ETag ("" for a local file)
 
     def changes(self) -> str | None:
         """How the file differs from when it was planned (None: it is the same file)."""
+        if is_remote(self.path):
+            return self._object_changes()
         try:
             stat = os.stat(self.path)
         except FileNotFoundError:
@@ -53,8 +63,21 @@ class CorpusFile:
             return f"{stat.st_size} bytes, {self.size} when planned"
         if stat.st_mtime_ns != self.mtime_ns:
             return "it was modified since"
-        if self.footer and _footer_digest(Path(self.path)).hex()[:32] != self.footer:
-            return "its Parquet footer changed"
+        if self.footer:
+            with open(self.path, "rb") as fh:
+                if _footer_digest(fh).hex()[:32] != self.footer:
+                    return "its Parquet footer changed"
+        return None
+
+    def _object_changes(self) -> str | None:
+        """`changes` of an object: one HEAD, whose size and ETag say whether it was replaced."""
+        now = head(self.path)
+        if now is None:
+            return "it is gone"
+        if now.size != self.size:
+            return f"{now.size} bytes, {self.size} when planned"
+        if self.etag and now.etag != self.etag:
+            return f"it was replaced since (ETag {now.etag}, {self.etag} when planned)"
         return None
 
 
@@ -108,8 +131,11 @@ class ChunkRows:
     texts: list
 
 
-def discover_files(source: str) -> list[Path]:
-    """The Parquet files named by `source`: a file, a directory (searched recursively) or a glob, sorted."""
+def discover_files(source: str) -> list[Path] | list[str]:
+    """The Parquet files named by `source`: a file, a directory (searched recursively) or a glob, sorted; the
+    URIs of the objects named by an `s3://` URI (`pipeline.s3files.discover_objects`)."""
+    if is_remote(source):
+        return [found.uri for found in discover_objects(source)]
     path = Path(source).expanduser()
     if path.is_file():
         return [path]
@@ -126,20 +152,40 @@ def discover_files(source: str) -> list[Path]:
     raise CorpusError(f"corpus {source!r} does not exist; give a Parquet file, a directory or a glob")
 
 
-def _open(path: Path) -> pq.ParquetFile:
+def _found(source: str) -> list[ObjectInfo]:
+    """The corpus files as they are now: path or URI, size, mtime and ETag ("" for a local file)."""
+    if is_remote(source):
+        return discover_objects(source)
+    found = []
+    for path in discover_files(source):
+        stat = path.stat()
+        found.append(ObjectInfo(str(path.resolve()), stat.st_size, stat.st_mtime_ns, ""))
+    return found
+
+
+def _binary(path: str, size: int) -> BinaryIO:
+    """The bytes of a corpus file: the local file, or the object read by ranged GETs."""
+    return ObjectFile(path, size) if is_remote(path) else open(path, "rb")
+
+
+def _open(path: str, size: int = -1, raw: BinaryIO | None = None) -> pq.ParquetFile:
+    """A Parquet reader of a corpus file (`size`: an object's, from the plan; `raw`: its bytes, already open)."""
+    if is_remote(path):  # pyarrow reads the footer and the row groups it needs through ranged GETs
+        path_or_file = pa.PythonFile(raw if raw is not None else ObjectFile(path, size), mode="r")
+    else:
+        path_or_file = path
     try:
-        return pq.ParquetFile(path)
+        return pq.ParquetFile(path_or_file)
     except (OSError, pa.ArrowException) as exc:
-        raise CorpusError(f"cannot read {str(path)!r} as Parquet ({exc}); the corpus must be Parquet files") from None
+        raise CorpusError(f"cannot read {path!r} as Parquet ({exc}); the corpus must be Parquet files") from None
 
 
-def _footer_digest(path: Path) -> bytes:
+def _footer_digest(fh: BinaryIO) -> bytes:
     """The Parquet footer (schema, row groups, statistics): part of the corpus fingerprint."""
-    with open(path, "rb") as fh:
-        fh.seek(-8, os.SEEK_END)
-        length = int.from_bytes(fh.read(4), "little")
-        fh.seek(-8 - length, os.SEEK_END)
-        return hashlib.sha256(fh.read(length)).digest()
+    fh.seek(-8, os.SEEK_END)
+    length = int.from_bytes(fh.read(4), "little")
+    fh.seek(-8 - length, os.SEEK_END)
+    return hashlib.sha256(fh.read(length)).digest()
 
 
 def plan_corpus(source: str, text_column: str, id_column: str | None, chunk_rows: int,
@@ -147,7 +193,7 @@ def plan_corpus(source: str, text_column: str, id_column: str | None, chunk_rows
     """Validate the corpus and split it into chunks, before any embedding.
 
     Args:
-        source: a Parquet file, a directory of Parquet files or a glob.
+        source: a Parquet file, a directory of Parquet files or a glob; or an `s3://` URI of one of these.
         text_column: the column with the texts (string).
         id_column: the column with unique ids (string or integer); when absent from the corpus and not
             `id_column_required`, the row number is the id.
@@ -159,49 +205,51 @@ def plan_corpus(source: str, text_column: str, id_column: str | None, chunk_rows
     """
     if chunk_rows <= 0:
         raise ConfigError(f"chunk_rows must be > 0, got {chunk_rows!r}")
-    paths = discover_files(source)
+    found = _found(source)
     files: list[CorpusFile] = []
     digest = hashlib.sha256()
     offset = 0
     use_ids: bool | None = None
     id_type: str | None = None
-    for path in paths:
-        pf = _open(path)
+    for info in found:
+        path = info.uri
+        with _binary(path, info.size) as raw:  # one GET of an object's tail serves both
+            pf = _open(path, raw=raw)
+            footer = _footer_digest(raw)
         schema = pf.schema_arrow
         names = schema.names
         if text_column not in names:
-            raise CorpusError(f"column {text_column!r} is not in {str(path)!r} (columns: {', '.join(names)}); "
+            raise CorpusError(f"column {text_column!r} is not in {path!r} (columns: {', '.join(names)}); "
                               "choose the text column with --text-column")
         text_type = schema.field(text_column).type
         if not _is_string(_values(text_type)):
-            raise CorpusError(f"column {text_column!r} of {str(path)!r} holds {text_type}, not strings; "
+            raise CorpusError(f"column {text_column!r} of {path!r} holds {text_type}, not strings; "
                               "choose a text column with --text-column")
         has_id = bool(id_column) and id_column in names
         if id_column and not has_id and id_column_required:
-            raise CorpusError(f"id column {id_column!r} is not in {str(path)!r} (columns: {', '.join(names)}); "
+            raise CorpusError(f"id column {id_column!r} is not in {path!r} (columns: {', '.join(names)}); "
                               "choose it with --id-column")
         if use_ids is None:
             use_ids = has_id
         elif use_ids != has_id:
-            raise CorpusError(f"id column {id_column!r} is in some corpus files but not in {str(path)!r}; "
+            raise CorpusError(f"id column {id_column!r} is in some corpus files but not in {path!r}; "
                               "every file needs the same columns")
         if has_id:
             this_type = schema.field(id_column).type
             if not (pa.types.is_integer(_values(this_type)) or pa.types.is_string(_values(this_type))
                     or pa.types.is_large_string(_values(this_type))):
-                raise CorpusError(f"id column {id_column!r} of {str(path)!r} holds {this_type}; ids must be strings "
+                raise CorpusError(f"id column {id_column!r} of {path!r} holds {this_type}; ids must be strings "
                                   "or integers")
             family = "int" if pa.types.is_integer(_values(this_type)) else "str"
             if id_type is not None and family != id_type:
-                raise CorpusError(f"id column {id_column!r} is {this_type} in {str(path)!r} but not in the other "
+                raise CorpusError(f"id column {id_column!r} is {this_type} in {path!r} but not in the other "
                                   "files; every file needs the same id type")
             id_type = family
-        stat = path.stat()
         rows = pf.metadata.num_rows
-        footer = _footer_digest(path)
-        files.append(CorpusFile(str(path.resolve()), rows, stat.st_size, stat.st_mtime_ns, offset, footer.hex()[:32]))
+        files.append(CorpusFile(path, rows, info.size, info.mtime_ns, offset, footer.hex()[:32], info.etag))
         offset += rows
-        digest.update(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\0{rows}\0".encode())
+        version = info.etag or info.mtime_ns  # an object's ETag changes whenever it is replaced; its mtime may not
+        digest.update(f"{path}\0{info.size}\0{version}\0{rows}\0".encode())
         digest.update(footer)
     if offset == 0:
         raise CorpusError(f"corpus {source!r} has no rows")
@@ -228,7 +276,7 @@ def _check_ids(plan: CorpusPlan) -> None:
     """Refuse null and duplicate ids (reads the id column only)."""
     columns = []
     for f in plan.files:
-        col = pq.read_table(f.path, columns=[plan.id_column]).column(0)
+        col = _open(f.path, f.size).read(columns=[plan.id_column]).column(0)
         col = col.cast(_values(col.type))  # a dictionary's ids are its values
         nulls = col.null_count
         if nulls:
@@ -261,7 +309,7 @@ def _check_texts(plan: CorpusPlan) -> None:
     """
     for f in plan.files:
         start = 0
-        for batch in _open(Path(f.path)).iter_batches(batch_size=_READ_BATCH_ROWS, columns=[plan.text_column]):
+        for batch in _open(f.path, f.size).iter_batches(batch_size=_READ_BATCH_ROWS, columns=[plan.text_column]):
             texts = batch.column(0)
             try:
                 texts.validate(full=True)
@@ -290,7 +338,7 @@ def _file_id(plan: CorpusPlan, f: CorpusFile, row: int):
     """The id of row `row` of file `f` (its corpus row number when the corpus has no id column)."""
     if not plan.id_column:
         return f.row_offset + row
-    return pq.read_table(f.path, columns=[plan.id_column]).column(0)[row].as_py()
+    return _open(f.path, f.size).read(columns=[plan.id_column]).column(0)[row].as_py()
 
 
 def _not_utf8(plan: CorpusPlan, f: CorpusFile, row: int, id_, exc: UnicodeDecodeError) -> CorpusError:
@@ -314,15 +362,30 @@ def _read_range(plan: CorpusPlan, start: int, stop: int) -> Iterator[pa.RecordBa
         if change is not None:  # never mix two versions of the corpus in one job
             raise CorpusError(f"corpus file {f.path} changed since the job was planned ({change}); run the same "
                               "command again: it plans the corpus as it is now")
-        pf = _open(Path(f.path))
-        pos = f.row_offset
-        for batch in pf.iter_batches(batch_size=_READ_BATCH_ROWS, columns=_columns(plan)):
+        pf = _open(f.path, f.size)
+        groups, first = _row_groups(pf.metadata, lo - f.row_offset, hi - f.row_offset)
+        pos = f.row_offset + first
+        for batch in pf.iter_batches(batch_size=_READ_BATCH_ROWS, row_groups=groups, columns=_columns(plan)):
             b_lo, b_hi = max(lo - pos, 0), min(hi - pos, batch.num_rows)
             if b_lo < b_hi:
                 yield _plain(batch.slice(b_lo, b_hi - b_lo))
             pos += batch.num_rows
             if pos >= hi:
                 break
+
+
+def _row_groups(metadata: pq.FileMetaData, lo: int, hi: int) -> tuple[list[int], int]:
+    """The row groups that hold the file's rows [lo, hi), and the file row the first of them starts at: a chunk
+    reads only those (from S3: only their byte ranges are fetched)."""
+    groups, first, start = [], 0, 0
+    for number in range(metadata.num_row_groups):
+        stop = start + metadata.row_group(number).num_rows
+        if start < hi and stop > lo:
+            if not groups:
+                first = start
+            groups.append(number)
+        start = stop
+    return groups, first
 
 
 def _plain(batch: pa.RecordBatch) -> pa.RecordBatch:
