@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 import click
 
-from embedctl.pipeline.errors import EmbedctlError
+from embedctl.pipeline.errors import ConfigError, EmbedctlError
 
 
 def one_line(message: str) -> str:
@@ -247,20 +247,12 @@ def exported_devices(mode: str, dev, gpus: int, processes: int) -> list[str]:
 
 
 def _size(_ctx, _param, value: str | None) -> int | None:
-    """A size such as 500M, 20G or 1.5T (powers of 1024), or plain bytes."""
-    if value in (None, ""):
-        return None
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    text = str(value).strip().upper().removesuffix("IB").removesuffix("B")
-    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "")
+    from embedctl.settings import parse_size
+
     try:
-        size = int(float(number) * units[unit])
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a size; write bytes or a number with K, M, G or T (20G)") \
-            from None
-    if size <= 0:
-        raise click.BadParameter(f"{value!r} must be > 0")
-    return size
+        return parse_size(value, "--cache-size")
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def cache_options(func: Callable) -> Callable:

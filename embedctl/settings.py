@@ -101,6 +101,10 @@ class Settings:
     worker_death_window: int = DEFAULT_WORKER_DEATH_WINDOW  # EMBEDCTL_WORKER_DEATH_WINDOW
     log_level: str = "info"  # EMBEDCTL_LOG_LEVEL: the server's log level
     serve_config: str | None = field(default=None, repr=False)  # EMBEDCTL_SERVE_CONFIG (set by `embedctl serve`)
+    # where this host caches the objects of s3:// folders (the --cache-dir and --cache-size of the commands, which
+    # export them to the processes they start)
+    cache_dir: Path | None = None  # EMBEDCTL_CACHE_DIR
+    cache_size: int | None = None  # EMBEDCTL_CACHE_SIZE, in bytes (500M, 20G)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -142,7 +146,25 @@ class Settings:
             worker_death_window=_positive_int(env, "EMBEDCTL_WORKER_DEATH_WINDOW", DEFAULT_WORKER_DEATH_WINDOW, seconds),
             log_level=(_text(env, "EMBEDCTL_LOG_LEVEL") or "info").lower(),
             serve_config=env.get("EMBEDCTL_SERVE_CONFIG") or None,
+            cache_dir=Path(_text(env, "EMBEDCTL_CACHE_DIR")).expanduser() if _text(env, "EMBEDCTL_CACHE_DIR") else None,
+            cache_size=parse_size(_text(env, "EMBEDCTL_CACHE_SIZE"), "EMBEDCTL_CACHE_SIZE"),
         )
+
+
+def parse_size(text: str | None, name: str = "the size") -> int | None:
+    """A size such as 500M, 20G or 1.5T (powers of 1024), or plain bytes; None when empty."""
+    if not text:
+        return None
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    body = str(text).strip().upper().removesuffix("IB").removesuffix("B")
+    number, unit = (body[:-1], body[-1]) if body and body[-1] in units else (body, "")
+    try:
+        size = int(float(number) * units[unit])
+    except ValueError:
+        size = 0
+    if size <= 0:
+        raise ConfigError(f"{name} must be a size > 0 in bytes or with K, M, G or T (20G), got {text!r}")
+    return size
 
 
 def setting(name: str, environ: Mapping[str, str] | None = None):
@@ -162,5 +184,6 @@ _ENV_OF = {  # field -> the variables it is parsed from
     "packing": ("EMBEDCTL_PACKING",), "compile_after": ("EMBEDCTL_COMPILE_AFTER",),
     "exact_tile_rows": ("EMBEDCTL_EXACT_TILE_ROWS",), "worker_deaths": ("EMBEDCTL_WORKER_DEATHS",),
     "worker_death_window": ("EMBEDCTL_WORKER_DEATH_WINDOW",), "log_level": ("EMBEDCTL_LOG_LEVEL",),
-    "serve_config": ("EMBEDCTL_SERVE_CONFIG",),
+    "serve_config": ("EMBEDCTL_SERVE_CONFIG",), "cache_dir": ("EMBEDCTL_CACHE_DIR",),
+    "cache_size": ("EMBEDCTL_CACHE_SIZE",),
 }

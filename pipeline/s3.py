@@ -80,17 +80,36 @@ class CacheConfig:
     max_bytes: int | None = None  # None: unbounded
 
 
-_cache = CacheConfig()
+_cache: CacheConfig | None = None  # from the settings on first use, unless a command configured it
 
 
 def configure_cache(folder: Path | str | None = None, max_bytes: int | None = None) -> None:
-    """Where remote objects are cached and how large the cache may grow (`--cache-dir`, `--cache-size`)."""
+    """Where remote objects are cached and how large the cache may grow (`--cache-dir`, `--cache-size`); the
+    processes this one starts (server and worker processes) inherit it through the environment."""
     global _cache
-    _cache = CacheConfig(Path(folder) if folder else DEFAULT_CACHE, max_bytes)
+    _cache = CacheConfig(Path(folder).expanduser() if folder else _settings().folder, max_bytes)
+    os.environ["EMBEDCTL_CACHE_DIR"] = str(_cache.folder)
+    if max_bytes:
+        os.environ["EMBEDCTL_CACHE_SIZE"] = str(max_bytes)
+    else:
+        os.environ.pop("EMBEDCTL_CACHE_SIZE", None)
+
+
+def _settings() -> CacheConfig:
+    from embedctl.settings import setting
+
+    return CacheConfig(setting("cache_dir") or DEFAULT_CACHE, setting("cache_size"))
+
+
+def _config() -> CacheConfig:
+    global _cache
+    if _cache is None:
+        _cache = _settings()
+    return _cache
 
 
 def cache_folder() -> Path:
-    return _cache.folder.expanduser()
+    return _config().folder.expanduser()
 
 
 def requests() -> dict[str, int]:
@@ -325,6 +344,8 @@ class S3Storage(Storage):
         if not key:
             return path
         mutable = not is_immutable(key)
+        if path.is_dir():
+            return path  # a folder (for messages, or a caller that joins names to it)
         if path.is_file() and (not mutable or _cached_token(path) == (self.stat(key) or Stat(0, 0, "")).token):
             with contextlib.suppress(OSError):
                 os.utime(path)  # recently used: evicted last
@@ -346,7 +367,8 @@ class S3Storage(Storage):
             os.replace(tmp, path)
         except FileNotFoundError:
             tmp.unlink(missing_ok=True)
-            path.unlink(missing_ok=True)  # a copy of an object deleted since is stale
+            if path.is_file():
+                path.unlink()  # a copy of an object deleted since is stale
             return  # a missing object has no copy: the caller's open says it is missing
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -549,7 +571,7 @@ def _cached_token(path: Path) -> str | None:
 def evict(keep: Path | None = None) -> list[Path]:
     """Remove the least recently used cached files until the cache fits `--cache-size` (never `keep`, the file
     just filled); returns what was removed."""
-    limit = _cache.max_bytes
+    limit = _config().max_bytes
     root = cache_folder()
     if limit is None or not root.is_dir():
         return []
