@@ -131,6 +131,11 @@ def summary(report) -> str:
                      f"{out}/work/{report.job_id}/report.json)")
     if report.rows_truncated:
         lines.append(f"truncated {report.rows_truncated} texts at the model's length limit (--max-length)")
+    if report.requests:
+        r = report.requests
+        lines.append(f"object store: {r.get('GET', 0)} GET, {r.get('PUT', 0)} PUT, {r.get('LIST', 0)} LIST, "
+                     f"{r.get('HEAD', 0)} HEAD, {r.get('DELETE', 0)} DELETE requests; "
+                     f"{r.get('bytes_up', 0) / 2**20:.1f} MiB up, {r.get('bytes_down', 0) / 2**20:.1f} MiB down")
     return "\n".join(lines)
 
 

@@ -116,6 +116,7 @@ def begin_plan(plan: WorkPlan, mode: str, settings: Settings | None = None, job:
     the current one was built from this plan (what a repair does)."""
     out = location(plan.out)
     run_id = new_run_id()
+    tally.started(run_id)  # what this process asks of an object store from now on counts in the run's report
     token = json.dumps(locks.holder_record(run_id, mode, job))
     if mode == "embedded":
         lease: locks.Lease = locks.FileLease(out, token)

@@ -57,6 +57,8 @@ class RunReport:
     reason: str | None = None  # why a run was skipped or up to date
     error: str | None = None  # why a run failed
     skipped: list[dict] = field(default_factory=list)  # the first 1,000 skipped rows: row, id, reason
+    requests: dict = field(default_factory=dict)  # object store requests (GET, HEAD, PUT, LIST, DELETE), bytes_up,
+    # bytes_down: what the run cost on S3 (empty for local folders)
 
     def to_dict(self) -> dict:
         return asdict(self)

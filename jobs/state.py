@@ -35,6 +35,7 @@ LOG = logging.getLogger(__name__)
 
 JOB_FILE = "job.json"
 FAILURES = "failures"
+REQUESTS = "requests"
 RUNNING = "running"
 RECORD = ".json"
 """The suffix of a failure record (`failures/<what>.json`) and of a heartbeat (`running/<what>.json`)."""
@@ -115,6 +116,27 @@ def failures(plan: WorkPlan) -> list[dict]:
         except (OSError, ValueError):
             continue  # being written
     return found
+
+
+def record_requests(plan: WorkPlan, run_id: str, what: str, counts: dict[str, int]) -> None:
+    """Keep what a step of run `run_id` asked of an object store (requests by kind, bytes moved), so that the run's
+    report can add up a run spread over hosts. Nothing for a local folder (no requests)."""
+    if any(counts.values()):
+        name = f"{run_id}-{what}-{socket.gethostname()}-{os.getpid()}"
+        plan.storage.write(_record_key(plan, REQUESTS, name), json_writer(counts))
+
+
+def run_requests(plan: WorkPlan, run_id: str) -> dict[str, int]:
+    """The requests the steps of run `run_id` recorded, added up."""
+    total: dict[str, int] = {}
+    for key in _records(plan, REQUESTS):
+        if key.rsplit("/", 1)[-1].startswith(run_id + "-"):
+            try:
+                for kind, n in json.loads(plan.storage.read_bytes(key)).items():
+                    total[kind] = total.get(kind, 0) + int(n)
+            except (OSError, ValueError, AttributeError):
+                continue
+    return total
 
 
 def clear_failures(plan: WorkPlan) -> None:

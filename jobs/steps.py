@@ -16,6 +16,7 @@ The state machine runs without Celery: tests call these functions with a work fo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -28,6 +29,7 @@ from embedctl.jobs import locks, state
 from embedctl.jobs.lifecycle import Run, Superseded, discard_chunks, fail
 from embedctl.jobs.publishing import publish_build
 from embedctl.jobs.report import RunReport
+from embedctl.pipeline import s3
 from embedctl.pipeline.compose import BuildPlan, load_build
 from embedctl.pipeline.errors import EmbedctlError, StorageError, WeightsLost
 from embedctl.pipeline.plan import WorkPlan
@@ -96,6 +98,7 @@ def working(s: Step, what: str, label: str, failure: str | None = None,
     run = s.run
     beat = _beat(run, what)
     renew = (lambda: lease.renew() and beat()) if lease is not None else beat
+    before = s3.requests()
     try:
         beat()
         with locks.keep_alive(renew, run.lease_seconds / 3, f"{label} of {run.plan.plan_id}"):
@@ -112,6 +115,8 @@ def working(s: Step, what: str, label: str, failure: str | None = None,
         raise
     finally:
         state.end_heartbeat(run.plan, what)
+        with contextlib.suppress(EmbedctlError):
+            state.record_requests(run.plan, run.run_id, what, s3.requests_since(before))
         if lease is not None:
             lease.release()
 

@@ -8,15 +8,15 @@ up to date, failed, skipped), the same whichever mode ran it.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from embedctl.jobs import state
 from embedctl.jobs.report import RunReport
-from embedctl.pipeline import versions
+from embedctl.pipeline import s3, versions
 from embedctl.pipeline.compose import BuildPlan
 from embedctl.pipeline.errors import StorageError
 from embedctl.pipeline.manifest import VersionInfo
 from embedctl.pipeline.plan import WorkPlan
+from embedctl.pipeline.storage import child
 
 
 def run_report(plan: WorkPlan, record: state.RunRecord, status: str, **values) -> RunReport:
@@ -36,14 +36,34 @@ def run_report(plan: WorkPlan, record: state.RunRecord, status: str, **values) -
         rows_truncated=sum(r.get("truncated", 0) for r in reports), chunks_total=len(plan.corpus.chunks),
         chunks_embedded=len(mine), chunks_done_before=len(reports) - len(mine),
         tokens=sum(r.get("tokens", 0) for r in mine), embed_seconds=embed_seconds,
-        rows_per_second=round(embedded / embed_seconds, 1) if embedded and embed_seconds else None, **values)
+        rows_per_second=round(embedded / embed_seconds, 1) if embedded and embed_seconds else None,
+        requests=requests(plan, record), **values)
+
+
+_STARTED: dict[str, dict[str, int]] = {}
+"""The request counts of this process when it began each run (`started`): a run's report adds what this process
+sent since to what the steps of other processes recorded."""
+
+
+def started(run_id: str) -> None:
+    _STARTED[run_id] = s3.requests()
+
+
+def requests(plan: WorkPlan, record: state.RunRecord) -> dict[str, int]:
+    """What run `record` asked of the object store holding its output folder and corpus: GET, HEAD, PUT, LIST and
+    DELETE requests, bytes_up and bytes_down (empty for a local run)."""
+    total = state.run_requests(plan, record.run_id)
+    if record.run_id in _STARTED:
+        for kind, n in s3.requests_since(_STARTED[record.run_id]).items():
+            total[kind] = total.get(kind, 0) + n
+    return dict(sorted(total.items()))
 
 
 def published_report(plan: WorkPlan, record: state.RunRecord, version: str, info: VersionInfo,
                      build: BuildPlan | None) -> RunReport:
     """The report of a run that published `version` (`info`: its manifest; `build`: the build plan it published,
     None when the run finishes a publish that a dead worker swapped in)."""
-    return run_report(plan, record, "published", version=version, path=str(Path(plan.out) / versions.VERSIONS / version),
+    return run_report(plan, record, "published", version=version, path=str(child(plan.out, versions.VERSIONS, version)),
                       rows_indexed=info.rows, rows_deleted=rows_deleted(plan, version), segments=len(info.segments),
                       segments_built=len(build.new) if build else 0,
                       rows_rewritten=build.rows_rewritten if build else 0)
@@ -55,7 +75,7 @@ def up_to_date_report(plan: WorkPlan, record: state.RunRecord, version: str, row
                      started=record.started, job=record.job, job_id=plan.plan_id, finished=state.now(),
                      seconds=round(time.time() - record.started_ts, 3), model=plan.model, dims=list(plan.dims),
                      index_type=plan.index_type, version=version,
-                     path=str(Path(plan.out) / versions.VERSIONS / version), rows_total=plan.corpus.rows,
+                     path=str(child(plan.out, versions.VERSIONS, version)), rows_total=plan.corpus.rows,
                      rows_indexed=rows, chunks_total=len(plan.corpus.chunks),
                      chunks_done_before=len(plan.corpus.chunks),
                      reason=f"{version} already indexes this corpus with these settings")
@@ -78,7 +98,7 @@ def rows_deleted(plan: WorkPlan, version: str) -> int:
         before = versions.live_ids(older[-1])
     except (OSError, ValueError, StorageError):
         return 0  # the previous version is damaged: nothing to compare with
-    after = versions.live_ids(Path(plan.out) / versions.VERSIONS / version)
+    after = versions.live_ids(versions.version_ref(plan.out, version))
     if not len(before) or before.type != after.type:
         return len(before)
     kept = pc.sum(pc.is_in(before, value_set=after)).as_py() or 0

@@ -173,8 +173,8 @@ def plan_job(spec: Any) -> WorkPlan:
     """
     from embedctl.pipeline.models import read_profile, resolve_model
 
-    out = Path(spec.out)
-    if out.exists() and not out.is_dir():
+    out = location(spec.out)
+    if not is_uri(out) and out.exists() and not out.is_dir():
         raise ConfigError(f"--out {spec.out} is a file; give a folder (it is created when missing)")
     ref = resolve_model(spec.model)
     profile = read_profile(ref.path)

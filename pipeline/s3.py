@@ -117,6 +117,12 @@ def requests() -> dict[str, int]:
     return dict(_counts)
 
 
+def requests_since(before: dict[str, int]) -> dict[str, int]:
+    """The requests sent and bytes moved since `before` (a `requests()` of earlier)."""
+    now = requests()
+    return {k: n - before.get(k, 0) for k, n in now.items() if n - before.get(k, 0)}
+
+
 def _count(model, **_) -> None:
     _counts[_OPS.get(model.name, "OTHER")] += 1
 

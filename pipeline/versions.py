@@ -59,6 +59,11 @@ def version_dirs(out: Path | str) -> list[Path | Folder]:
     return [_ref(Folder(storage, join(VERSIONS, name))) for name in version_names(storage)]
 
 
+def version_ref(out: Path | str, name: str) -> Path | Folder:
+    """The version `name` of `out` (whether or not it exists), as `version_dirs` gives versions."""
+    return _ref(Folder(storage_of(out), join(VERSIONS, name)))
+
+
 def _ref(folder: Folder) -> Path | Folder:
     """A version or build folder as its callers take it: a local path, or the folder itself on an object store."""
     return folder.path if isinstance(folder.storage, LocalStorage) else folder
