@@ -45,6 +45,7 @@ class CacheHits:
     found: np.ndarray  # (n,) bool
     vectors: np.ndarray  # (n, dim) float16, the found rows filled
     dtypes: set[str]  # compute dtypes of the found vectors (from their chunk reports)
+    whole: tuple[ChunkStore, int] | None = None  # the one stored chunk all of them come from, of as many rows
 
 
 class EmbeddingCache:
@@ -56,6 +57,7 @@ class EmbeddingCache:
         self._chunks: list[tuple[ChunkStore, int]] = []
         self._checked: dict[int, bool] = {}  # file index -> sound (verified on first use)
         self._dtypes: list[list[str]] = []
+        self._sizes: list[int] = []  # rows of each chunk
         for store in stores:
             for number in sorted(store.complete()):
                 try:
@@ -69,6 +71,7 @@ class EmbeddingCache:
                 self._chunks.append((store, number))
                 self._dtypes.append(dtypes)
                 hashes.append(h)
+                self._sizes.append(len(h))
                 where.append(np.stack([np.full(len(h), file_index, np.int64), np.arange(len(h), dtype=np.int64)], 1))
         self.hashes = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
         locations = np.concatenate(where) if where else np.zeros((0, 2), np.int64)
@@ -90,6 +93,8 @@ class EmbeddingCache:
             return hits
         locs = self._where[pos[hits.found]]
         targets = np.flatnonzero(hits.found)
+        if hits.found.all() and (locs[:, 0] == locs[0, 0]).all() and self._sizes[int(locs[0, 0])] == len(locs):
+            hits.whole = self._chunks[int(locs[0, 0])]  # its file may be these vectors (the writer compares)
         for file_index in np.unique(locs[:, 0]):
             sel = locs[:, 0] == file_index
             if not self._sound(int(file_index)):

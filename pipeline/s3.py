@@ -433,6 +433,14 @@ class S3Storage(Storage):
             cached.unlink(missing_ok=True)
         return Stat(len(data), time.time(), reply["ETag"])
 
+    def copy(self, src: str, dst: str) -> Stat:
+        self._call(dst, "write", lambda: client().copy({"Bucket": self.bucket, "Key": self._key(src)}, self.bucket,
+                                                       self._key(dst)))
+        cached = self.cache_path(dst)
+        if cached.exists():
+            cached.unlink(missing_ok=True)
+        return self.stat(dst) or Stat(0, time.time(), "")
+
     def append(self, key: str, data: bytes) -> None:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
         self.put(join(key, f"{stamp}-{uuid.uuid4().hex[:8]}"), data)

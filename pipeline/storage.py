@@ -137,6 +137,10 @@ class Storage(ABC):
             return self.write(key, lambda tmp: shutil.copyfile(data, tmp))
         return self.write(key, lambda tmp: tmp.write_bytes(data))
 
+    def copy(self, src: str, dst: str) -> Stat:
+        """Store a copy of the object `src` under `dst`, atomically (a remote backend copies inside the store)."""
+        return self.write(dst, lambda tmp: shutil.copyfile(self.local_path(src), tmp))
+
     @abstractmethod
     def append(self, key: str, data: bytes) -> None:
         """Add `data` (one record, ending with a newline) at the end of the log `key`, durably; a record cut by an

@@ -83,9 +83,12 @@ class ChunkStore:
         return max((st.mtime for st in stats), default=None)
 
     def write(self, number: int, rows: np.ndarray, ids: list, texts: list, vectors: np.ndarray, report: dict,
-              id_type: pa.DataType | None = None, hashes: np.ndarray | None = None) -> dict:
+              id_type: pa.DataType | None = None, hashes: np.ndarray | None = None,
+              copy_of: tuple[ChunkStore, int] | None = None) -> dict:
         """Write one chunk's outputs (rows file, report with both files' checksums, then vectors: the completion
-        mark); returns the report as written."""
+        mark); returns the report as written. `copy_of`: a stored chunk whose vectors file holds exactly `vectors`
+        (every text was cached from it, in order): its file is copied, which an object store does without the
+        bytes leaving it (a re-index of a corpus whose rows were appended uploads no unchanged vectors)."""
         if len(rows) != len(vectors) or len(ids) != len(rows) or len(texts) != len(rows):
             raise ValueError(f"chunk {number}: {len(rows)} rows, {len(ids)} ids, {len(texts)} texts, "
                              f"{len(vectors)} vectors")
@@ -94,8 +97,13 @@ class ChunkStore:
         if hashes is not None:
             columns["hash"] = pa.array(np.asarray(hashes, dtype=np.uint64), pa.uint64())
         table = pa.table(columns)
-        self.storage.write(self._key(number, _ROWS), lambda tmp: pq.write_table(table, tmp))
-        files = {"rows": checksum.checksum(self.rows_path(number))}
+        same = self._same_rows(copy_of, table)
+        if same is not None:  # rows unchanged too (rows appended after them): copied like the vectors
+            self.storage.copy(same[0], self._key(number, _ROWS))
+            files = {"rows": same[1]}
+        else:
+            self.storage.write(self._key(number, _ROWS), lambda tmp: pq.write_table(table, tmp))
+            files = {"rows": checksum.checksum(self.rows_path(number))}
         report = {**report, "files": files}
         half = np.ascontiguousarray(vectors, dtype=np.float16)
 
@@ -103,8 +111,43 @@ class ChunkStore:
             files["vectors"] = checksum.checksum(tmp)
             self.storage.write(self._key(number, _REPORT), json_writer(report))
 
+        source = self._copy_source(copy_of, half)
+        if source is not None:
+            files["vectors"] = source[1]
+            self.storage.write(self._key(number, _REPORT), json_writer(report))
+            self.storage.copy(source[0], self._key(number, _VECTORS))
+            return report
         self.storage.write(self._key(number, _VECTORS), npy_writer(half), before_commit=record)
         return report
+
+    def _same_rows(self, copy_of: tuple[ChunkStore, int] | None, table: pa.Table) -> tuple[str, dict] | None:
+        """(key, recorded checksum) of the stored rows file equal to `table`, None when there is none."""
+        if copy_of is None or copy_of[0].storage != self.storage:
+            return None
+        store, number = copy_of
+        try:
+            recorded = store.read_report(number)["files"]["rows"]
+            same = store.read_rows(number).equals(table)
+        except (OSError, ValueError, KeyError, TypeError, pa.ArrowException):
+            return None
+        return (store._key(number, _ROWS), recorded) if same else None
+
+    def _copy_source(self, copy_of: tuple[ChunkStore, int] | None, half: np.ndarray) -> tuple[str, dict] | None:
+        """(key, recorded checksum) of the vectors file to copy for `half`, None when it must be written: only a
+        file of the same storage whose report records its checksum and whose shape matches."""
+        if copy_of is None:
+            return None
+        store, number = copy_of
+        if store.storage != self.storage:
+            return None
+        try:
+            recorded = store.read_report(number)["files"]["vectors"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        stored = store.read_vectors(number)  # (the cache lookup mapped it already)
+        if stored.shape != half.shape or not np.array_equal(stored, half):
+            return None
+        return store._key(number, _VECTORS), recorded
 
     def verify(self, number: int) -> list[tuple[Path, str]]:
         """(file, what is wrong) for each damaged file of a complete chunk; empty when the chunk is sound."""

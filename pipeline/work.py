@@ -79,6 +79,7 @@ class _ChunkWork:
     encoder: Encoder | None = None  # set when some text is not cached
     prepared: Prepared | None = None
     encoded: Encoded | None = None
+    whole: tuple | None = None  # (store, chunk) whose vectors file these vectors are, all of them cached
     seconds: float = 0.0  # time spent reading and preparing it
 
     @property
@@ -102,6 +103,8 @@ def _prepare(plan: WorkPlan, chunk: Chunk, data: ChunkRows, cache: EmbeddingCach
         found, dtypes = hits.found, hits.dtypes
         vectors[found] = hits.vectors[found]
     work = _ChunkWork(chunk, data, keep, skipped, texts, hashes, vectors, found, dtypes)
+    if cache is not None and len(cache) and hits.whole is not None:
+        work.whole = hits.whole
     if len(work.miss) and encoder is not None and not _gathers(work):  # a gathered chunk is tokenised with the rest
         work.prepared = encoder.prepare([texts[i] for i in work.miss], prefix=plan.document_prefix)
     return work
@@ -219,7 +222,7 @@ def _write(plan: WorkPlan, work: _ChunkWork, seconds: float, stamp: dict | None)
     report["finished_ts"] = round(time.time(), 3)
     id_type = pa.string() if plan.corpus.id_column and data.ids and isinstance(data.ids[0], str) else pa.int64()
     return plan.store.write(work.chunk.number, data.rows[keep], [data.ids[i] for i in keep], work.texts,
-                            work.vectors, report, id_type=id_type, hashes=work.hashes)
+                            work.vectors, report, id_type=id_type, hashes=work.hashes, copy_of=work.whole)
 
 
 def embed_rows(plan: WorkPlan, chunk: Chunk, data: ChunkRows, encoder: Encoder | Callable[[], Encoder],
