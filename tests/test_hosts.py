@@ -215,7 +215,22 @@ def test_three_hosts_sharing_only_redis_and_s3(four_hosts, tmp_path, sample_corp
     workers = []
     follower = None
     try:
-        store[0] = S3Server(tmp_path / "s3", ip=store_ip, netns=store_ns).start()
+        store[0] = S3Server(tmp_path / "s3", ip=store_ip, netns=store_ns)  # its ports are known: started below
+        if why := hosts.delay(0, "50ms"):
+            LOG.warning("host 0's link is not delayed: %s", why)
+            warnings.warn(f"host 0's link is not delayed: {why}", stacklevel=1)
+        for i in range(3):  # each "host" runs its own worker in its own folder, blind to the others' folders
+            name = f"host{i}"
+            hidden = [f for other, f in folders.items() if other != name] + [tmp_path / "s3", sample_corpus.parent]
+            for folder in hidden:
+                folder.mkdir(exist_ok=True)
+            log = open(tmp_path / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process below
+            argv = [EMBEDCTL, "worker", "--model", "minilm", "-c", "1", "--", "--hostname", f"{name}@%h",
+                    "--without-gossip", "--without-mingle"]
+            workers.append((subprocess.Popen(["ip", "netns", "exec", hosts.names[i], *_hiding(hidden, argv)],
+                                             env=env_of(name), stdout=log, stderr=subprocess.STDOUT,
+                                             cwd=folders[name], start_new_session=True), log))
+        store[0].start()  # while the workers load their model
         store[0].make_bucket("bkt")
         import boto3
         from botocore.config import Config
@@ -236,20 +251,6 @@ def test_three_hosts_sharing_only_redis_and_s3(four_hosts, tmp_path, sample_corp
         wait_until(lambda: subprocess.run(["redis-cli", "-h", store_ip, "-p", str(port), "--no-auth-warning",
                                            "-a", password, "ping"], capture_output=True, text=True).stdout.strip()
                    == "PONG", 20, "redis in the fourth namespace")
-        if why := hosts.delay(0, "50ms"):
-            LOG.warning("host 0's link is not delayed: %s", why)
-            warnings.warn(f"host 0's link is not delayed: {why}", stacklevel=1)
-        for i in range(3):  # each "host" runs its own worker in its own folder, blind to the others' folders
-            name = f"host{i}"
-            hidden = [f for other, f in folders.items() if other != name] + [tmp_path / "s3", sample_corpus.parent]
-            for folder in hidden:
-                folder.mkdir(exist_ok=True)
-            log = open(tmp_path / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process below
-            argv = [EMBEDCTL, "worker", "--model", "minilm", "-c", "1", "--", "--hostname", f"{name}@%h",
-                    "--without-gossip", "--without-mingle"]
-            workers.append((subprocess.Popen(["ip", "netns", "exec", hosts.names[i], *_hiding(hidden, argv)],
-                                             env=env_of(name), stdout=log, stderr=subprocess.STDOUT,
-                                             cwd=folders[name], start_new_session=True), log))
         for i in range(3):
             wait_until(lambda i=i: " ready." in (tmp_path / f"host{i}.log").read_text(errors="replace"), 180,
                        f"the worker of host {i}")
