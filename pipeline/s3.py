@@ -117,6 +117,13 @@ def requests() -> dict[str, int]:
     return dict(_counts)
 
 
+def ride_out_outages() -> None:
+    """Wait out a store that does not answer (up to `RETRY_SECONDS`) even before this process reached it: what a
+    worker's processes do, since every task they get was planned by a process that reached the store."""
+    global _answered
+    _answered = True
+
+
 def requests_since(before: dict[str, int]) -> dict[str, int]:
     """The requests sent and bytes moved since `before` (a `requests()` of earlier)."""
     now = requests()

@@ -104,7 +104,10 @@ def _child_init(**_kw) -> None:
 
     from embedctl.pipeline.loader import load, process_device, shm_mode
 
+    from embedctl.pipeline import s3
+
     lift_cuda_guard()
+    s3.ride_out_outages()  # the jobs it gets were planned against a store that answered: wait for it, do not fail
     index = getattr(current_process(), "index", 0) or 0
     torch.set_num_threads(child_threads(os.cpu_count() or 1, _WORKER["concurrency"], setting("threads")))
     chosen = setting("device")
