@@ -102,9 +102,8 @@ def _child_init(**_kw) -> None:
     import torch
     from billiard.process import current_process
 
-    from embedctl.pipeline.loader import load, process_device, shm_mode
-
     from embedctl.pipeline import s3
+    from embedctl.pipeline.loader import load, process_device, shm_mode
 
     lift_cuda_guard()
     s3.ride_out_outages()  # the jobs it gets were planned against a store that answered: wait for it, do not fail
