@@ -136,7 +136,7 @@ def _search_here(index_dir: str, queries: list[str], k: int, dim: int | None, ef
     """Load the index and its model in this process and search."""
     from embedctl.pipeline.index import IndexReader
 
-    reader = IndexReader(location(index_dir), verify=not no_verify)
+    reader = IndexReader(location(index_dir), verify=not no_verify, fetch_rows=False)  # a few rows: by ranges
     if dim is not None and dim not in reader.dims:
         raise ConfigError(f"--dim {dim} is not indexed in {index_dir}; choose one of "
                           f"{', '.join(map(str, reader.dims))}")

@@ -25,7 +25,7 @@ import faiss
 import numpy as np
 
 from embedctl.pipeline import exact as exact_search
-from embedctl.pipeline.checksum import checksum
+from embedctl.pipeline.checksum import DamagedFile, checksum
 from embedctl.pipeline.checksum import verify as verify_checksum
 from embedctl.pipeline.defaults import INDEX_TYPES
 from embedctl.pipeline.errors import ConfigError
@@ -36,9 +36,10 @@ from embedctl.pipeline.segments import (
     deletions_bitmap,
     index_file,
     open_index,
+    open_remote_rows,
     open_rows,
 )
-from embedctl.pipeline.storage import Folder, Storage, join
+from embedctl.pipeline.storage import Folder, LocalStorage, Storage, join
 from embedctl.pipeline.versions import resolve_index_dir, version_folder
 
 LOG = logging.getLogger(__name__)
@@ -116,7 +117,8 @@ class SegmentReader:
 
     Files are checked against their recorded checksums before first use (unless `verify` is False)."""
 
-    def __init__(self, version_dir: Path | Folder, info: VersionInfo, ref: SegmentRef, verify: bool = True):
+    def __init__(self, version_dir: Path | Folder, info: VersionInfo, ref: SegmentRef, verify: bool = True,
+                 fetch_rows: bool = True):
         self.ref = ref
         version = version_folder(version_dir)
         self.storage = version.storage
@@ -126,7 +128,11 @@ class SegmentReader:
                         "--repair`")
         self.deleted = read_deletions(version_dir, info, ref, check=verify)
         self._bitmap = deletions_bitmap(self.deleted, ref.rows) if len(self.deleted) else None
-        self._rows = open_rows(self._checked(ROWS_FILE))
+        expected = ref.files.get(ROWS_FILE) or {}
+        if not fetch_rows and not isinstance(self.storage, LocalStorage) and expected.get("pages") == "crc32":
+            self._rows = open_remote_rows(self.storage, ref.prefix, expected)  # pages checked as they are read
+        else:
+            self._rows = open_rows(self._checked(ROWS_FILE))
         self._rows_lock = threading.Lock()  # one reader of the rows file at a time (a server searches in threads)
         self._indexes: dict[int, faiss.Index] = {}
 
@@ -205,7 +211,11 @@ class SegmentReader:
         found: dict[int, tuple[object, str, int]] = {}
         for g in sorted({p // ROWS_GROUP for p in wanted}):
             with self._rows_lock:
-                table = self._rows.read_row_group(g, columns=["row", "id", "text"])
+                try:
+                    table = self._rows.read_row_group(g, columns=["row", "id", "text"])
+                except OSError as exc:  # a page that fails its CRC (a remote copy read by ranges)
+                    raise DamagedFile(self.storage.describe(join(self.ref.prefix, ROWS_FILE)), str(exc),
+                                      self._remedy) from None
             base = g * ROWS_GROUP
             rows, ids, texts = (table.column(c).to_pylist() for c in ("row", "id", "text"))
             for p in wanted:
@@ -228,11 +238,13 @@ class IndexReader:
     they cost).
     """
 
-    def __init__(self, path: Path, verify: bool = True):
+    def __init__(self, path: Path | str, verify: bool = True, fetch_rows: bool = True):
+        """`fetch_rows` False: on an object store, read the rows files by ranges (what a one-shot query does, which
+        looks up a few rows; a server or an evaluation fetches them whole into the cache)."""
         self.dir = resolve_index_dir(path)
         self.info = read_info(self.dir)
         self.verify = verify
-        self.segments = [SegmentReader(self.dir, self.info, ref, verify) for ref in self.info.segments]
+        self.segments = [SegmentReader(self.dir, self.info, ref, verify, fetch_rows) for ref in self.info.segments]
 
     @property
     def dims(self) -> list[int]:

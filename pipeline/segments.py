@@ -82,8 +82,10 @@ def write_rows(folder: Path | Folder, table: pa.Table) -> dict:
 
     segment = _folder(folder)
     key = segment.child(ROWS_FILE)
-    segment.storage.write(key, lambda tmp: pq.write_table(table, tmp, row_group_size=ROWS_GROUP))
-    return checksum(segment.storage.local_path(key))
+    segment.storage.write(key, lambda tmp: pq.write_table(table, tmp, row_group_size=ROWS_GROUP,
+                                                          write_page_checksum=True))
+    # page checksums (CRC-32 of each page): a reader of a few row groups of a remote copy checks what it reads
+    return {**checksum(segment.storage.local_path(key)), "pages": "crc32"}
 
 
 def rows_path(storage: Storage, prefix: str) -> Path:
@@ -108,6 +110,18 @@ def open_rows(path: Path) -> pq.ParquetFile:
     import pyarrow.parquet as pq
 
     return pq.ParquetFile(path)
+
+
+def open_remote_rows(storage: Storage, prefix: str, expected: dict) -> pq.ParquetFile:
+    """A segment's rows.parquet on an object store, read by ranged GETs of the row groups a lookup needs (a one-shot
+    query downloads the rows it returns, not the file), each page checked against its CRC-32 (`write_rows`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from embedctl.pipeline.s3files import ObjectFile
+
+    handle = ObjectFile(storage.describe(join(prefix, ROWS_FILE)), int(expected["bytes"]))
+    return pq.ParquetFile(pa.PythonFile(handle, mode="r"), page_checksum_verification=True)
 
 
 def open_index(path: Path) -> faiss.Index:
