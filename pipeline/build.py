@@ -71,7 +71,7 @@ def plan_build(plan: WorkPlan, forced: frozenset[str] = frozenset(), rebuild: bo
             if ref is not None and ref.id not in forced:
                 LOG.warning("%s is damaged (%s): rewriting segment %s from the stored vectors", path, problem, ref.id)
                 forced = forced | {ref.id}
-    build = compose(plan, base, base_info, policy_of(plan), forced, current=now.name if now is not None else None)
+    build = compose(plan, base, base_info, policy_of(plan), forced, current=versions.current_name(plan.out))
     if not build.new and not build.kept:
         raise CorpusError(f"nothing to index: all {plan.corpus.rows} texts of the corpus are null or empty")
     return build

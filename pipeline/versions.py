@@ -75,6 +75,13 @@ def read_current(storage: Storage) -> Pointer | None:
     return storage.read_pointer(CURRENT)
 
 
+def current_name(out: Path | str | Storage) -> str | None:
+    """The name of the version `current` names, complete or not (None: no pointer): what a publish expects to still
+    find there (`publish`'s `after`)."""
+    pointer = read_current(storage_of(out))
+    return posixpath.normpath(pointer.value).rsplit("/", 1)[-1] if pointer else None
+
+
 def pointed_folder(storage: Storage, pointer: Pointer) -> Folder | None:
     """The folder a pointer names (None when it names nothing inside the output folder)."""
     key = posixpath.normpath(pointer.value)
@@ -148,9 +155,8 @@ def publish(out: Path | str, build_dir: Path | Folder, after: str | None = "") -
 
     storage = storage_of(out)
     staged = join(VERSIONS, build_dir.name)
-    expected = None if after is None else join(VERSIONS, after)
     if after != "":
-        _still_current(storage, expected)
+        _still_current(storage, after)
     while True:
         existing = version_names(storage)
         number = int(_VERSION.match(existing[-1]).group(1)) + 1 if existing else 1
@@ -161,7 +167,7 @@ def publish(out: Path | str, build_dir: Path | Folder, after: str | None = "") -
         pointer = read_current(storage)
         if after != "":
             try:
-                _still_current(storage, expected, pointer)
+                _still_current(storage, after, pointer)
             except PublishConflict:
                 storage.delete(target)  # committed under its number but never current: nobody reads it
                 raise
@@ -170,12 +176,11 @@ def publish(out: Path | str, build_dir: Path | Folder, after: str | None = "") -
 
 
 def _still_current(storage: Storage, expected: str | None, pointer: Pointer | None = None) -> None:
-    """Raise PublishConflict unless `current` names `expected` (None: there is no `current`)."""
+    """Raise PublishConflict unless `current` names the version `expected` (None: there is no `current`)."""
     pointer = pointer if pointer is not None else read_current(storage)
-    found = posixpath.normpath(pointer.value) if pointer else None
+    found = posixpath.normpath(pointer.value).rsplit("/", 1)[-1] if pointer else None
     if found != expected:
-        now = found.rsplit("/", 1)[-1] if found else "none"
-        was = expected.rsplit("/", 1)[-1] if expected else "none"
+        now, was = found or "none", expected or "none"
         raise PublishConflict(f"another run published {now} to {storage.root} while this run built on {was}: this "
                               "run did not publish, so that version's changes are not overwritten; run the command "
                               "again (its vectors are kept: only what changed is embedded)")
