@@ -264,7 +264,7 @@ def cache_options(func: Callable) -> Callable:
 
         ctx.ensure_object(dict)[_param.name] = value
         if "cache_dir" in ctx.obj and "cache_size" in ctx.obj:
-            s3.configure_cache(ctx.obj["cache_dir"], ctx.obj["cache_size"])
+            s3.configure_cache(ctx.obj["cache_dir"], ctx.obj["cache_size"], export=True)
         return value
 
     func = click.option("--cache-size", type=str, default=None, envvar="EMBEDCTL_CACHE_SIZE", show_envvar=True,

@@ -83,11 +83,13 @@ class CacheConfig:
 _cache: CacheConfig | None = None  # from the settings on first use, unless a command configured it
 
 
-def configure_cache(folder: Path | str | None = None, max_bytes: int | None = None) -> None:
-    """Where remote objects are cached and how large the cache may grow (`--cache-dir`, `--cache-size`); the
-    processes this one starts (server and worker processes) inherit it through the environment."""
+def configure_cache(folder: Path | str | None = None, max_bytes: int | None = None, export: bool = False) -> None:
+    """Where remote objects are cached and how large the cache may grow (`--cache-dir`, `--cache-size`);
+    `export`: the processes this one starts (server and worker processes) inherit it through the environment."""
     global _cache
     _cache = CacheConfig(Path(folder).expanduser() if folder else _settings().folder, max_bytes)
+    if not export:
+        return
     os.environ["EMBEDCTL_CACHE_DIR"] = str(_cache.folder)
     if max_bytes:
         os.environ["EMBEDCTL_CACHE_SIZE"] = str(max_bytes)
