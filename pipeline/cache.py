@@ -117,7 +117,8 @@ class EmbeddingCache:
 
 
 UNFINISHED_SECONDS = 3600
-"""A job that wrote a chunk this recently and is not published is taken to be running: `prune` keeps it."""
+"""A job that wrote anything (a chunk, a build piece, a heartbeat) this recently and is not published is taken to be
+running: `prune` keeps it and the segments its build plans name; multipart uploads this old are aborted."""
 
 
 def prune(out: Path | str, everything: bool = False, published: Callable[[WorkPlan], object] = lambda plan: False,
@@ -138,15 +139,17 @@ def prune(out: Path | str, everything: bool = False, published: Callable[[WorkPl
     for entry in storage.list(WORK):
         if not entry.folder or (entry.name == keep_id and not everything):
             continue
+        objects = list(storage.walk(entry.key))
         try:
             plan = load_plan(storage.describe(entry.key))
-            newest = plan.store.newest_write()
+            # anything written there lately (a chunk, a build piece, a live step's heartbeat): a run is working
+            newest = max((st.mtime for _key, st in objects), default=None)
             unfinished = not published(plan) and newest is not None and time.time() - newest < UNFINISHED_SECONDS
         except EmbedctlError:
             unfinished = False
         if unfinished and entry.name != keep_id:
             continue  # a job still writing here: leave it
-        freed += sum(st.size for _key, st in storage.walk(entry.key))
+        freed += sum(st.size for _key, st in objects)
         storage.delete(entry.key)
         removed.append(entry.name)
     freed += _collect_leftovers(storage)
