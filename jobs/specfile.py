@@ -1,11 +1,12 @@
 """Job specs in TOML (`EMBEDCTL_JOBS`, e.g. jobs.toml): named jobs whose keys mirror the CLI options.
 
-    root = "indexes"                      # optional: output root, relative to this file (default: its folder)
+    root = "indexes"                      # optional: output root, relative to this file (default: its folder),
+                                          # or a bucket prefix: "s3://bucket/indexes"
     [jobs.wordnet]
-    corpus = "data/wordnet/*.parquet"     # file, directory or glob; relative to this file
+    corpus = "data/wordnet/*.parquet"     # file, directory or glob; relative to this file; or s3://bucket/prefix/
     model = "qwen3-4b"
     dims = [1024, 512, 256, 128]
-    out = "indexes/wordnet"               # default: <root>/<name>; must stay inside the root
+    out = "indexes/wordnet"               # default: <root>/<name>; must stay inside the root (a URI: under a URI root)
     schedule = "0 3 * * *"                # crontab (5 fields), or an interval of 1s or more: "30s", "15m", "2h"
     keep = 3
     hnsw = { m = 32, ef_construction = 200 }
@@ -91,7 +92,8 @@ def load_jobs(path: Path) -> dict[str, NamedJob]:
     unknown_top = sorted(set(data) - {"jobs", "root"})
     if unknown_top:
         errors.append(f"unknown top-level key {unknown_top[0]!r} (known: jobs, root)")
-    root = (base / str(data.get("root", "."))).resolve()
+    root_text = str(data.get("root", "."))
+    root = root_text.rstrip("/") if is_uri(root_text) else (base / root_text).resolve()  # a bucket prefix, or a folder
     jobs_table = data.get("jobs")
     if not isinstance(jobs_table, dict) or not jobs_table:
         errors.append("no [jobs.NAME] tables")
@@ -114,8 +116,8 @@ def load_jobs(path: Path) -> dict[str, NamedJob]:
                 job_errors.append(str(exc))
         out = None
         if isinstance(table.get("out", ""), str):
-            out = ((root / name) if "out" not in table else (base / table["out"])).resolve()
-            if out != root and root not in out.parents:
+            out = _out(root, base, name, table.get("out"))
+            if not _inside(out, root):
                 job_errors.append(f"out {str(out)!r} is outside the output root {str(root)!r}")
         if isinstance(table.get("corpus"), str):
             corpus = table["corpus"]
@@ -174,3 +176,18 @@ def _job_errors(table: dict) -> list[str]:
     if "schedule" in table and not isinstance(table["schedule"], str):
         errors.append(f"'schedule' must be a string, got {table['schedule']!r}")
     return errors
+
+
+def _out(root: Path | str, base: Path, name: str, given: str | None) -> Path | str:
+    """A job's output folder: `given` (a URI, or a path relative to the spec file), else <root>/<name>."""
+    if given is None:
+        return f"{root}/{name}" if is_uri(str(root)) else (Path(root) / name).resolve()
+    return given.rstrip("/") if is_uri(given) else (base / given).resolve()
+
+
+def _inside(out: Path | str, root: Path | str) -> bool:
+    """Whether `out` is `root` or below it (a URI below a URI root; a folder below a folder root)."""
+    if is_uri(str(out)) or is_uri(str(root)):
+        return is_uri(str(out)) and is_uri(str(root)) and (str(out) == str(root)
+                                                            or str(out).startswith(str(root) + "/"))
+    return out == root or root in Path(out).parents
