@@ -313,3 +313,25 @@ def test_overlapping_celery_runs_one_runs_one_is_skipped(tmp_path, corpus, tiny_
     assert {r["run_id"]: r["status"] for r in history(out)} == {first["run_id"]: "published",
                                                                  second["run_id"]: "skipped"}
     assert jobs_run()["status"] == "up-to-date"  # the lock was released after the publish
+
+
+def test_a_spec_file_may_put_its_outputs_under_a_bucket_prefix(tmp_path, sample_corpus):
+    """`root` and `out` may be s3:// URIs (checked as text: nothing is asked of a store); an `out` outside a URI root,
+    or a URI under a local root, is refused like a path outside the root."""
+    path = tmp_path / "jobs.toml"
+    path.write_text(f'''root = "s3://bucket/indexes/"
+[jobs.default]
+corpus = "{sample_corpus}"
+[jobs.named]
+corpus = "{sample_corpus}"
+out = "s3://bucket/indexes/named/v2"
+''')
+    jobs = load_jobs(path)
+    assert jobs["default"].spec.out == "s3://bucket/indexes/default"
+    assert jobs["named"].spec.out == "s3://bucket/indexes/named/v2"
+    for root, out in (('"s3://bucket/indexes"', '"s3://bucket/indexes-other/x"'), ('"out"', '"s3://bucket/x"'),
+                      ('"s3://bucket/indexes"', '"local/x"')):
+        path.write_text(f'root = {root}\n[jobs.j]\ncorpus = "{sample_corpus}"\nout = {out}\n')
+        with pytest.raises(SpecFileError) as info:
+            load_jobs(path)
+        assert "outside the output root" in info.value.errors[0]
