@@ -166,12 +166,18 @@ def _collect_leftovers(storage) -> int:
     from embedctl.pipeline.segments import SEGMENTS, collect_garbage
 
     freed = 0
-    used = versions.segments_of_kept_versions(storage)
+    planned = segments_in_use(storage.sub(WORK))  # before the versions: a segment is named by its build plan until
+    used = versions.segments_of_kept_versions(storage)  # its version is published, and the plan is removed after
     if used is not None:
-        used |= segments_in_use(storage.sub(WORK))
-        sizes = {e.name: sum(st.size for _k, st in storage.walk(e.key)) for e in storage.list(SEGMENTS)
-                 if e.folder and e.name not in used}
-        for name in collect_garbage(storage, used):
+        used |= planned
+        sizes, young = {}, set()
+        for entry in storage.list(SEGMENTS):
+            if entry.folder and entry.name not in used:
+                stats = [st for _k, st in storage.walk(entry.key)]
+                sizes[entry.name] = sum(st.size for st in stats)
+                if any(time.time() - st.mtime < UNFINISHED_SECONDS for st in stats):
+                    young.add(entry.name)  # written lately: a grace period for a build this listing missed
+        for name in collect_garbage(storage, used | young):
             freed += sizes.get(name, 0)
     collect = getattr(storage, "abort_uploads", None)
     if collect is not None:

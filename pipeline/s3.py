@@ -71,6 +71,7 @@ def split_uri(uri: str) -> tuple[str, str]:
 _lock = threading.Lock()
 _client: tuple[int, object] | None = None  # (pid, client): a forked child makes its own
 _counts: Counter = Counter()
+_count_lock = threading.Lock()
 _answered = False
 
 
@@ -116,7 +117,22 @@ def cache_folder() -> Path:
 
 def requests() -> dict[str, int]:
     """Requests this process sent (GET, HEAD, PUT, LIST, DELETE) and bytes it moved (`bytes_up`, `bytes_down`)."""
-    return dict(_counts)
+    with _count_lock:
+        return dict(_counts)
+
+
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def at_once() -> Iterator[None]:
+    """Requests of this thread fail at once when the store does not answer (a server's background poll, which tries
+    again soon), instead of waiting it out."""
+    _local.at_once = True
+    try:
+        yield
+    finally:
+        _local.at_once = False
 
 
 def ride_out_outages() -> None:
@@ -133,7 +149,13 @@ def requests_since(before: dict[str, int]) -> dict[str, int]:
 
 
 def _count(model, **_) -> None:
-    _counts[_OPS.get(model.name, "OTHER")] += 1
+    with _count_lock:  # transfers send from their own threads
+        _counts[_OPS.get(model.name, "OTHER")] += 1
+
+
+def _count_bytes(kind: str, n: int) -> None:
+    with _count_lock:
+        _counts[kind] += n
 
 
 def client():
@@ -156,7 +178,9 @@ def client():
 
 def endpoint() -> str:
     """The endpoint the client sends to, without any user or password in it (for messages)."""
-    url = str(client().meta.endpoint_url)
+    if _client is None:
+        return "the S3 endpoint"  # no client could be made (a wrong profile, say): the error says why
+    url = str(_client[1].meta.endpoint_url)
     parts = urlsplit(url)
     return parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")).geturl() \
         if parts.hostname else url
@@ -197,7 +221,7 @@ def call(uri: str, action: str, fn):
             raise StorageError(f"no S3 credentials to {action} {uri}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                                "(or AWS_PROFILE)") from None
         except Boto3Error as exc:  # a managed transfer (a large upload or download) that failed past its retries
-            if _answered and time.monotonic() < deadline:
+            if _answered and not getattr(_local, "at_once", False) and time.monotonic() < deadline:
                 time.sleep(pause)
                 pause = min(pause * 2, 8.0)
                 continue
@@ -207,7 +231,8 @@ def call(uri: str, action: str, fn):
             if isinstance(exc, ClientError) and (_status(exc) == 404 or _code(exc) in ("NoSuchKey", "404")) \
                     and _code(exc) != "NoSuchBucket":
                 raise FileNotFoundError(uri) from None
-            if _transient(exc) and _answered and time.monotonic() < deadline:
+            if _transient(exc) and _answered and not getattr(_local, "at_once", False) \
+                    and time.monotonic() < deadline:
                 time.sleep(pause)
                 pause = min(pause * 2, 8.0)
                 continue
@@ -215,8 +240,16 @@ def call(uri: str, action: str, fn):
 
 
 def _error(exc, uri: str, action: str) -> StorageError:
-    from botocore.exceptions import ClientError
+    from botocore.exceptions import ClientError, NoRegionError, PartialCredentialsError, ProfileNotFound
 
+    if isinstance(exc, ProfileNotFound):
+        return StorageError(f"the AWS profile in AWS_PROFILE does not exist (while trying to {action} {uri}); name a "
+                            "profile of ~/.aws/config, or unset AWS_PROFILE")
+    if isinstance(exc, PartialCredentialsError):
+        return StorageError(f"incomplete S3 credentials to {action} {uri}: set both AWS_ACCESS_KEY_ID and "
+                            "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)")
+    if isinstance(exc, NoRegionError):
+        return StorageError(f"no AWS region to {action} {uri}: set AWS_REGION")
     code, status = _code(exc), _status(exc)
     if code == "NoSuchBucket":
         bucket = split_uri(uri)[0]
@@ -274,7 +307,7 @@ class S3Storage(Storage):
     def read_bytes(self, key: str) -> bytes:
         data = self._call(key, "read", lambda: client().get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
                           .read())
-        _counts["bytes_down"] += len(data)
+        _count_bytes("bytes_down", len(data))
         return data
 
     def read_range(self, key: str, start: int, length: int) -> bytes:
@@ -293,7 +326,7 @@ class S3Storage(Storage):
                 raise
 
         data = self._call(key, "read", get)
-        _counts["bytes_down"] += len(data)
+        _count_bytes("bytes_down", len(data))
         return data
 
     def stat(self, key: str) -> Stat | None:
@@ -377,9 +410,9 @@ class S3Storage(Storage):
         try:
             head = self._call(key, "read", lambda: client().head_object(Bucket=self.bucket, Key=self._key(key)))
             self._call(key, "read", lambda: client().download_file(self.bucket, self._key(key), str(tmp)))
-            _counts["bytes_down"] += tmp.stat().st_size
-            _set_token(tmp, head["ETag"])
+            _count_bytes("bytes_down", tmp.stat().st_size)
             os.replace(tmp, path)
+            _set_token(path, head["ETag"])
         except FileNotFoundError:
             tmp.unlink(missing_ok=True)
             if path.is_file():
@@ -403,8 +436,8 @@ class S3Storage(Storage):
             if before_commit is not None:
                 before_commit(tmp)
             stat = self._upload(key, tmp)
-            _set_token(tmp, stat.token)
             os.replace(tmp, path)  # the writer's own later reads come from here
+            _set_token(path, stat.token)
         except OSError as exc:
             from embedctl.pipeline.fsutil import storage_error
 
@@ -421,14 +454,14 @@ class S3Storage(Storage):
                 body = fh.read()
             reply = self._call(key, "write", lambda: client().put_object(Bucket=self.bucket, Key=self._key(key),
                                                                          Body=body, **conditions))
-            _counts["bytes_up"] += size
+            _count_bytes("bytes_up", size)
             return Stat(size, time.time(), reply["ETag"])
         from boto3.s3.transfer import TransferConfig
 
         config = TransferConfig(multipart_threshold=MULTIPART_BYTES, multipart_chunksize=16 << 20, max_concurrency=8)
         # s3transfer aborts the multipart upload when a part fails; `cache prune` collects any left by a killed process
         self._call(key, "write", lambda: client().upload_file(str(local), self.bucket, self._key(key), Config=config))
-        _counts["bytes_up"] += size
+        _count_bytes("bytes_up", size)
         return self.stat(key) or Stat(size, time.time(), "")
 
     def put(self, key: str, data: bytes | Path) -> Stat:
@@ -436,7 +469,7 @@ class S3Storage(Storage):
             return self.write(key, lambda tmp: shutil.copyfile(data, tmp))
         reply = self._call(key, "write", lambda: client().put_object(Bucket=self.bucket, Key=self._key(key),
                                                                      Body=data))
-        _counts["bytes_up"] += len(data)
+        _count_bytes("bytes_up", len(data))
         cached = self.cache_path(key)
         if cached.exists():  # a replaced object: the old copy is stale
             cached.unlink(missing_ok=True)
@@ -483,7 +516,7 @@ class S3Storage(Storage):
 
         done = self._call(key, "write", put)
         if done:
-            _counts["bytes_up"] += len(data)
+            _count_bytes("bytes_up", len(data))
         return done
 
     def create_if_absent(self, key: str, data: bytes) -> bool:
@@ -543,12 +576,14 @@ class S3Storage(Storage):
         created: list[str] = []
         for name in names:
             target = join(dst, name)
-            if not self.create_if_absent(target, self.read_bytes(join(src, name))):
-                for key in created:
+            data = self.read_bytes(join(src, name))
+            if self.create_if_absent(target, data):
+                created.append(target)
+            elif name != commit or not self._holds(target, data):  # the commit: ours when it holds our manifest
+                for key in created:  # (an object equal to ours may be another publisher's: never removed)
                     self._call(key, "delete", lambda k=key: client().delete_object(Bucket=self.bucket,
                                                                                    Key=self._key(k)))
                 return False
-            created.append(target)
         self.delete(src)
         return True
 
@@ -565,6 +600,14 @@ class S3Storage(Storage):
                 Bucket=self.bucket, Key=u["Key"], UploadId=u["UploadId"]))
             aborted += 1
         return aborted
+
+    def _holds(self, key: str, data: bytes) -> bool:
+        """Whether `key` holds `data`: a conditional create refused because its own earlier attempt, whose answer was
+        lost, created the object (botocore retried it)."""
+        try:
+            return self.read_bytes(key) == data
+        except FileNotFoundError:
+            return False
 
     def staging(self, prefix: str, name_prefix: str) -> str:
         return join(prefix, f"{name_prefix}{uuid.uuid4().hex[:12]}")
@@ -610,8 +653,8 @@ def evict(keep: Path | None = None) -> list[Path]:
     for _, size, path in sorted(files, key=lambda f: f[0]):
         if total <= limit:
             break
-        if path == keep or path.name.endswith((".part", ".tmp")):
-            continue
+        if path == keep or path.name.startswith(".") or path.name.endswith(".etag") or _cached_token(path) is None:
+            continue  # only copies of objects: never a lock or verdicts file, a sidecar or a file being filled
         with contextlib.suppress(OSError):
             path.unlink()
             total -= size

@@ -165,6 +165,8 @@ def publish(out: Path | str, build_dir: Path | Folder, after: str | None = "") -
             break
     while True:  # without `after`, the newest publish wins, as it did when the pointer was replaced without a compare
         pointer = read_current(storage)
+        if pointer is not None and posixpath.normpath(pointer.value) == target:
+            return _ref(Folder(storage, target))  # our swap landed though its answer was lost (a retried request)
         if after != "":
             try:
                 _still_current(storage, after, pointer)

@@ -6,8 +6,9 @@ version (its files checked, its indexes memory-mapped) and later ones use it; re
 the reader they hold, whose files stay readable while it is open (memory maps and open files survive a removal
 by retention). A new version that cannot be opened is logged and the previous one stays served.
 
-An index on an object store (`s3://...`) is not asked on every request: its `current` pointer is read at most every
-`POLL_SECONDS` (one GET; a new ETag means a new version), and the version's files come from the local cache.
+An index on an object store (`s3://...`) is not asked on every request: a background poll reads its `current` pointer
+at most every `POLL_SECONDS` (a GET of the pointer and a HEAD of the manifest it names) and opens a new version when
+the pointer names another; the version's files come from the local cache.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class ServedIndex:
     reloads: int = 0
     failed: str | None = None  # the version that could not be opened (not retried until current moves again)
     polled: float = 0.0  # when the pointer of a remote index was last read (monotonic seconds)
+    poll: asyncio.Task | None = None  # the background poll of a remote index's pointer
 
     def open(self) -> IndexReader:
         reader = IndexReader(self.out, verify=self.verify)
@@ -52,16 +54,26 @@ class ServedIndex:
         return reader
 
     async def current(self) -> IndexReader:
-        """The reader of the version `current` points to (opening it on first use after a swap)."""
+        """The reader of the version `current` points to (opening it on first use after a swap). An index on an
+        object store is not asked on the request's path: a background poll (one at a time, every `POLL_SECONDS`,
+        failing at once when the store does not answer) swaps the reader, and requests use the open one."""
         if self.reader is not None and is_uri(str(self.out)):
-            if time.monotonic() - self.polled < POLL_SECONDS:
-                return self.reader
-            self.polled = time.monotonic()
+            if time.monotonic() - self.polled >= POLL_SECONDS and (self.poll is None or self.poll.done()):
+                self.polled = time.monotonic()
+                self.poll = asyncio.create_task(self._follow())
+            return self.reader
+        return await self._follow()
+
+    async def _follow(self) -> IndexReader:
+        """Open the version `current` points to when it is not the one open (see `current`)."""
         try:
-            now = await asyncio.to_thread(resolve_index_dir, self.out) if is_uri(str(self.out)) \
+            now = await asyncio.to_thread(_resolve_at_once, self.out) if is_uri(str(self.out)) \
                 else resolve_index_dir(self.out)
-        except EmbedctlError:
-            now = None  # current is being swapped or was removed: keep serving what is open
+        except EmbedctlError as exc:
+            if self.reader is None:
+                raise
+            LOG.debug("index %s: %s; still serving %s", self.name, exc, self.reader.dir.name)
+            now = None  # current is being swapped or was removed, or the store does not answer: keep serving
         if self.reader is not None and (now is None or now == self.reader.dir or str(now) == self.failed):
             return self.reader
         async with self.lock:
@@ -81,6 +93,15 @@ class ServedIndex:
                         self.reloads += 1
                     self.reader, self.failed = reader, None
         return self.reader
+
+
+def _resolve_at_once(out: str):
+    """`resolve_index_dir` of a remote index without waiting out a store that does not answer (a server polls again
+    in `POLL_SECONDS`)."""
+    from embedctl.pipeline import s3
+
+    with s3.at_once():
+        return resolve_index_dir(out)
 
 
 class ServedIndexes:
