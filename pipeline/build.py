@@ -55,7 +55,11 @@ def plan_build(plan: WorkPlan, forced: frozenset[str] = frozenset(), rebuild: bo
     damage = plan.store.damaged()
     if damage:
         raise DamagedChunks(damage, f"`embedctl verify {plan.out} --repair`")
-    now = versions.current_version(plan.out)
+    while True:  # the base and the version the publish expects to find current, from one state of the pointer
+        after = versions.current_name(plan.out)
+        now = versions.current_version(plan.out)
+        if now is None or now.name == after:
+            break
     base = None if rebuild else now
     try:
         base_info = read_info(base) if base is not None else None
@@ -71,7 +75,7 @@ def plan_build(plan: WorkPlan, forced: frozenset[str] = frozenset(), rebuild: bo
             if ref is not None and ref.id not in forced:
                 LOG.warning("%s is damaged (%s): rewriting segment %s from the stored vectors", path, problem, ref.id)
                 forced = forced | {ref.id}
-    build = compose(plan, base, base_info, policy_of(plan), forced, current=versions.current_name(plan.out))
+    build = compose(plan, base, base_info, policy_of(plan), forced, current=after)
     if not build.new and not build.kept:
         raise CorpusError(f"nothing to index: all {plan.corpus.rows} texts of the corpus are null or empty")
     return build

@@ -28,8 +28,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from embedctl.pipeline.errors import ConfigError, CorpusError
-from embedctl.pipeline.s3 import is_remote
 from embedctl.pipeline.s3files import ObjectFile, ObjectInfo, discover_objects, head
+from embedctl.pipeline.storage import is_uri
 
 LOG = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class CorpusFile:
 
     def changes(self) -> str | None:
         """How the file differs from when it was planned (None: it is the same file)."""
-        if is_remote(self.path):
+        if is_uri(self.path):
             return self._object_changes()
         try:
             stat = os.stat(self.path)
@@ -134,7 +134,7 @@ class ChunkRows:
 def discover_files(source: str) -> list[Path] | list[str]:
     """The Parquet files named by `source`: a file, a directory (searched recursively) or a glob, sorted; the
     URIs of the objects named by an `s3://` URI (`pipeline.s3files.discover_objects`)."""
-    if is_remote(source):
+    if is_uri(source):
         return [found.uri for found in discover_objects(source)]
     path = Path(source).expanduser()
     if path.is_file():
@@ -154,7 +154,7 @@ def discover_files(source: str) -> list[Path] | list[str]:
 
 def _found(source: str) -> list[ObjectInfo]:
     """The corpus files as they are now: path or URI, size, mtime and ETag ("" for a local file)."""
-    if is_remote(source):
+    if is_uri(source):
         return discover_objects(source)
     found = []
     for path in discover_files(source):
@@ -165,12 +165,12 @@ def _found(source: str) -> list[ObjectInfo]:
 
 def _binary(path: str, size: int) -> BinaryIO:
     """The bytes of a corpus file: the local file, or the object read by ranged GETs."""
-    return ObjectFile(path, size) if is_remote(path) else open(path, "rb")
+    return ObjectFile(path, size) if is_uri(path) else open(path, "rb")
 
 
 def _open(path: str, size: int = -1, raw: BinaryIO | None = None) -> pq.ParquetFile:
     """A Parquet reader of a corpus file (`size`: an object's, from the plan; `raw`: its bytes, already open)."""
-    if is_remote(path):  # pyarrow reads the footer and the row groups it needs through ranged GETs
+    if is_uri(path):  # pyarrow reads the footer and the row groups it needs through ranged GETs
         path_or_file = pa.PythonFile(raw if raw is not None else ObjectFile(path, size), mode="r")
     else:
         path_or_file = path

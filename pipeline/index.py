@@ -137,9 +137,17 @@ class SegmentReader:
         self._indexes: dict[int, faiss.Index] = {}
 
     def _checked(self, name: str) -> Path:
-        path = self.storage.local_path(join(self.ref.prefix, name))  # faiss and pyarrow open (and map) files
+        key = join(self.ref.prefix, name)
+        path = self.storage.local_path(key)  # faiss and pyarrow open (and map) files
         if self.verify:
-            verify_checksum(path, self.ref.files.get(name), self._remedy)
+            try:
+                verify_checksum(path, self.ref.files.get(name), self._remedy)
+            except DamagedFile:
+                if isinstance(self.storage, LocalStorage):
+                    raise
+                path.unlink(missing_ok=True)  # a damaged cached copy: fetched again, the store's copy decides
+                path = self.storage.local_path(key)
+                verify_checksum(path, self.ref.files.get(name), self._remedy)
         return path
 
     def index(self, dim: int) -> faiss.Index:

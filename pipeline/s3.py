@@ -35,7 +35,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from embedctl.pipeline.errors import StorageError
-from embedctl.pipeline.storage import Entry, Pointer, Stat, Storage, Writer, is_immutable, join
+from embedctl.pipeline.storage import Entry, Pointer, Stat, Storage, Writer, is_immutable, is_uri, join
 
 SCHEME = "s3://"
 RETRY_SECONDS = 120.0
@@ -51,14 +51,9 @@ _OPS = {"GetObject": "GET", "HeadObject": "HEAD", "PutObject": "PUT", "UploadPar
         "ListMultipartUploads": "LIST"}
 
 
-def is_remote(location: object) -> bool:
-    """Whether `location` (a path, a string) names an object store."""
-    return isinstance(location, str) and location.startswith(SCHEME)
-
-
 def split_uri(uri: str) -> tuple[str, str]:
     """(bucket, key prefix) of `s3://bucket/prefix`."""
-    if not is_remote(uri):
+    if not is_uri(uri):
         raise StorageError(f"{uri!r} is not an s3:// URI")
     bucket, _, prefix = uri[len(SCHEME):].partition("/")
     if not bucket:

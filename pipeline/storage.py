@@ -103,10 +103,10 @@ class Storage(ABC):
     @property
     @abstractmethod
     def root(self) -> str:
-        """Where the output folder is, as a user writes it (a folder, later a URL): for messages."""
+        """Where the output folder is, as a user writes it (a folder, or an s3:// URI): for messages."""
 
     def describe(self, key: str = "") -> str:
-        """A key as a user would find it (a path, later a URL): for messages."""
+        """A key as a user would find it (a path, or an s3:// URI): for messages."""
         return str(self.local_path(key)) if key else self.root
 
     def sub(self, prefix: str) -> Storage:

@@ -289,11 +289,13 @@ def live_ids(version_dir: Path):
 def segments_of_kept_versions(out: Path) -> set[str] | None:
     """The segment ids the versions in `out` use (None when one of them cannot be read: keep everything)."""
     from embedctl.pipeline.errors import StorageError
-    from embedctl.pipeline.manifest import read_info
+    from embedctl.pipeline.manifest import INFO, read_info
 
     storage = storage_of(out)
     found: set[str] = set()
     for name in version_names(storage):
+        if not isinstance(storage, LocalStorage) and not storage.exists(join(VERSIONS, name, INFO)):
+            continue  # on a store: a copy its publisher never committed (it died, or lost the number), not a version
         try:
             found.update(s.id for s in read_info(Folder(storage, join(VERSIONS, name))).segments)
         except StorageError:
