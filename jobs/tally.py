@@ -8,7 +8,6 @@ up to date, failed, skipped), the same whichever mode ran it.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from embedctl.jobs import state
 from embedctl.jobs.report import RunReport
@@ -17,6 +16,7 @@ from embedctl.pipeline.compose import BuildPlan
 from embedctl.pipeline.errors import StorageError
 from embedctl.pipeline.manifest import VersionInfo
 from embedctl.pipeline.plan import WorkPlan
+from embedctl.pipeline.storage import Folder, child, join, storage_of
 
 
 def run_report(plan: WorkPlan, record: state.RunRecord, status: str, **values) -> RunReport:
@@ -43,7 +43,7 @@ def published_report(plan: WorkPlan, record: state.RunRecord, version: str, info
                      build: BuildPlan | None) -> RunReport:
     """The report of a run that published `version` (`info`: its manifest; `build`: the build plan it published,
     None when the run finishes a publish that a dead worker swapped in)."""
-    return run_report(plan, record, "published", version=version, path=str(Path(plan.out) / versions.VERSIONS / version),
+    return run_report(plan, record, "published", version=version, path=str(child(plan.out, versions.VERSIONS, version)),
                       rows_indexed=info.rows, rows_deleted=rows_deleted(plan, version), segments=len(info.segments),
                       segments_built=len(build.new) if build else 0,
                       rows_rewritten=build.rows_rewritten if build else 0)
@@ -55,7 +55,7 @@ def up_to_date_report(plan: WorkPlan, record: state.RunRecord, version: str, row
                      started=record.started, job=record.job, job_id=plan.plan_id, finished=state.now(),
                      seconds=round(time.time() - record.started_ts, 3), model=plan.model, dims=list(plan.dims),
                      index_type=plan.index_type, version=version,
-                     path=str(Path(plan.out) / versions.VERSIONS / version), rows_total=plan.corpus.rows,
+                     path=str(child(plan.out, versions.VERSIONS, version)), rows_total=plan.corpus.rows,
                      rows_indexed=rows, chunks_total=len(plan.corpus.chunks),
                      chunks_done_before=len(plan.corpus.chunks),
                      reason=f"{version} already indexes this corpus with these settings")
@@ -78,7 +78,7 @@ def rows_deleted(plan: WorkPlan, version: str) -> int:
         before = versions.live_ids(older[-1])
     except (OSError, ValueError, StorageError):
         return 0  # the previous version is damaged: nothing to compare with
-    after = versions.live_ids(Path(plan.out) / versions.VERSIONS / version)
+    after = versions.live_ids(Folder(storage_of(plan.out), join(versions.VERSIONS, version)))  # a path or on S3
     if not len(before) or before.type != after.type:
         return len(before)
     kept = pc.sum(pc.is_in(before, value_set=after)).as_py() or 0

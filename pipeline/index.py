@@ -131,9 +131,10 @@ class SegmentReader:
         self._indexes: dict[int, faiss.Index] = {}
 
     def _checked(self, name: str) -> Path:
-        path = self.storage.local_path(join(self.ref.prefix, name))  # faiss and pyarrow open (and map) files
+        key = join(self.ref.prefix, name)
+        path = self.storage.local_path(key)  # faiss and pyarrow open (and map) files
         if self.verify:
-            verify_checksum(path, self.ref.files.get(name), self._remedy)
+            verify_checksum(path, self.ref.files.get(name), self._remedy, self.storage.describe(key))
         return path
 
     def index(self, dim: int) -> faiss.Index:
