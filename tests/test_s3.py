@@ -159,52 +159,66 @@ def _build_started(bucket, out_key: str, marker: str) -> bool:
     return False
 
 
+def _building(bucket, out_key: str, procs: dict[str, subprocess.Popen]) -> list[str]:
+    """The hosts (by name) that planned their build, or ended."""
+    return [n for n, p in procs.items() if _build_started(bucket, out_key, f"corpus-{n}") or p.poll() is not None]
+
+
 @pytest.mark.slow
 def test_two_hosts_publish_to_one_folder_at_once(server, bucket, tiny_qwen3, tmp_path):
     """Two runs of two corpora (each changes another row) on one s3:// folder, as two hosts (own folder, own cache),
-    started together. Host a is held (SIGSTOP, a slow host) once it planned its build, until host b published: a's
-    commit then fails in one line and publishes nothing; run again, it publishes on top of b, keeping its vectors."""
-    out_key = f"race-{uuid.uuid4().hex[:8]}"
-    out = f"s3://{BUCKET}/{out_key}"
-    hosts = {}
-    for name, row in (("a", 0), ("b", 1)):
-        cwd = tmp_path / f"host-{name}"
-        _corpus(cwd / f"corpus-{name}.parquet", changed={row: f"a text that only host {name} has"})
-        hosts[name] = (cwd, _env(server, tmp_path / f"home-{name}"),
-                       ["index", f"corpus-{name}.parquet", "--out", out, "--model", str(tiny_qwen3), "--dims", "32",
-                        "--quiet", "--cache-dir", str(tmp_path / f"cache-{name}")])
-    procs = {name: subprocess.Popen([EMBEDCTL, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True) for name, (cwd, env, args) in hosts.items()}
-    try:
-        wait_until(lambda: _build_started(bucket, out_key, "corpus-a") or procs["a"].poll() is not None, 180,
-                   "host a to plan its build", interval=0.02)
-        os.kill(procs["a"].pid, signal.SIGSTOP)
-        assert procs["a"].poll() is None, "host a published before it could be held"
-        b_out, b_err = procs["b"].communicate(timeout=180)
-        assert procs["b"].returncode == 0, b_err
-        assert b_out.strip() == f"published v000001 in {out}: 400 rows indexed, dims 64, 32; embedded 400 rows in 1 " \
-                                "chunks (0 were complete)", b_out
-        assert _current(bucket, out_key) == "v000001"
-    finally:
-        os.kill(procs["a"].pid, signal.SIGCONT)
-    a_out, a_err = procs["a"].communicate(timeout=180)
-    line = _one_line_error(subprocess.CompletedProcess([], procs["a"].returncode, a_out, a_err))
+    started together. The host that plans its build first is held there (SIGSTOP: a slow host) until the other
+    published: its commit then fails in one line and publishes nothing; run again, it publishes on top of the other's
+    version, keeping its vectors. (When the other published before the first planned its build, there was no race
+    to lose: tried again in a new folder.)"""
+    for attempt in range(3):
+        out_key = f"race-{uuid.uuid4().hex[:8]}"
+        out = f"s3://{BUCKET}/{out_key}"
+        hosts = {}
+        for name, row in (("a", 0), ("b", 1)):
+            cwd = tmp_path / f"{attempt}-host-{name}"
+            _corpus(cwd / f"corpus-{name}.parquet", changed={row: f"a text that only host {name} has"})
+            hosts[name] = (cwd, _env(server, tmp_path / f"{attempt}-home-{name}"),
+                           ["index", f"corpus-{name}.parquet", "--out", out, "--model", str(tiny_qwen3), "--dims",
+                            "32", "--quiet", "--cache-dir", str(tmp_path / f"{attempt}-cache-{name}")])
+        procs = {name: subprocess.Popen([EMBEDCTL, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True) for name, (cwd, env, args) in hosts.items()}
+        held = []
+        wait_until(lambda: held.extend(_building(bucket, out_key, procs)) or held, 180,  # noqa: B023 - called here
+                   "a host to plan its build", interval=0.02)
+        loser, winner = held[0], "b" if held[0] == "a" else "a"
+        os.kill(procs[loser].pid, signal.SIGSTOP)
+        try:
+            raced = procs[loser].poll() is None and not _keys(bucket, f"{out_key}/current")
+            w_out, w_err = procs[winner].communicate(timeout=180)
+            assert procs[winner].returncode == 0, w_err
+        finally:
+            os.kill(procs[loser].pid, signal.SIGCONT)
+        l_out, l_err = procs[loser].communicate(timeout=180)
+        if raced:
+            break
+    else:
+        pytest.fail("the hosts never raced: one published before the other planned its build, three times")
+    assert w_out.strip() == f"published v000001 in {out}: 400 rows indexed, dims 64, 32; embedded 400 rows in 1 " \
+                            "chunks (0 were complete)", w_out
+    line = _one_line_error(subprocess.CompletedProcess([], procs[loser].returncode, l_out, l_err))
     assert f"another run published v000001 to {out} while this run built on none" in line
-    assert "run the command again" in line and a_out == ""
-    assert _current(bucket, out_key) == "v000001"  # a's commit never moved it
+    assert "run the command again" in line and l_out == ""
+    assert _current(bucket, out_key) == "v000001"  # the loser's commit never moved it
     assert [k for k in _keys(bucket, f"{out_key}/versions/") if not k.startswith(f"{out_key}/versions/v000001/")
-            and "/.build-" not in k] == []  # a's copy under a version number was removed
+            and "/.build-" not in k] == []  # the loser's copy under a version number was removed
 
-    cwd, env, args = hosts["a"]
+    cwd, env, args = hosts[loser]
     again = _run(env, cwd, *args)
     assert again.returncode == 0, again.stderr
     assert again.stdout.strip() == f"published v000002 in {out}: 400 rows indexed, dims 64, 32; embedded 0 rows in " \
                                    "0 chunks (1 were complete)", again.stdout  # its vectors were kept
     assert _current(bucket, out_key) == "v000002"
-    for text, held in (("a text that only host a has", True), ("a text that only host b has", False)):
+    for name in hosts:
+        text = f"a text that only host {name} has"
         found = _run(env, cwd, "query", out, text, "-k", "1", "--query-instruction", "")  # as the rows were embedded
-        assert found.returncode == 0 and ("1.0000  n" in found.stdout and text in found.stdout) == held, found
-    assert sorted(_live_ids(env, out)) == sorted(pq.read_table(cwd / "corpus-a.parquet").column("id").to_pylist())
+        assert found.returncode == 0 and ("1.0000  n" in found.stdout and text in found.stdout) == (name == loser), found
+    assert sorted(_live_ids(env, out)) == sorted(pq.read_table(cwd / f"corpus-{loser}.parquet").column("id").to_pylist())
 
 
 # -- a reader during a swap ----------------------------------------------------------------------------------------
