@@ -29,7 +29,7 @@ from embedctl.jobs.spec import JobSpec
 from embedctl.pipeline import versions
 from embedctl.pipeline.errors import EmbedctlError, StorageError
 from embedctl.pipeline.plan import WORK, WorkPlan, load_plan, plan_job
-from embedctl.pipeline.storage import location, storage_of
+from embedctl.pipeline.storage import child, location, storage_of
 
 if TYPE_CHECKING:
     from embedctl.jobs.broker import Settings
@@ -165,14 +165,15 @@ def _close_taken_over(plan: WorkPlan, run_id: str | None) -> None:
     history.record(plan.out, report.to_history())
 
 
-def _live_celery_run(work_dir: Path, idle: float) -> state.RunRecord | None:
-    """The Celery run working in `work_dir` when it has not ended and some task of it beat within `idle` s."""
+def _live_celery_run(work_dir: Path | str, idle: float, embedded: bool = False) -> state.RunRecord | None:
+    """The Celery run (or with `embedded`, any run) working in `work_dir` when it has not ended and some task of it
+    beat within `idle` s."""
     try:
         plan = load_plan(work_dir)
         record = state.read_run(plan)
     except StorageError:
         return None
-    if record is None or record.mode == "embedded":
+    if record is None or (record.mode == "embedded" and not embedded):
         return None  # an embedded run holds the folder's file lock while it lives: not ours to judge here
     report = read_report(work_dir)
     if report is not None and report.run_id == record.run_id:
@@ -247,14 +248,17 @@ def still_ours(run: Run) -> None:
         raise Superseded(f"run {run.run_id} lost {run.plan.out} to a newer run; it does not publish")
 
 
-def live_celery_runs(out: str | Path, idle: float) -> dict[str, state.RunRecord]:
-    """Work folder name -> the live Celery run working there (see `_live_celery_run`), over the folders of `out`."""
+def live_celery_runs(out: str | Path, idle: float, embedded: bool = False) -> dict[str, state.RunRecord]:
+    """Work folder name -> the live Celery run working there (see `_live_celery_run`), over the folders of `out`.
+    `embedded`: embedded runs too (on an object store, those of other hosts: their file locks are not shared, their
+    heartbeats are)."""
+    out = location(out)
     storage = storage_of(out)
     found = {}
     for entry in storage.list(WORK):
         if not entry.folder:
             continue  # not a work folder
-        record = _live_celery_run(storage.local_path(entry.key), idle)
+        record = _live_celery_run(child(out, WORK, entry.name), idle, embedded)  # on S3 a URI, not its cache folder
         if record is not None:
             found[entry.name] = record
     return found

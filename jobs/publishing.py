@@ -16,6 +16,7 @@ from embedctl.pipeline.compose import BuildPlan
 from embedctl.pipeline.manifest import VersionInfo, read_info
 from embedctl.pipeline.progress import ProgressFactory, no_progress
 from embedctl.pipeline.retention import apply_retention
+from embedctl.pipeline.storage import is_uri
 
 
 def publish(run: Run, progress: ProgressFactory = no_progress, forced: frozenset[str] = frozenset(),
@@ -47,7 +48,8 @@ def published(run: Run, version: str, info: VersionInfo, build: BuildPlan | None
     """After the swap: the report, retention (versions, the work of superseded plans, the segments no kept version
     uses; never the work of a live run of the other mode), and the end of the run."""
     report = tally.published_report(run.plan, run.record, version, info, build)
-    live = lifecycle.live_celery_runs(run.plan.out, run.lease_seconds)
+    # on an object store, embedded runs of other hosts too: they hold no lock this host can see, but they beat
+    live = lifecycle.live_celery_runs(run.plan.out, run.lease_seconds, embedded=is_uri(run.plan.out))
     removed = apply_retention(run.plan, run.record.keep, live_work=set(live))
     if run.record.keep:
         report.versions_removed = removed

@@ -6,10 +6,14 @@ Chunks are embedded with the model loaded here (only when some text is not in th
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from embedctl.jobs import lifecycle, publishing, state
+from embedctl.jobs import lifecycle, locks, publishing, state
 from embedctl.jobs.interrupts import InterruptedAfterPublish
 from embedctl.jobs.report import RunReport, read_report
 from embedctl.jobs.spec import JobSpec
@@ -20,7 +24,7 @@ from embedctl.pipeline.corpus import iter_chunks
 from embedctl.pipeline.errors import CorpusError, EmbedctlError, StorageError
 from embedctl.pipeline.plan import WORK, load_plan
 from embedctl.pipeline.progress import ProgressFactory, no_progress, stage
-from embedctl.pipeline.storage import child, location
+from embedctl.pipeline.storage import child, is_uri, location
 from embedctl.pipeline.vectors import DamagedChunks
 from embedctl.pipeline.work import EncoderOnDemand
 
@@ -79,14 +83,15 @@ def _complete(run: lifecycle.Run, progress: ProgressFactory, encoder, overlap: b
     """Embed the run's missing chunks, build and publish; ends the run however it goes. `forced` / `rebuild`:
     segments of the current version to rewrite, or none to keep (a repair)."""
     try:
-        _embed_missing(run, progress, encoder, overlap)
-        try:
-            return publishing.publish(run, progress, forced, rebuild)
-        except DamagedChunks as damaged:  # the stored vectors are the source of truth: embed those chunks again
-            LOG.warning("%s: embedding them again", damaged)
-            lifecycle.discard_chunks(run, damaged.chunks)
+        with _beating(run):
             _embed_missing(run, progress, encoder, overlap)
-            return publishing.publish(run, progress, forced, rebuild)
+            try:
+                return publishing.publish(run, progress, forced, rebuild)
+            except DamagedChunks as damaged:  # the stored vectors are the source of truth: embed those chunks again
+                LOG.warning("%s: embedding them again", damaged)
+                lifecycle.discard_chunks(run, damaged.chunks)
+                _embed_missing(run, progress, encoder, overlap)
+                return publishing.publish(run, progress, forced, rebuild)
     except EmbedctlError as exc:
         lifecycle.fail(run, str(exc))
         raise
@@ -97,6 +102,24 @@ def _complete(run: lifecycle.Run, progress: ProgressFactory, encoder, overlap: b
         raise
     finally:
         run.lease.release()
+
+
+@contextmanager
+def _beating(run: lifecycle.Run) -> Iterator[None]:
+    """On an object store, a heartbeat of the run in its work folder (`running/run.json`) while it works: runs of
+    other hosts cannot see this host's file lock, and a publish removes the work folders of runs that are not live
+    (`lifecycle.live_celery_runs`)."""
+    if not is_uri(run.plan.out):
+        yield
+        return
+    beat = functools.partial(state.heartbeat, run.plan, "run", run.run_id)
+    beat()
+    try:
+        with locks.keep_alive(beat, run.lease_seconds / 3, f"heartbeat of run {run.run_id}"):
+            yield
+    finally:
+        with contextlib.suppress(EmbedctlError, OSError):
+            state.end_heartbeat(run.plan, "run")
 
 
 def _embed_missing(run: lifecycle.Run, progress: ProgressFactory, encoder: EncoderOnDemand, overlap: bool) -> None:

@@ -16,7 +16,7 @@ from embedctl.pipeline.errors import StorageError
 from embedctl.pipeline.manifest import read_info, version_files
 from embedctl.pipeline.plan import WORK, WorkPlan, load_plan
 from embedctl.pipeline.segments import ROWS_FILE
-from embedctl.pipeline.storage import child, is_uri, location, storage_of
+from embedctl.pipeline.storage import Storage, child, is_uri, location, storage_of
 
 
 @dataclass
@@ -80,14 +80,14 @@ def check(out: Path) -> Check:
         try:
             info = read_info(current)
         except checksum.DamagedFile as exc:
-            result.damaged.append(Damage(str(exc.path), exc.problem, "info"))
+            result.damaged.append(Damage(exc.shown, exc.problem, "info"))
         else:
             plan_id = info.plan_id
             result.files += 1
             verdicts = checksum.Verdicts(storage)  # what a run's up-to-date check trusts: damage found here drops it
             for ref, path, expected in version_files(current, info):
                 kind = "deletions" if ref is None else "rows" if path.name == ROWS_FILE else "index"
-                _check_file(result, verdicts, path, expected, kind, ref.id if ref else None)
+                _check_file(result, verdicts, path, expected, kind, ref.id if ref else None, storage)
             verdicts.save()
             if not any(ref.files.get(name) for ref in info.segments for name in ref.files):
                 result.notes.append(f"{current.name} was built before checksums were recorded: its files are "
@@ -102,11 +102,12 @@ def check(out: Path) -> Check:
             result.chunks += 1
             result.bytes += _size(store.vectors_path(number)) + _size(store.rows_path(number))
             for path, problem in store.verify(number):
-                result.damaged.append(Damage(str(path), problem, "chunk", number))
+                result.damaged.append(Damage(_shown(storage, path), problem, "chunk", number))
         missing = [c.number for c in plan.corpus.chunks if c.number not in store.complete()]
         if missing and plan_id == plan.plan_id:  # the current version was built from them: they are lost
             for number in missing:
-                result.damaged.append(Damage(str(store.vectors_path(number)), "missing", "chunk", number))
+                result.damaged.append(Damage(_shown(storage, store.vectors_path(number)), "missing", "chunk",
+                                             number))
         elif missing:
             result.notes.append(f"{len(missing)} chunks of job {plan.plan_id} are not stored yet")
     result.seconds = round(time.perf_counter() - t0, 3)
@@ -114,12 +115,21 @@ def check(out: Path) -> Check:
 
 
 def _check_file(result: Check, verdicts: checksum.Verdicts, path: Path, expected: dict, kind: str,
-                segment: str | None = None) -> None:
+                segment: str | None, storage: Storage) -> None:
     result.files += 1
     result.bytes += _size(path)
     problem = verdicts.check(path, expected)
     if problem is not None:
-        result.damaged.append(Damage(str(path), problem, kind, segment=segment))
+        result.damaged.append(Damage(_shown(storage, path), problem, kind, segment=segment))
+
+
+def _shown(storage: Storage, path: Path) -> str:
+    """The name a user knows a file by: its object's URI when `path` is the cached copy of an object."""
+    try:
+        key = Path(path).relative_to(storage.local_path(""))
+    except ValueError:
+        return str(path)
+    return storage.describe(key.as_posix())
 
 
 def _plan_of(out: Path, plan_id: str | None) -> WorkPlan | None:

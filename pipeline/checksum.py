@@ -28,10 +28,11 @@ BLOCK = 8 << 20
 class DamagedFile(StorageError):
     """A file does not match its recorded checksum (or is missing, or cannot be read)."""
 
-    def __init__(self, path: Path, problem: str, remedy: str):
+    def __init__(self, path: Path, problem: str, remedy: str, shown: str | None = None):
         self.path = Path(path)
         self.problem = problem
-        super().__init__(f"{path} is damaged ({problem}); {remedy}")
+        self.shown = shown or str(path)
+        super().__init__(f"{self.shown} is damaged ({problem}); {remedy}")
 
 
 def _hasher():
@@ -88,11 +89,12 @@ def problem(path: Path, expected: dict | None) -> str | None:
     return None
 
 
-def verify(path: Path, expected: dict | None, remedy: str) -> None:
-    """Raise DamagedFile (one line: the path, what is wrong, `remedy`) unless `path` matches `expected`."""
+def verify(path: Path, expected: dict | None, remedy: str, shown: str | None = None) -> None:
+    """Raise DamagedFile (one line: the file, what is wrong, `remedy`) unless `path` matches `expected`. `shown`:
+    the name the user knows the file by (an object's URI, where `path` is its cached copy)."""
     found = problem(path, expected)
     if found is not None:
-        raise DamagedFile(path, found, remedy)
+        raise DamagedFile(path, found, remedy, shown)
 
 
 VERDICTS = ".verified.json"

@@ -141,13 +141,13 @@ class SegmentReader:
         path = self.storage.local_path(key)  # faiss and pyarrow open (and map) files
         if self.verify:
             try:
-                verify_checksum(path, self.ref.files.get(name), self._remedy)
+                verify_checksum(path, self.ref.files.get(name), self._remedy, self.storage.describe(key))
             except DamagedFile:
                 if isinstance(self.storage, LocalStorage):
                     raise
                 path.unlink(missing_ok=True)  # a damaged cached copy: fetched again, the store's copy decides
                 path = self.storage.local_path(key)
-                verify_checksum(path, self.ref.files.get(name), self._remedy)
+                verify_checksum(path, self.ref.files.get(name), self._remedy, self.storage.describe(key))
         return path
 
     def index(self, dim: int) -> faiss.Index:

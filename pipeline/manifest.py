@@ -220,12 +220,12 @@ def read_deletions(version_dir: Path | Folder, info: VersionInfo, segment: Segme
         return np.zeros(0, dtype=np.int64)
     version = version_folder(version_dir)
     key = version.child(segment.deletions)
-    path = version.storage.local_path(key)
+    path, shown = version.storage.local_path(key), version.storage.describe(key)
     if check:
-        verify(path, info.checksums.get(segment.deletions), _remedy(version))
+        verify(path, info.checksums.get(segment.deletions), _remedy(version), shown)
     deleted = read_positions(version.storage, key)
     if deleted.dtype != np.int64 or len(deleted) != segment.deleted:
-        raise DamagedFile(path, "not the deletion set the version recorded", _remedy(version))
+        raise DamagedFile(path, "not the deletion set the version recorded", _remedy(version), shown)
     return deleted
 
 

@@ -7,6 +7,8 @@ A block is tested when an HTML comment right before it names it (invisible on Gi
     <!-- readme-test: id=worker background ready=" ready." -->   a long-running command: started, awaited, stopped
     <!-- readme-test: id=tests skip="..." -->      never run, with the reason (the test command itself)
     <!-- readme-test: id=jobs-toml file=jobs.toml --> written to that file in the folder of the next blocks
+    <!-- readme-test: id=s3-index in=tests/test_s3.py -->   run by that module (it needs a service of its own),
+                                                           which checks that it ran all of its blocks
 
 A ```text block right after a bash block is its expected stdout: lines must match, except that `...` alone on a
 line stands for any number of lines, `...` inside a line for any text, and with `tolerance=X` on the command block

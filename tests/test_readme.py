@@ -23,10 +23,12 @@ TRAP = "open({marker!r}, 'a').write(__name__ + '\\n')\nraise SystemExit('decoy i
 
 
 def test_every_command_block_has_a_directive():
-    """Every command block is named for the tests (which must then run it: `test_every_block_ran`) or skipped
-    with a reason."""
+    """Every command block is named for the tests (which must then run it: `test_every_block_ran`, or the module
+    that `in=` names, which needs a service of its own) or skipped with a reason."""
     assert not UNTESTED, f"README.md lines {UNTESTED}: command blocks without a readme-test directive"
     assert all(b.options["skip"].strip() for b in BLOCKS.values() if "skip" in b.options)
+    elsewhere = [b for b in BLOCKS.values() if "in" in b.options]  # that module runs them and checks that it did
+    assert all((ROOT / b.options["in"]).is_file() for b in elsewhere), [b.options["in"] for b in elsewhere]
 
 
 def _env(home: Path, extra: dict | None = None) -> dict:
@@ -165,5 +167,6 @@ def test_every_block_ran(request):
     here = [item for item in request.session.items if item.path == request.node.path]
     if Counter(item.originalname for item in here) != _cases(globals()) or here[-1] is not request.node:
         pytest.skip("checks the blocks that the other tests of this module ran: select them all")
-    unrun = sorted(i for i, b in BLOCKS.items() if "skip" not in b.options and i not in readme.EXECUTED)
+    unrun = sorted(i for i, b in BLOCKS.items() if "skip" not in b.options and "in" not in b.options
+                   and i not in readme.EXECUTED)
     assert not unrun, f"README blocks that no test ran: {[f'{i} (README.md:{BLOCKS[i].line})' for i in unrun]}"
