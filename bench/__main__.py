@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ("throughput", "attention", "indexes", "shm_memory", "distributed", "reindex", "verify", "segments",
-              "serve")
+              "serve", "s3client", "s3")
 GPU_FILES = ("gpu.json", "gpu-stage.json", "gpu-compile.json")
 """Results of `python -m bench.gpu` (run on a CUDA host, copied here), shown in their own section."""
 
@@ -206,6 +206,13 @@ def render(results: dict, out: Path, gpu: dict | None = None) -> tuple[str, list
             summary.append(f"- serve, {m['workers']} workers of the 4B width: PSS attached / loaded {m['pss_ratio']}; "
                            f"start to first answer {m['first_answer_ratio']}, model load {m['worker_load_ratio']} "
                            "(`python -m bench.serve`)")
+    o = results.get("s3")
+    if o and "error" not in o:
+        lines += render_s3(o, results.get("s3client"))
+        summary.append(f"- S3 output: index local / S3 time {o['local_over_s3']}; 1% re-index bytes up / full "
+                       + ", ".join(f"{r['bytes_up_over_full']} ({name})" for name, r in o["reindex"].items())
+                       + f"; query S3 / local cold {o['cold_over_local']}, warm {o['warm_over_local']} "
+                       "(`python -m bench.s3`)")
     if gpu:
         gpu_lines, gpu_summary = render_gpu(gpu)
         lines += gpu_lines
@@ -285,6 +292,41 @@ def render_verify(v: dict) -> list[str]:
             f"{r['rounds']} alternated rounds): {r['load_seconds_checked']} s checked, {r['load_seconds_unchecked']} s "
             f"with --no-verify ({r['check_share_of_load']:.0%} of the load is the check); the whole `embedctl query` "
             f"command: {q['wall_seconds_checked']} s vs {q['wall_seconds_no_verify']} s (ratio **{q['ratio']}**).", ""]
+
+
+def render_s3(o: dict, client: dict | None) -> list[str]:
+    """The object storage section: `python -m bench.s3`, and the client comparison of `python -m bench.s3client`."""
+    from bench.s3 import render
+    from bench.s3client import render as render_client
+
+    lines = ["## Object storage (S3)",
+             f"Measured {o.get('measured_utc', '(date not recorded)')} UTC. The S3 server is SeaweedFS (`weed mini`) "
+             "on loopback, on the same 2 shared cores as `embedctl`: no network latency or bandwidth limit, so "
+             "these ratios show the client's own cost, not a real link's. Other work shared those cores during "
+             "the runs, so single times vary (see the rounds); the ratios are of medians of alternated runs. The "
+             "local query reads files that are in the page cache (the local side is warm).", "", render(o), ""]
+    for name, r in o["reindex"].items():
+        where, g = next(iter(r["written"]["groups"].items()))
+        big = g["largest"][0]
+        lines.append(f"- Where the 1% {name} re-index's bytes went: `{where}` {g['bytes'] / r['written']['bytes']:.1%} "
+                     f"of them ({g['objects']} objects; the largest `{big['key']}`, {big['bytes']:,} bytes), while "
+                     f"it embedded {r['rows_embedded']} rows.")
+    lines += ["- Why the chunks dominate: a changed corpus has a new plan id (`pipeline/plan.py`: it covers the corpus "
+              "fingerprint), so the re-index writes every chunk of its corpus again under `work/<new plan>/chunks/`: "
+              "the vectors come from the embedding cache, but all of them are uploaded (2 bytes a value, with their rows), "
+              "chunks whose rows did not change included (in the appended case the first chunk is unchanged). The "
+              "new segment (only the changed rows) and the version files are small. To reach the goal a re-index "
+              "would have to upload only the changed rows' vectors (or point at the earlier plan's unchanged chunks, "
+              "which helps the appended pattern but not edits spread over every chunk).", ""]
+    if client and "error" not in client:
+        lines += [f"Clients, side by side against the same server: `{client['command']}` (ms a request; MiB/s; "
+                  "`forked_child_works`: a child forked after the parent used the client can still use a new one)",
+                  "", render_client(client), "",
+                  "obstore is faster on small requests, but a child forked after its parent used it hangs on its "
+                  "first request; Celery's prefork pool and `serve`'s workers are forked, so `pipeline/s3.py` uses "
+                  "boto3. (`bench.s3client` needs `pip install obstore`, which is not among embedctl's "
+                  "dependencies.)", ""]
+    return lines
 
 
 def render_gpu(gpu: dict) -> tuple[list[str], list[str]]:

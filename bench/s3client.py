@@ -152,12 +152,17 @@ def main() -> None:
         print(json.dumps({"command": command, "results": results}, indent=2))
         return
     print(f"# {command}")
-    keys = list(results["boto3"])
-    print(f"{'':28s} {'boto3':>10s} {'obstore':>10s}")
-    for key in keys:
-        print(f"{key:28s} " + " ".join(f"{results[c][key]:>10.2f}" if isinstance(results[c][key], float)
-                                       else f"{str(results[c][key]):>10s}" for c in ("boto3", "obstore")))
+    print(render({"command": command, "results": results}))
 
+
+def render(res: dict) -> str:
+    """The two clients side by side as a Markdown table."""
+    results = res["results"]
+    lines = ["| | boto3 | obstore |", "|---|---|---|"]
+    for key in results["boto3"]:
+        lines.append(f"| {key} | " + " | ".join(f"{results[c][key]:.2f}" if isinstance(results[c][key], float)
+                                                 else str(results[c][key]) for c in ("boto3", "obstore")) + " |")
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     main()
