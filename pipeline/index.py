@@ -145,7 +145,7 @@ class SegmentReader:
             except DamagedFile:
                 if isinstance(self.storage, LocalStorage):
                     raise
-                path.unlink(missing_ok=True)  # a damaged cached copy: fetched again, the store's copy decides
+                self.storage.drop_copy(key)  # a damaged cached copy: fetched again, the store's copy decides
                 path = self.storage.local_path(key)
                 verify_checksum(path, self.ref.files.get(name), self._remedy, self.storage.describe(key))
         return path

@@ -397,6 +397,10 @@ class S3Storage(Storage):
             self._fill(key, path)
         return path
 
+    def drop_copy(self, key: str) -> None:
+        with contextlib.suppress(OSError):
+            self.cache_path(key).unlink(missing_ok=True)
+
     def _fill(self, key: str, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)

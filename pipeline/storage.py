@@ -85,6 +85,8 @@ def declare_immutable(prefix: str) -> None:
 
 
 def is_immutable(key: str) -> bool:
+    from embedctl.pipeline import segments, versions  # noqa: F401 - the owners declare their prefixes on import
+
     return key.startswith(tuple(IMMUTABLE))
 
 
@@ -116,6 +118,11 @@ class Storage(ABC):
     @abstractmethod
     def local_path(self, key: str) -> Path:
         """A local file (or folder) holding the object `key`, for libraries that open paths."""
+
+    def drop_copy(self, key: str) -> None:
+        """Forget the local copy of `key` that `local_path` made (a remote backend's cache; the next `local_path`
+        fetches the object again). Nothing for a local folder, whose files are the objects."""
+        return None
 
     @abstractmethod
     def read_bytes(self, key: str) -> bytes:

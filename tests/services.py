@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -267,3 +269,34 @@ class S3Server:
         boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=S3_KEY_ID, aws_secret_access_key=S3_SECRET,
                      region_name="us-east-1").create_bucket(Bucket=name)
         return name
+
+
+def start_s3(workdir_factory, *buckets: str) -> S3Server:
+    """A started S3Server with `buckets` made (`workdir_factory`: pytest's tmp_path_factory). Once more on new ports
+    when weed exits at start: another process may take one of its ~20 ports between their choice and its bind."""
+    try:
+        server = S3Server(workdir_factory.mktemp("s3")).start()
+    except AssertionError:
+        server = S3Server(workdir_factory.mktemp("s3")).start()
+    for bucket in buckets:
+        server.make_bucket(bucket)
+    return server
+
+
+@contextlib.contextmanager
+def s3_client_env(server: S3Server) -> Iterator[None]:
+    """This process's S3 client pointed at `server` (its AWS_* variables set, the cached client dropped) for the
+    block: what a module of in-process tests uses."""
+    import pytest
+
+    from embedctl.pipeline import s3
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in server.env().items():
+            mp.setenv(name, value)
+        mp.delenv("AWS_PROFILE", raising=False)
+        s3._client = None
+        try:
+            yield
+        finally:
+            s3._client = None

