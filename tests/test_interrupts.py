@@ -18,8 +18,8 @@ HARNESS = textwrap.dedent("""
     if point == "swap":  # just after `current` points to the new version, before retention and the run's records
         from embedctl.pipeline import versions
         real = versions.publish
-        def publish(out, build_dir):
-            target = real(out, build_dir)
+        def publish(*args, **kwargs):
+            target = real(*args, **kwargs)
             os.kill(os.getpid(), signal.SIGINT)
             return target
         versions.publish = publish
