@@ -337,9 +337,6 @@ class S3Storage(Storage):
             newest = st if newest is None or st.mtime > newest.mtime else newest
         return Stat(size, newest.mtime, newest.token) if newest else None
 
-    def exists(self, key: str) -> bool:
-        return self.stat(key) is not None
-
     def is_folder(self, key: str) -> bool:
         found = self._call(key, "list", lambda: client().list_objects_v2(
             Bucket=self.bucket, Prefix=self._key(key) + "/", MaxKeys=1))
@@ -494,9 +491,6 @@ class S3Storage(Storage):
             with contextlib.suppress(FileNotFoundError):
                 parts.append(self.read_bytes(name))
         return b"".join(p if p.endswith(b"\n") else p + b"\n" for p in parts if p)
-
-    def touch(self, key: str) -> None:
-        self.put(key, self.read_bytes(key))
 
     def _conditional_put(self, key: str, data: bytes, **condition) -> bool:
         from botocore.exceptions import ClientError
