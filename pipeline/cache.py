@@ -21,7 +21,7 @@ import numpy as np
 
 from embedctl.pipeline.errors import EmbedctlError, StorageError
 from embedctl.pipeline.storage import storage_of
-from embedctl.pipeline.vectors import ChunkStore
+from embedctl.pipeline.vectors import ChunkStore, Layout, Source
 
 if TYPE_CHECKING:
     from embedctl.pipeline.plan import WorkPlan
@@ -46,37 +46,58 @@ class CacheHits:
     vectors: np.ndarray  # (n, dim) float16, the found rows filled
     dtypes: set[str]  # compute dtypes of the found vectors (from their chunk reports)
     whole: tuple[ChunkStore, int] | None = None  # the one stored chunk all of them come from, of as many rows
+    stored: Layout | None = None  # where the found rows' vectors are stored (source -1: not found)
 
 
 class EmbeddingCache:
-    """A read-only index over the complete chunks of some chunk stores: text hash -> stored vector."""
+    """A read-only index over the complete chunks of some chunk stores: text hash -> stored vector.
+
+    A text is found through the chunk that lists it (whose checksums, its sources' included, are checked before
+    its rows are reused); its vector is read from the file that stores it, which for an overlay chunk may be an
+    earlier chunk's (`vectors.Layout`), and the hits say which file that is, so that a new chunk can point there
+    too instead of storing the vector again."""
 
     def __init__(self, stores: Sequence[ChunkStore]):
         hashes, where = [], []
-        self._files: list[Path] = []
         self._chunks: list[tuple[ChunkStore, int]] = []
-        self._checked: dict[int, bool] = {}  # file index -> sound (verified on first use)
+        self._checked: dict[int, bool] = {}  # chunk index -> sound (verified on first use)
         self._dtypes: list[list[str]] = []
         self._sizes: list[int] = []  # rows of each chunk
+        self._files: list[Source] = []  # the vectors files the chunks' rows are stored in
+        self._readers: list[ChunkStore] = []  # a store of each file's storage, to open it
+        self._file_of: dict[str, int] = {}
+        storages = {store.storage for store in stores}
+        self._storage = next(iter(storages)) if len(storages) == 1 else None
         for store in stores:
             for number in sorted(store.complete()):
                 try:
                     column = store.read_rows(number, columns=["hash"]).column("hash")
-                    dtypes = store.read_report(number).get("dtypes", [])
-                except (KeyError, OSError, ValueError):
+                    report = store.read_report(number)
+                    layout = store.layout(number, report)
+                except (KeyError, OSError, ValueError, TypeError):
                     continue  # written before hashes were kept, or unreadable: not a cache source
                 h = column.to_numpy(zero_copy_only=False).astype(np.uint64, copy=False)
-                file_index = len(self._files)
-                self._files.append(store.vectors_path(number))
+                if len(layout.source) != len(h):
+                    continue  # a report that does not describe its rows: not a cache source
+                chunk_index = len(self._chunks)
                 self._chunks.append((store, number))
-                self._dtypes.append(dtypes)
-                hashes.append(h)
+                self._dtypes.append(report.get("dtypes", []))
                 self._sizes.append(len(h))
-                where.append(np.stack([np.full(len(h), file_index, np.int64), np.arange(len(h), dtype=np.int64)], 1))
+                files = np.array([self._file_index(store, source) for source in layout.sources], dtype=np.int64)
+                hashes.append(h)
+                where.append(np.stack([np.full(len(h), chunk_index, np.int64), files[layout.source],
+                                       layout.position], 1))
         self.hashes = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
-        locations = np.concatenate(where) if where else np.zeros((0, 2), np.int64)
+        locations = np.concatenate(where) if where else np.zeros((0, 3), np.int64)
         order = np.argsort(self.hashes, kind="stable")
         self.hashes, self._where = self.hashes[order], locations[order]
+
+    def _file_index(self, store: ChunkStore, source: Source) -> int:
+        if source.key not in self._file_of:
+            self._file_of[source.key] = len(self._files)
+            self._files.append(source)
+            self._readers.append(store)
+        return self._file_of[source.key]
 
     def __len__(self) -> int:
         return len(self.hashes)
@@ -95,25 +116,36 @@ class EmbeddingCache:
         targets = np.flatnonzero(hits.found)
         if hits.found.all() and (locs[:, 0] == locs[0, 0]).all() and self._sizes[int(locs[0, 0])] == len(locs):
             hits.whole = self._chunks[int(locs[0, 0])]  # its file may be these vectors (the writer compares)
-        for file_index in np.unique(locs[:, 0]):
-            sel = locs[:, 0] == file_index
-            if not self._sound(int(file_index)):
-                hits.found[targets[sel]] = False  # embedded again instead
+        sound = np.ones(len(locs), dtype=bool)
+        for chunk_index in np.unique(locs[:, 0]):
+            sel = locs[:, 0] == chunk_index
+            if not self._sound(int(chunk_index)):
+                sound[sel] = False  # embedded again instead
                 continue
-            stored = np.load(self._files[file_index], mmap_mode="r")
-            hits.vectors[targets[sel]] = stored[locs[sel, 1]]
-            hits.dtypes.update(self._dtypes[file_index])
+            hits.dtypes.update(self._dtypes[chunk_index])
+        hits.found[targets[~sound]] = False
+        locs, targets = locs[sound], targets[sound]
+        source = np.full(len(hashes), -1, np.int64)
+        position = np.zeros(len(hashes), np.int64)
+        for file_index in np.unique(locs[:, 1]):
+            sel = locs[:, 1] == file_index
+            reader, stored_file = self._readers[file_index], self._files[file_index]
+            stored = np.load(reader.source_path(stored_file), mmap_mode="r")
+            hits.vectors[targets[sel]] = stored[locs[sel, 2]]
+        source[targets], position[targets] = locs[:, 1], locs[:, 2]
+        hits.stored = Layout(list(self._files), source, position, self._storage)
         return hits
 
-    def _sound(self, file_index: int) -> bool:
-        """Whether a source chunk matches its checksums (checked once): a damaged one is never copied from."""
-        if file_index not in self._checked:
-            store, number = self._chunks[file_index]
+    def _sound(self, chunk_index: int) -> bool:
+        """Whether a source chunk matches its checksums (checked once; an overlay's with the files it points at): a
+        damaged one is never copied from."""
+        if chunk_index not in self._checked:
+            store, number = self._chunks[chunk_index]
             damage = store.verify(number)
             for path, problem in damage:
                 LOG.warning("not reusing the vectors of %s: %s; its texts are embedded again", path, problem)
-            self._checked[file_index] = not damage
-        return self._checked[file_index]
+            self._checked[chunk_index] = not damage
+        return self._checked[chunk_index]
 
 
 UNFINISHED_SECONDS = 3600
@@ -125,31 +157,38 @@ def prune(out: Path | str, everything: bool = False, published: Callable[[WorkPl
           ) -> tuple[list[str], int]:
     """Remove the stored vectors (job folders) of `out` that no published version needs; returns the removed job
     ids and the bytes freed. The vectors of the current version are kept unless `everything`; a job still writing
-    (not `published` and a chunk written in the last `UNFINISHED_SECONDS`) is left alone."""
+    (not `published` and a chunk written in the last `UNFINISHED_SECONDS`) is left alone; so are the folders whose
+    vectors the kept ones' chunks point at (`plan.work_in_use`)."""
     from embedctl.pipeline import versions
     from embedctl.pipeline.manifest import read_info
-    from embedctl.pipeline.plan import WORK, load_plan
+    from embedctl.pipeline.plan import WORK, load_plan, work_in_use
 
     storage = storage_of(out)
     if not storage.is_folder(WORK):
         raise StorageError(f"{str(out)!r} has no stored vectors (no {WORK}/ folder); is it an --out folder?")
     current = versions.current_folder(storage)
     keep_id = read_info(current).plan_id if current else None
-    removed, freed = [], 0
-    for entry in storage.list(WORK):
-        if not entry.folder or (entry.name == keep_id and not everything):
+    folders = [entry for entry in storage.list(WORK) if entry.folder]
+    kept = {keep_id} if keep_id and not everything else set()
+    objects = {}
+    for entry in folders:
+        objects[entry.name] = list(storage.walk(entry.key))
+        if entry.name in kept:
             continue
-        objects = list(storage.walk(entry.key))
         try:
             plan = load_plan(storage.describe(entry.key))
             # anything written there lately (a chunk, a build piece, a live step's heartbeat): a run is working
-            newest = max((st.mtime for _key, st in objects), default=None)
-            unfinished = not published(plan) and newest is not None and time.time() - newest < UNFINISHED_SECONDS
+            newest = max((st.mtime for _key, st in objects[entry.name]), default=None)
+            if not published(plan) and newest is not None and time.time() - newest < UNFINISHED_SECONDS:
+                kept.add(entry.name)  # a job still writing here: leave it
         except EmbedctlError:
-            unfinished = False
-        if unfinished and entry.name != keep_id:
-            continue  # a job still writing here: leave it
-        freed += sum(st.size for _key, st in objects)
+            pass
+    kept = work_in_use(storage, kept)  # with the folders whose vectors their chunks point at
+    removed, freed = [], 0
+    for entry in folders:
+        if entry.name in kept:
+            continue
+        freed += sum(st.size for _key, st in objects[entry.name])
         storage.delete(entry.key)
         removed.append(entry.name)
     freed += _collect_leftovers(storage)

@@ -163,15 +163,16 @@ def _found(source: str) -> list[ObjectInfo]:
     return found
 
 
-def _binary(path: str, size: int) -> BinaryIO:
-    """The bytes of a corpus file: the local file, or the object read by ranged GETs."""
-    return ObjectFile(path, size) if is_uri(path) else open(path, "rb")
+def _binary(path: str, size: int, etag: str = "") -> BinaryIO:
+    """The bytes of a corpus file: the local file, or the object read by ranged GETs (of version `etag`)."""
+    return ObjectFile(path, size, etag=etag) if is_uri(path) else open(path, "rb")
 
 
-def _open(path: str, size: int = -1, raw: BinaryIO | None = None) -> pq.ParquetFile:
-    """A Parquet reader of a corpus file (`size`: an object's, from the plan; `raw`: its bytes, already open)."""
+def _open(path: str, size: int = -1, raw: BinaryIO | None = None, etag: str = "") -> pq.ParquetFile:
+    """A Parquet reader of a corpus file (`size`, `etag`: an object's, from the plan; `raw`: its bytes, already
+    open)."""
     if is_uri(path):  # pyarrow reads the footer and the row groups it needs through ranged GETs
-        path_or_file = pa.PythonFile(raw if raw is not None else ObjectFile(path, size), mode="r")
+        path_or_file = pa.PythonFile(raw if raw is not None else ObjectFile(path, size, etag=etag), mode="r")
     else:
         path_or_file = path
     try:
@@ -213,7 +214,7 @@ def plan_corpus(source: str, text_column: str, id_column: str | None, chunk_rows
     id_type: str | None = None
     for info in found:
         path = info.uri
-        with _binary(path, info.size) as raw:  # one GET of an object's tail serves both
+        with _binary(path, info.size, info.etag) as raw:  # one GET of an object's tail serves both
             pf = _open(path, raw=raw)
             footer = _footer_digest(raw)
         schema = pf.schema_arrow
@@ -276,7 +277,7 @@ def _check_ids(plan: CorpusPlan) -> None:
     """Refuse null and duplicate ids (reads the id column only)."""
     columns = []
     for f in plan.files:
-        col = _open(f.path, f.size).read(columns=[plan.id_column]).column(0)
+        col = _open(f.path, f.size, etag=f.etag).read(columns=[plan.id_column]).column(0)
         col = col.cast(_values(col.type))  # a dictionary's ids are its values
         nulls = col.null_count
         if nulls:
@@ -309,7 +310,7 @@ def _check_texts(plan: CorpusPlan) -> None:
     """
     for f in plan.files:
         start = 0
-        for batch in _open(f.path, f.size).iter_batches(batch_size=_READ_BATCH_ROWS, columns=[plan.text_column]):
+        for batch in _open(f.path, f.size, etag=f.etag).iter_batches(batch_size=_READ_BATCH_ROWS, columns=[plan.text_column]):
             texts = batch.column(0)
             try:
                 texts.validate(full=True)
@@ -338,7 +339,7 @@ def _file_id(plan: CorpusPlan, f: CorpusFile, row: int):
     """The id of row `row` of file `f` (its corpus row number when the corpus has no id column)."""
     if not plan.id_column:
         return f.row_offset + row
-    return _open(f.path, f.size).read(columns=[plan.id_column]).column(0)[row].as_py()
+    return _open(f.path, f.size, etag=f.etag).read(columns=[plan.id_column]).column(0)[row].as_py()
 
 
 def _not_utf8(plan: CorpusPlan, f: CorpusFile, row: int, id_, exc: UnicodeDecodeError) -> CorpusError:
@@ -362,7 +363,7 @@ def _read_range(plan: CorpusPlan, start: int, stop: int) -> Iterator[pa.RecordBa
         if change is not None:  # never mix two versions of the corpus in one job
             raise CorpusError(f"corpus file {f.path} changed since the job was planned ({change}); run the same "
                               "command again: it plans the corpus as it is now")
-        pf = _open(f.path, f.size)
+        pf = _open(f.path, f.size, etag=f.etag)
         groups, first = _row_groups(pf.metadata, lo - f.row_offset, hi - f.row_offset)
         pos = f.row_offset + first
         for batch in pf.iter_batches(batch_size=_READ_BATCH_ROWS, row_groups=groups, columns=_columns(plan)):

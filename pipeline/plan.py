@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -148,6 +148,23 @@ class WorkPlan:
         key = self.work.child(PLAN_FILE)
         self.storage.write(key, json_writer(self.to_dict()))
         return self.storage.describe(key)
+
+
+def work_in_use(storage: Storage, names: Iterable[str]) -> set[str]:
+    """`names` (work folders of the output folder in `storage`) with the work folders whose vectors files their
+    chunks point at (overlay chunks, `vectors.Source`), and theirs in turn: what must be kept for them to read."""
+    found: set[str] = set()
+    todo = list(names)
+    while todo:
+        name = todo.pop()
+        if name in found:
+            continue
+        found.add(name)
+        for key in ChunkStore(Folder(storage, join(WORK, name, CHUNKS))).referenced():
+            parts = key.split("/")
+            if len(parts) == 4 and parts[0] == WORK and parts[2] == CHUNKS and parts[1] not in found:
+                todo.append(parts[1])
+    return found
 
 
 def load_plan(work_dir: Path | str) -> WorkPlan:

@@ -13,7 +13,7 @@ from collections.abc import Collection
 
 from embedctl.pipeline import versions
 from embedctl.pipeline.compose import remove_builds, segments_in_use
-from embedctl.pipeline.plan import WORK, WorkPlan
+from embedctl.pipeline.plan import WORK, WorkPlan, work_in_use
 from embedctl.pipeline.segments import collect_garbage
 from embedctl.pipeline.storage import parent, storage_of
 
@@ -35,14 +35,17 @@ def apply_retention(plan: WorkPlan, keep: int | None, live_work: Collection[str]
 
 
 def remove_stale_work(plan: WorkPlan, live_work: Collection[str] = ()) -> list[str]:
-    """Remove the work folders of plans other than `plan` (but those named in `live_work`); returns their names."""
+    """Remove the work folders of plans other than `plan` (but those named in `live_work`, and those whose vectors
+    files the chunks of these point at: `plan.work_in_use`); returns their names."""
     storage = plan.storage
     removed = []
+    kept = work_in_use(storage, [plan.plan_id])
+    live = work_in_use(storage, live_work)
     for entry in storage.list(WORK):
-        if not entry.folder or entry.name == plan.plan_id:
+        if not entry.folder or entry.name in kept:
             continue
-        if entry.name in live_work:
-            LOG.info("kept %s: a live run is writing there", storage.describe(entry.key))
+        if entry.name in live:
+            LOG.info("kept %s: a live run is writing there (or reads vectors there)", storage.describe(entry.key))
             continue
         storage.delete(entry.key)
         removed.append(entry.name)

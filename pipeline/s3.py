@@ -198,6 +198,10 @@ def _transient(exc) -> bool:
                                                                                    "RequestTimeout"))
 
 
+class Replaced(Exception):
+    """A pinned read (`read_range(..., etag=)`) of an object that was replaced since its ETag was taken."""
+
+
 def call(uri: str, action: str, fn):
     """`fn()` (one S3 request of `action` on `uri`), retried past botocore's own retries while a store that answered
     before is down (`RETRY_SECONDS`); its errors as one `StorageError` line naming `uri` (FileNotFoundError for a
@@ -216,12 +220,16 @@ def call(uri: str, action: str, fn):
             raise StorageError(f"no S3 credentials to {action} {uri}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                                "(or AWS_PROFILE)") from None
         except Boto3Error as exc:  # a managed transfer (a large upload or download) that failed past its retries
+            inner = getattr(exc, "last_exception", None) or exc.__cause__ or exc.__context__
+            if isinstance(inner, ClientError) and not _transient(inner):
+                raise _error(inner, uri, action) from None  # refused (denied, no bucket): waiting will not help
             if _answered and not getattr(_local, "at_once", False) and time.monotonic() < deadline:
                 time.sleep(pause)
                 pause = min(pause * 2, 8.0)
                 continue
-            raise StorageError(f"cannot {action} {uri}: the transfer failed ({type(exc).__name__}); check the store "
-                               "and the network, then run again") from None
+            cause = (_code(inner) or type(inner).__name__) if inner is not None else type(exc).__name__
+            raise StorageError(f"cannot {action} {uri}: the transfer failed ({cause}); check the store and the "
+                               "network, then run again") from None
         except (ClientError, BotoCoreError) as exc:
             if isinstance(exc, ClientError) and (_status(exc) == 404 or _code(exc) in ("NoSuchKey", "404")) \
                     and _code(exc) != "NoSuchBucket":
@@ -305,19 +313,24 @@ class S3Storage(Storage):
         _count_bytes("bytes_down", len(data))
         return data
 
-    def read_range(self, key: str, start: int, length: int) -> bytes:
+    def read_range(self, key: str, start: int, length: int, etag: str = "") -> bytes:
+        """`Storage.read_range`; with `etag`, only from that version of the object (`If-Match`): `Replaced` when the
+        object was replaced since, so that a reader never mixes two versions' bytes."""
         if start < 0 or length < 0:
             raise ValueError(f"a range starts and lasts >= 0 bytes, got start {start!r}, length {length!r}")
         if length == 0:
             return b""
+        pinned = {"IfMatch": etag} if etag else {}
 
         def get() -> bytes:
             try:
                 return client().get_object(Bucket=self.bucket, Key=self._key(key),
-                                           Range=f"bytes={start}-{start + length - 1}")["Body"].read()
+                                           Range=f"bytes={start}-{start + length - 1}", **pinned)["Body"].read()
             except Exception as exc:
                 if _status(exc) == 416:  # the range starts at or past the end
                     return b""
+                if etag and _status(exc) == 412:
+                    raise Replaced(self.describe(key)) from None
                 raise
 
         data = self._call(key, "read", get)

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from embedctl.pipeline.errors import CorpusError
-from embedctl.pipeline.s3 import SCHEME, S3Storage, call, client, split_uri
+from embedctl.pipeline.s3 import SCHEME, Replaced, S3Storage, call, client, split_uri
 
 READ_AHEAD = 1 << 20
 """Bytes fetched at least per GET: pyarrow issues many small reads (page headers, the footer's length)."""
@@ -37,13 +37,15 @@ class ObjectFile(io.RawIOBase):
     """A read-only, seekable file over one object, read by ranged GETs with a read-ahead buffer.
 
     A read in the last `TAIL` bytes fetches all of them, so the footer's length and the footer that pyarrow then
-    asks for come from one GET (and a reader that wants only the footer does not download a read-ahead).
+    asks for come from one GET (and a reader that wants only the footer does not download a read-ahead). With
+    `etag` (the plan's), every GET is pinned to that version of the object: one replaced while it is read is an
+    error, never a mix of two versions' row groups.
     """
 
-    def __init__(self, uri: str, size: int, read_ahead: int = READ_AHEAD):
+    def __init__(self, uri: str, size: int, read_ahead: int = READ_AHEAD, etag: str = ""):
         super().__init__()
         bucket, self.key = split_uri(uri)
-        self.uri, self.size, self.read_ahead = uri, size, read_ahead
+        self.uri, self.size, self.read_ahead, self.etag = uri, size, read_ahead, etag
         self._storage = S3Storage(f"{SCHEME}{bucket}")
         self._pos = 0
         self._buffer, self._buffer_start = b"", 0
@@ -101,7 +103,10 @@ class ObjectFile(io.RawIOBase):
 
     def _get(self, start: int, length: int) -> bytes:
         try:
-            data = self._storage.read_range(self.key, start, length)
+            data = self._storage.read_range(self.key, start, length, etag=self.etag)
+        except Replaced:
+            raise CorpusError(f"corpus object {self.uri} was replaced since the job was planned (its ETag changed); run "
+                              "the same command again: it plans the corpus as it is now") from None
         except FileNotFoundError:
             raise CorpusError(f"corpus object {self.uri} is gone (deleted after it was listed); run the same command "
                               "again: it plans the corpus as it is now") from None

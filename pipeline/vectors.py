@@ -8,12 +8,21 @@ Per chunk k, in the store folder:
 Each file is written atomically, the `.npy` last: its existence means the chunk is complete. The report records
 the size and checksum of the other two (`files`), written just before the `.npy` appears, so a reader can tell a
 complete chunk from a damaged one (`verify`). The files are plain numpy and pyarrow formats.
+
+An **overlay chunk** (a re-index whose texts are mostly unchanged) stores only the vectors it had to compute: its
+`.npy` holds those rows, and its report names the stored vectors files the other rows are in (`sources`: each
+file's key less `.npy` from the output folder, its recorded checksum and row count) and where each run of rows is
+(`layout`: `[source, start, count]` in row order; source -1 is the chunk's own file). A source is always a file
+that holds the vectors it is cited for (never an overlay's logical row numbers), so a chunk reads at most
+`MAX_SOURCES` files, and an overlay that would need more is written whole (compaction). The work folders that a
+kept plan's chunks point into are kept with it (`plan.work_in_use`).
 """
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +32,7 @@ import pyarrow.parquet as pq
 from embedctl.pipeline import checksum
 from embedctl.pipeline.errors import StorageError
 from embedctl.pipeline.fsutil import json_writer, npy_writer
-from embedctl.pipeline.storage import Folder, LocalStorage
+from embedctl.pipeline.storage import Folder, LocalStorage, Storage
 
 _DONE = re.compile(r"^chunk-(\d{6,})\.npy$")
 
@@ -39,6 +48,41 @@ class DamagedChunks(StorageError):
 
 
 _VECTORS, _ROWS, _REPORT = ".npy", ".rows.parquet", ".json"
+
+MAX_SOURCES = 8
+"""At most this many vectors files behind one chunk (its own included): an overlay that would read more is written
+whole instead, which bounds both a read's fan-out and how many earlier work folders a plan keeps alive."""
+
+OVERLAY_SHARE = 0.5
+"""A chunk is written as an overlay only when at least this share of its rows is already stored in the output
+folder: below it, the pointers save little and the chunk would tie itself to earlier work folders for nothing."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """A stored vectors file that rows of a chunk are read from: the chunk's key less its suffix (from the output
+    folder), the file's recorded checksum and its row count."""
+
+    key: str
+    checksum: dict | None
+    rows: int
+
+    def to_dict(self) -> dict:
+        return {"chunk": self.key, "vectors": self.checksum, "rows": self.rows}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Source:
+        return cls(str(data["chunk"]), data.get("vectors"), int(data["rows"]))
+
+
+@dataclass
+class Layout:
+    """Where the vectors of each row of a chunk are: `sources[source[i]]` at position `position[i]`."""
+
+    sources: list[Source]
+    source: np.ndarray  # (rows,) int64
+    position: np.ndarray  # (rows,) int64
+    storage: Storage | None = None  # the storage the sources' keys are in
 
 
 def chunk_name(number: int) -> str:
@@ -84,11 +128,13 @@ class ChunkStore:
 
     def write(self, number: int, rows: np.ndarray, ids: list, texts: list, vectors: np.ndarray, report: dict,
               id_type: pa.DataType | None = None, hashes: np.ndarray | None = None,
-              copy_of: tuple[ChunkStore, int] | None = None) -> dict:
+              copy_of: tuple[ChunkStore, int] | None = None, stored: Layout | None = None) -> dict:
         """Write one chunk's outputs (rows file, report with both files' checksums, then vectors: the completion
         mark); returns the report as written. `copy_of`: a stored chunk whose vectors file holds exactly `vectors`
         (every text was cached from it, in order): its file is copied, which an object store does without the
-        bytes leaving it (a re-index of a corpus whose rows were appended uploads no unchanged vectors)."""
+        bytes leaving it (a re-index of a corpus whose rows were appended uploads no unchanged vectors).
+        `stored`: where rows whose vectors are stored already are (source -1: not stored); when most are, the chunk
+        is written as an overlay that points at them (the module docstring) and stores only the others."""
         if len(rows) != len(vectors) or len(ids) != len(rows) or len(texts) != len(rows):
             raise ValueError(f"chunk {number}: {len(rows)} rows, {len(ids)} ids, {len(texts)} texts, "
                              f"{len(vectors)} vectors")
@@ -117,8 +163,71 @@ class ChunkStore:
             self.storage.write(self._key(number, _REPORT), json_writer(report))
             self.storage.copy(source[0], self._key(number, _VECTORS))
             return report
+        overlay = self._overlay(stored, len(half))
+        if overlay is not None:
+            report["sources"], report["layout"], own = overlay
+            half = np.ascontiguousarray(half[own])
         self.storage.write(self._key(number, _VECTORS), npy_writer(half), before_commit=record)
         return report
+
+    def _overlay(self, stored: Layout | None, rows: int) -> tuple[list[dict], list[list[int]], np.ndarray] | None:
+        """(sources, layout, positions of the rows this chunk stores itself) of an overlay of `stored`, or None
+        when the chunk is better written whole (too few rows stored, or too many files behind them)."""
+        if stored is None or not rows or len(stored.source) != rows or stored.storage != self.storage:
+            return None
+        found = stored.source >= 0
+        used = np.unique(stored.source[found])
+        if found.sum() < OVERLAY_SHARE * rows or len(used) + int(not found.all()) > MAX_SOURCES:
+            return None
+        mine = self.folder.key + "/" if self.folder.key else ""
+        if not mine or any(stored.sources[i].key.startswith(mine) for i in used):
+            return None  # a source in this very chunk store (never made, but a pointer to itself would be a loop)
+        renumber = np.full(len(stored.sources), -1, np.int64)
+        renumber[used] = np.arange(len(used))
+        source = np.where(found, renumber[np.maximum(stored.source, 0)], -1)
+        position = stored.position.copy()
+        own = np.flatnonzero(~found)
+        position[own] = np.arange(len(own))
+        breaks = np.flatnonzero((np.diff(source) != 0) | (np.diff(position) != 1)) + 1
+        starts = np.concatenate([[0], breaks])
+        stops = np.concatenate([breaks, [rows]])
+        layout = [[int(source[a]), int(position[a]), int(b - a)] for a, b in zip(starts, stops, strict=True)]
+        return [stored.sources[i].to_dict() for i in used], layout, own
+
+    def layout(self, number: int, report: dict | None = None) -> Layout:
+        """Where each row's vector of complete chunk `number` is stored (its own file for a whole chunk)."""
+        report = self.read_report(number) if report is None else report
+        own = Source(self._key(number, ""), (report.get("files") or {}).get("vectors"), 0)
+        if "layout" not in report:
+            rows = int(report["indexed"]) if "indexed" in report else len(self.read_vectors(number))
+            return Layout([replace_rows(own, rows)], np.zeros(rows, np.int64), np.arange(rows, dtype=np.int64),
+                          self.storage)
+        sources = [Source.from_dict(d) for d in report["sources"]]
+        runs = np.asarray(report["layout"], dtype=np.int64).reshape(-1, 3)
+        counts = runs[:, 2]
+        rows = int(counts.sum())
+        starts = np.repeat(runs[:, 1] - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
+        position = starts + np.arange(rows, dtype=np.int64)
+        source = np.repeat(runs[:, 0], counts)
+        mine = source < 0
+        own = replace_rows(own, int(mine.sum()))
+        source = np.where(mine, len(sources), source)
+        return Layout([*sources, own], source, position, self.storage)
+
+    def source_path(self, source: Source) -> Path:
+        """The local file (a cached copy on an object store) of a source's vectors."""
+        return self.storage.local_path(source.key + _VECTORS)
+
+    def referenced(self) -> set[str]:
+        """Keys (less `.npy`) of the vectors files of other chunks that the complete chunks of this store point at."""
+        found: set[str] = set()
+        for number in self.complete():
+            try:
+                report = self.read_report(number)
+            except (OSError, ValueError):
+                continue
+            found.update(Source.from_dict(d).key for d in report.get("sources", []))
+        return found
 
     def _same_rows(self, copy_of: tuple[ChunkStore, int] | None, table: pa.Table) -> tuple[str, dict] | None:
         """(key, recorded checksum) of the stored rows file equal to `table`, None when there is none."""
@@ -141,9 +250,12 @@ class ChunkStore:
         if store.storage != self.storage:
             return None
         try:
-            recorded = store.read_report(number)["files"]["vectors"]
+            report = store.read_report(number)
+            recorded = report["files"]["vectors"]
         except (OSError, ValueError, KeyError, TypeError):
             return None
+        if "layout" in report:
+            return None  # its file holds only some of its rows: the overlay path points at them instead
         stored = store.read_vectors(number)  # (the cache lookup mapped it already)
         if stored.shape != half.shape or not np.array_equal(stored, half):
             return None
@@ -162,6 +274,12 @@ class ChunkStore:
             problem = checksum.problem(path, files.get(kind))
             if problem is not None:
                 found.append((path, problem))
+        for data in report.get("sources", []):  # an overlay: the stored vectors it points at
+            source = Source.from_dict(data)
+            path = self.source_path(source)
+            problem = checksum.problem(path, source.checksum)
+            if problem is not None:
+                found.append((path, problem))
         return found
 
     def damaged(self) -> dict[int, list[tuple[Path, str]]]:
@@ -174,8 +292,20 @@ class ChunkStore:
             self.storage.delete(self._key(number, suffix))  # a folder standing where the file should be too
 
     def read_vectors(self, number: int, mmap: bool = True) -> np.ndarray:
-        """The (rows, dim) float16 vectors of a complete chunk (memory-mapped by default)."""
-        return np.load(self.vectors_path(number), mmap_mode="r" if mmap else None, allow_pickle=False)
+        """The (rows, dim) float16 vectors of a complete chunk (memory-mapped by default; an overlay's are gathered
+        from its sources into memory)."""
+        own = np.load(self.vectors_path(number), mmap_mode="r" if mmap else None, allow_pickle=False)
+        report = self.read_report(number)
+        if "layout" not in report:
+            return own
+        layout = self.layout(number, report)
+        out = np.empty((len(layout.source), own.shape[1]), dtype=np.float16)
+        for i, source in enumerate(layout.sources):
+            sel = layout.source == i
+            if sel.any():
+                stored = own if i == len(layout.sources) - 1 else np.load(self.source_path(source), mmap_mode="r")
+                out[sel] = stored[layout.position[sel]]
+        return out
 
     def read_rows(self, number: int, columns: list[str] | None = None) -> pa.Table:
         """The rows file of a chunk: `row`, `id`, `text`, `hash` (or only `columns`)."""
@@ -183,3 +313,7 @@ class ChunkStore:
 
     def read_report(self, number: int) -> dict:
         return json.loads(self.storage.read_bytes(self._key(number, _REPORT)))
+
+
+def replace_rows(source: Source, rows: int) -> Source:
+    return Source(source.key, source.checksum, rows)

@@ -27,6 +27,7 @@ from embedctl.pipeline.progress import Update as Progress
 
 if TYPE_CHECKING:  # the encoder (and torch) is imported only by processes that embed
     from embedctl.pipeline.encoder import Encoded, Encoder, Prepared
+    from embedctl.pipeline.vectors import Layout
 
 LOG = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ class _ChunkWork:
     prepared: Prepared | None = None
     encoded: Encoded | None = None
     whole: tuple | None = None  # (store, chunk) whose vectors file these vectors are, all of them cached
+    stored: Layout | None = None  # where the cached rows' vectors are stored (an overlay points there)
     seconds: float = 0.0  # time spent reading and preparing it
 
     @property
@@ -103,8 +105,8 @@ def _prepare(plan: WorkPlan, chunk: Chunk, data: ChunkRows, cache: EmbeddingCach
         found, dtypes = hits.found, hits.dtypes
         vectors[found] = hits.vectors[found]
     work = _ChunkWork(chunk, data, keep, skipped, texts, hashes, vectors, found, dtypes)
-    if cache is not None and len(cache) and hits.whole is not None:
-        work.whole = hits.whole
+    if cache is not None and len(cache):
+        work.whole, work.stored = hits.whole, hits.stored
     if len(work.miss) and encoder is not None and not _gathers(work):  # a gathered chunk is tokenised with the rest
         work.prepared = encoder.prepare([texts[i] for i in work.miss], prefix=plan.document_prefix)
     return work
@@ -222,7 +224,8 @@ def _write(plan: WorkPlan, work: _ChunkWork, seconds: float, stamp: dict | None)
     report["finished_ts"] = round(time.time(), 3)
     id_type = pa.string() if plan.corpus.id_column and data.ids and isinstance(data.ids[0], str) else pa.int64()
     return plan.store.write(work.chunk.number, data.rows[keep], [data.ids[i] for i in keep], work.texts,
-                            work.vectors, report, id_type=id_type, hashes=work.hashes, copy_of=work.whole)
+                            work.vectors, report, id_type=id_type, hashes=work.hashes, copy_of=work.whole,
+                            stored=work.stored)
 
 
 def embed_rows(plan: WorkPlan, chunk: Chunk, data: ChunkRows, encoder: Encoder | Callable[[], Encoder],

@@ -109,6 +109,27 @@ def test_a_replaced_object_is_detected(server):
     assert plan.files[0].changes() == "it is gone"
 
 
+def test_an_object_replaced_between_two_ranged_reads_is_an_error_not_a_mix(server):
+    """Every ranged GET of a planned object is pinned to the plan's ETag (If-Match): a replacement that lands after
+    the change check (a HEAD) and between two GETs fails the next GET instead of handing over the other bytes."""
+    from embedctl.pipeline.s3files import ObjectFile
+
+    table = _table(0, 4)
+    _put("pinned/x.parquet", table, compression="none")
+    [planned] = plan_corpus("s3://corpora/pinned/", "text", "id", chunk_rows=2).files
+    reader = ObjectFile(planned.path, planned.size, read_ahead=8, etag=planned.etag)
+    assert reader.read(4) == b"PAR1"  # a GET of the planned version
+    upper = table.set_column(1, "text", pa.array([t.upper() for t in table["text"].to_pylist()]))
+    _put("pinned/x.parquet", upper, compression="none")
+    reader.seek(64)
+    with pytest.raises(CorpusError, match="pinned/x.parquet was replaced since the job was planned") as caught:
+        reader.read(8)
+    assert "\n" not in str(caught.value)
+    unpinned = ObjectFile(planned.path, planned.size, read_ahead=8)
+    unpinned.seek(64)
+    assert len(unpinned.read(8)) == 8  # (the same read without the pin: the new bytes, unnoticed)
+
+
 @pytest.mark.parametrize("uri, error, message", [
     ("s3://no-such-bucket/corpus/", StorageError, r"the bucket 'no-such-bucket' does not exist .*s3://no-such-bucket"),
     ("s3://corpora/other/d.parquet/x/", CorpusError, r"no \*\.parquet objects .*'s3://corpora/other/d.parquet/x/'"),

@@ -54,6 +54,25 @@ def test_a_reindex_of_appended_rows_uploads_no_unchanged_vectors(server, tmp_pat
     assert again["requests"]["bytes_up"] < 0.25 * full["requests"]["bytes_up"], (again["requests"], full["requests"])
 
 
+def test_a_reindex_of_edits_spread_over_every_chunk_uploads_only_the_vectors_it_computed(server, tmp_path,
+                                                                                         tiny_qwen3):
+    out = f"s3://{BUCKET}/spread"
+    full = _index(_corpus(tmp_path / "a.parquet", 400), out, tiny_qwen3)
+    edited = set(range(3, 400, 50))  # one row in each of the 8 chunks
+    again = _index(_corpus(tmp_path / "b.parquet", 400, edited=edited), out, tiny_qwen3)
+    assert (again["rows_embedded"], again["rows_reused"]) == (8, 392)
+    storage = s3.S3Storage(out)
+    plan_id = again["job_id"]
+    stored = {e.name: storage.stat(e.key).size for e in storage.list(f"work/{plan_id}/chunks")}
+    vectors = sorted(size for name, size in stored.items() if name.endswith(".npy"))
+    dim = 64  # the tiny model's: 128 bytes a float16 vector
+    assert len(vectors) == 8 and all(size <= 128 + dim * 2 for size in vectors), vectors  # one row each
+    # what goes up: the 8 one-row vectors files, the rows files, the small new segment, the manifest, the records
+    ratio = again["requests"]["bytes_up"] / full["requests"]["bytes_up"]
+    print(f"spread edits: {ratio:.4f} of the full index's bytes up", again["requests"], full["requests"])
+    assert ratio < 0.25, (again["requests"], full["requests"])
+
+
 def test_two_runs_that_built_on_one_version_publish_once(server, tmp_path, tiny_qwen3):
     """The second publisher of two that planned against the same `current` is refused in one line and publishes
     nothing; its vectors stay, so running it again publishes a version with its changes."""
