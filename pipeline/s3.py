@@ -82,8 +82,9 @@ _cache: CacheConfig | None = None  # from the settings on first use, unless a co
 def configure_cache(folder: Path | str | None = None, max_bytes: int | None = None, export: bool = False) -> None:
     """Where remote objects are cached and how large the cache may grow (`--cache-dir`, `--cache-size`);
     `export`: the processes this one starts (server and worker processes) inherit it through the environment."""
-    global _cache
+    global _cache, _estimate
     _cache = CacheConfig(Path(folder).expanduser() if folder else _settings().folder, max_bytes)
+    _estimate = _Estimate()
     if not export:
         return
     os.environ["EMBEDCTL_CACHE_DIR"] = str(_cache.folder)
@@ -430,7 +431,7 @@ class S3Storage(Storage):
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        evict(keep=path)
+        evict(keep=path, added=path.stat().st_size)
 
     # writes
 
@@ -453,7 +454,7 @@ class S3Storage(Storage):
             raise storage_error(exc, path) from None
         finally:
             tmp.unlink(missing_ok=True)
-        evict(keep=path)
+        evict(keep=path, added=path.stat().st_size)
         return stat
 
     def _upload(self, key: str, local: Path, **conditions) -> Stat:
@@ -640,13 +641,34 @@ def _cached_token(path: Path) -> str | None:
         return side.read_text() if side.exists() else None
 
 
-def evict(keep: Path | None = None) -> list[Path]:
+RESCAN_FILLS = 64
+"""Between two walks of the cache folder a process counts the bytes it added itself, and walks it again (to see
+what other processes added) once its count passes `--cache-size` or after this many fills."""
+
+
+@dataclass
+class _Estimate:
+    total: int | None = None  # bytes in the cache folder at the last walk, plus what this process added since
+    fills: int = 0
+
+
+_estimate = _Estimate()
+_estimate_lock = threading.Lock()
+
+
+def evict(keep: Path | None = None, added: int = 0) -> list[Path]:
     """Remove the least recently used cached files until the cache fits `--cache-size` (never `keep`, the file
-    just filled); returns what was removed."""
+    just filled, of `added` bytes); returns what was removed. The folder is walked only when this process's count
+    says it may be full, or every `RESCAN_FILLS` fills, not on every fill."""
     limit = _config().max_bytes
     root = cache_folder()
     if limit is None or not root.is_dir():
         return []
+    with _estimate_lock:
+        if _estimate.total is not None and _estimate.fills < RESCAN_FILLS and _estimate.total + added <= limit:
+            _estimate.total += added
+            _estimate.fills += 1
+            return []
     files = []
     for folder, _, names in os.walk(root):
         for name in names:
@@ -665,4 +687,6 @@ def evict(keep: Path | None = None) -> list[Path]:
             path.unlink()
             total -= size
             removed.append(path)
+    with _estimate_lock:
+        _estimate.total, _estimate.fills = total, 0
     return removed

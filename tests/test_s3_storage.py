@@ -339,6 +339,32 @@ def test_the_cache_evicts_the_least_recently_used_files(storage, tmp_path):
     assert e.read_bytes() == b"e" * 100 and not d.exists()
 
 
+def test_the_cache_is_walked_only_when_it_may_be_full(storage, tmp_path, monkeypatch):
+    """A fill counts its bytes; the folder is walked (seeing what other processes cached) when the count passes the
+    limit or every RESCAN_FILLS fills."""
+    walks = []
+    real_walk = s3.os.walk
+    monkeypatch.setattr(s3.os, "walk", lambda root: walks.append(root) or real_walk(root))
+    monkeypatch.setattr(s3, "RESCAN_FILLS", 3)
+    s3.configure_cache(tmp_path / "counted", max_bytes=1000)
+    for i in range(7):
+        storage.put(f"segments/w{i}/v.npy", b"w" * 100)
+    for i in range(4):
+        storage.local_path(f"segments/w{i}/v.npy")  # 400 bytes: under the limit
+    assert len(walks) == 1  # the first fill (nothing counted yet); the next 3 are counted
+    other = s3.cache_folder() / "from-another-process.npy"
+    other.write_bytes(b"o" * 700)
+    s3._set_token(other, '"etag"')
+    storage.local_path("segments/w4/v.npy")  # 3 fills since the walk: walked, and the folder holds 1,200 bytes
+    assert len(walks) == 2
+
+    def cached() -> int:
+        return sum(p.stat().st_size for p in s3.cache_folder().rglob("*.npy") if p.is_file())
+
+    assert cached() <= 1000 and other.exists()  # the least recently used (w0, w1) went
+    storage.local_path("segments/w5/v.npy")  # the count passes the limit: walked before RESCAN_FILLS
+    assert len(walks) == 3 and cached() <= 1000
+
 # --- faults ------------------------------------------------------------------------------------------------------
 
 
