@@ -193,7 +193,15 @@ def test_retention_keeps_the_newest_versions(tmp_path, corpus, tiny_qwen3):
     versions = sorted(p.name for p in (Path(job.spec.out) / "versions").iterdir())
     assert versions == ["v000003", "v000004"]
     assert (Path(job.spec.out) / "current").resolve().name == "v000004"
-    assert len(list((Path(job.spec.out) / "work").iterdir())) == 1  # vectors of superseded plans are pruned
+    # vectors of superseded plans are pruned, but those the current plan's overlay chunks point at (the unchanged
+    # rows' vectors, stored by the first run)
+    from embedctl.pipeline.manifest import read_info
+    from embedctl.pipeline.plan import work_in_use
+    from embedctl.pipeline.storage import LocalStorage
+
+    out = Path(job.spec.out)
+    kept = {p.name for p in (out / "work").iterdir()}
+    assert len(kept) == 2 and kept == work_in_use(LocalStorage(out), [read_info((out / "current").resolve()).plan_id])
 
 
 def test_cache_prune(tmp_path, corpus, tiny_qwen3):
