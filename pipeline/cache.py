@@ -10,6 +10,7 @@ bounded by what the output folder keeps (the work folder of the published plan, 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -61,11 +62,13 @@ class EmbeddingCache:
         hashes, where = [], []
         self._chunks: list[tuple[ChunkStore, int]] = []
         self._checked: dict[int, bool] = {}  # chunk index -> sound (verified on first use)
+        self._seen: dict = {}  # verdicts of the files checked, shared by the chunks that cite one
         self._dtypes: list[list[str]] = []
         self._sizes: list[int] = []  # rows of each chunk
         self._files: list[Source] = []  # the vectors files the chunks' rows are stored in
         self._readers: list[ChunkStore] = []  # a store of each file's storage, to open it
-        self._file_of: dict[str, int] = {}
+        self._file_of: dict[tuple[str, str], int] = {}  # (key, recorded checksum): a file rewritten since an
+        # older overlay cited it is another entry, so a hit cites the checksum its own (verified) chunk recorded
         storages = {store.storage for store in stores}
         self._storage = next(iter(storages)) if len(storages) == 1 else None
         for store in stores:
@@ -74,7 +77,7 @@ class EmbeddingCache:
                     column = store.read_rows(number, columns=["hash"]).column("hash")
                     report = store.read_report(number)
                     layout = store.layout(number, report)
-                except (KeyError, OSError, ValueError, TypeError):
+                except (KeyError, OSError, ValueError, TypeError, IndexError):
                     continue  # written before hashes were kept, or unreadable: not a cache source
                 h = column.to_numpy(zero_copy_only=False).astype(np.uint64, copy=False)
                 if len(layout.source) != len(h):
@@ -93,11 +96,12 @@ class EmbeddingCache:
         self.hashes, self._where = self.hashes[order], locations[order]
 
     def _file_index(self, store: ChunkStore, source: Source) -> int:
-        if source.key not in self._file_of:
-            self._file_of[source.key] = len(self._files)
+        key = (source.key, json.dumps(source.checksum, sort_keys=True))
+        if key not in self._file_of:
+            self._file_of[key] = len(self._files)
             self._files.append(source)
             self._readers.append(store)
-        return self._file_of[source.key]
+        return self._file_of[key]
 
     def __len__(self) -> int:
         return len(self.hashes)
@@ -130,9 +134,14 @@ class EmbeddingCache:
         for file_index in np.unique(locs[:, 1]):
             sel = locs[:, 1] == file_index
             reader, stored_file = self._readers[file_index], self._files[file_index]
-            stored = np.load(reader.source_path(stored_file), mmap_mode="r")
-            hits.vectors[targets[sel]] = stored[locs[sel, 2]]
-        source[targets], position[targets] = locs[:, 1], locs[:, 2]
+            try:
+                stored = np.load(reader.source_path(stored_file), mmap_mode="r")
+                hits.vectors[targets[sel]] = stored[locs[sel, 2]]
+            except (OSError, ValueError, IndexError) as exc:  # removed or replaced since it was checked
+                LOG.warning("not reusing vectors of %s (%s); their texts are embedded again", stored_file.key, exc)
+                hits.found[targets[sel]] = False
+        keep = hits.found[targets]
+        source[targets[keep]], position[targets[keep]] = locs[keep, 1], locs[keep, 2]
         hits.stored = Layout(list(self._files), source, position, self._storage)
         return hits
 
@@ -141,7 +150,7 @@ class EmbeddingCache:
         damaged one is never copied from."""
         if chunk_index not in self._checked:
             store, number = self._chunks[chunk_index]
-            damage = store.verify(number)
+            damage = store.verify(number, self._seen)
             for path, problem in damage:
                 LOG.warning("not reusing the vectors of %s: %s; its texts are embedded again", path, problem)
             self._checked[chunk_index] = not damage
@@ -157,8 +166,9 @@ def prune(out: Path | str, everything: bool = False, published: Callable[[WorkPl
           ) -> tuple[list[str], int]:
     """Remove the stored vectors (job folders) of `out` that no published version needs; returns the removed job
     ids and the bytes freed. The vectors of the current version are kept unless `everything`; a job still writing
-    (not `published` and a chunk written in the last `UNFINISHED_SECONDS`) is left alone; so are the folders whose
-    vectors the kept ones' chunks point at (`plan.work_in_use`)."""
+    (not `published` and a chunk written in the last `UNFINISHED_SECONDS`) is left alone, and while one is, no
+    work folder is removed (its chunks may point into any); so are the folders whose vectors the kept ones' chunks
+    point at (`plan.work_in_use`)."""
     from embedctl.pipeline import versions
     from embedctl.pipeline.manifest import read_info
     from embedctl.pipeline.plan import WORK, load_plan, work_in_use
@@ -183,10 +193,11 @@ def prune(out: Path | str, everything: bool = False, published: Callable[[WorkPl
                 kept.add(entry.name)  # a job still writing here: leave it
         except EmbedctlError:
             pass
+    unfinished = kept - {keep_id}
     kept = work_in_use(storage, kept)  # with the folders whose vectors their chunks point at
     removed, freed = [], 0
     for entry in folders:
-        if entry.name in kept:
+        if entry.name in kept or unfinished:  # a run still writing may point into any of them: all are kept
             continue
         freed += sum(st.size for _key, st in objects[entry.name])
         storage.delete(entry.key)

@@ -282,7 +282,7 @@ def gather_vectors(plan: WorkPlan, rows: PlanRows, positions: np.ndarray) -> np.
     out = np.empty((len(positions), plan.dim), dtype=np.float16)
     for c in np.unique(where):
         sel = where == c
-        out[sel] = plan.store.read_vectors(rows.chunks[c])[offset[sel]]
+        out[sel] = plan.store.read_vectors(rows.chunks[c], rows=offset[sel])  # (an overlay reads only those)
     return out
 
 

@@ -35,17 +35,19 @@ def apply_retention(plan: WorkPlan, keep: int | None, live_work: Collection[str]
 
 
 def remove_stale_work(plan: WorkPlan, live_work: Collection[str] = ()) -> list[str]:
-    """Remove the work folders of plans other than `plan` (but those named in `live_work`, and those whose vectors
-    files the chunks of these point at: `plan.work_in_use`); returns their names."""
+    """Remove the work folders of plans other than `plan` and those whose vectors files its chunks point at
+    (`plan.work_in_use`); returns their names. While a run of another plan is live (`live_work`) none is removed:
+    its chunks may point into any folder its embedding cache read, written or not yet (the next publish removes
+    them)."""
     storage = plan.storage
-    removed = []
+    live = set(live_work) - {plan.plan_id}
+    if live:
+        LOG.info("kept the work folders of %s: live runs are writing in %s", storage.describe(WORK), sorted(live))
+        return []
     kept = work_in_use(storage, [plan.plan_id])
-    live = work_in_use(storage, live_work)
+    removed = []
     for entry in storage.list(WORK):
         if not entry.folder or entry.name in kept:
-            continue
-        if entry.name in live:
-            LOG.info("kept %s: a live run is writing there (or reads vectors there)", storage.describe(entry.key))
             continue
         storage.delete(entry.key)
         removed.append(entry.name)

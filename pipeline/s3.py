@@ -222,7 +222,8 @@ def call(uri: str, action: str, fn):
                                "(or AWS_PROFILE)") from None
         except Boto3Error as exc:  # a managed transfer (a large upload or download) that failed past its retries
             inner = getattr(exc, "last_exception", None) or exc.__cause__ or exc.__context__
-            if isinstance(inner, ClientError) and not _transient(inner):
+            if isinstance(inner, ClientError) and not _transient(inner) and _code(inner) != "NoSuchUpload":
+                # (NoSuchUpload: the multipart upload was aborted under it, e.g. by `cache prune`: a new one may do)
                 raise _error(inner, uri, action) from None  # refused (denied, no bucket): waiting will not help
             if _answered and not getattr(_local, "at_once", False) and time.monotonic() < deadline:
                 time.sleep(pause)
@@ -420,7 +421,8 @@ class S3Storage(Storage):
         try:
             head = self._call(key, "read", lambda: client().head_object(Bucket=self.bucket, Key=self._key(key)))
             self._call(key, "read", lambda: client().download_file(self.bucket, self._key(key), str(tmp)))
-            _count_bytes("bytes_down", tmp.stat().st_size)
+            size = tmp.stat().st_size
+            _count_bytes("bytes_down", size)
             os.replace(tmp, path)
             _set_token(path, head["ETag"])
         except FileNotFoundError:
@@ -431,7 +433,7 @@ class S3Storage(Storage):
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        evict(keep=path, added=path.stat().st_size)
+        evict(keep=path, added=size)
 
     # writes
 
@@ -446,6 +448,7 @@ class S3Storage(Storage):
             if before_commit is not None:
                 before_commit(tmp)
             stat = self._upload(key, tmp)
+            size = tmp.stat().st_size
             os.replace(tmp, path)  # the writer's own later reads come from here
             _set_token(path, stat.token)
         except OSError as exc:
@@ -454,7 +457,7 @@ class S3Storage(Storage):
             raise storage_error(exc, path) from None
         finally:
             tmp.unlink(missing_ok=True)
-        evict(keep=path, added=path.stat().st_size)
+        evict(keep=path, added=size)
         return stat
 
     def _upload(self, key: str, local: Path, **conditions) -> Stat:

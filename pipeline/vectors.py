@@ -130,11 +130,11 @@ class ChunkStore:
               id_type: pa.DataType | None = None, hashes: np.ndarray | None = None,
               copy_of: tuple[ChunkStore, int] | None = None, stored: Layout | None = None) -> dict:
         """Write one chunk's outputs (rows file, report with both files' checksums, then vectors: the completion
-        mark); returns the report as written. `copy_of`: a stored chunk whose vectors file holds exactly `vectors`
-        (every text was cached from it, in order): its file is copied, which an object store does without the
-        bytes leaving it (a re-index of a corpus whose rows were appended uploads no unchanged vectors).
-        `stored`: where rows whose vectors are stored already are (source -1: not stored); when most are, the chunk
-        is written as an overlay that points at them (the module docstring) and stores only the others."""
+        mark); returns the report as written. `copy_of`: a stored chunk whose rows file may equal this one's (every
+        text was cached from it, in order): it is then copied, which an object store does without the bytes
+        leaving it. `stored`: where rows whose vectors are stored already are (source -1: not stored); when most
+        are, the chunk is written as an overlay that points at them (the module docstring) and stores only the
+        others, so a re-index uploads no unchanged vectors and keeps no second copy of them."""
         if len(rows) != len(vectors) or len(ids) != len(rows) or len(texts) != len(rows):
             raise ValueError(f"chunk {number}: {len(rows)} rows, {len(ids)} ids, {len(texts)} texts, "
                              f"{len(vectors)} vectors")
@@ -144,7 +144,7 @@ class ChunkStore:
             columns["hash"] = pa.array(np.asarray(hashes, dtype=np.uint64), pa.uint64())
         table = pa.table(columns)
         same = self._same_rows(copy_of, table)
-        if same is not None:  # rows unchanged too (rows appended after them): copied like the vectors
+        if same is not None:  # rows unchanged (rows were appended after them): copied
             self.storage.copy(same[0], self._key(number, _ROWS))
             files = {"rows": same[1]}
         else:
@@ -157,12 +157,6 @@ class ChunkStore:
             files["vectors"] = checksum.checksum(tmp)
             self.storage.write(self._key(number, _REPORT), json_writer(report))
 
-        source = self._copy_source(copy_of, half)
-        if source is not None:
-            files["vectors"] = source[1]
-            self.storage.write(self._key(number, _REPORT), json_writer(report))
-            self.storage.copy(source[0], self._key(number, _VECTORS))
-            return report
         overlay = self._overlay(stored, len(half))
         if overlay is not None:
             report["sources"], report["layout"], own = overlay
@@ -177,7 +171,7 @@ class ChunkStore:
             return None
         found = stored.source >= 0
         used = np.unique(stored.source[found])
-        if found.sum() < OVERLAY_SHARE * rows or len(used) + int(not found.all()) > MAX_SOURCES:
+        if found.sum() < OVERLAY_SHARE * rows or len(used) + 1 > MAX_SOURCES:  # + its own file
             return None
         mine = self.folder.key + "/" if self.folder.key else ""
         if not mine or any(stored.sources[i].key.startswith(mine) for i in used):
@@ -241,28 +235,18 @@ class ChunkStore:
             return None
         return (store._key(number, _ROWS), recorded) if same else None
 
-    def _copy_source(self, copy_of: tuple[ChunkStore, int] | None, half: np.ndarray) -> tuple[str, dict] | None:
-        """(key, recorded checksum) of the vectors file to copy for `half`, None when it must be written: only a
-        file of the same storage whose report records its checksum and whose shape matches."""
-        if copy_of is None:
-            return None
-        store, number = copy_of
-        if store.storage != self.storage:
-            return None
-        try:
-            report = store.read_report(number)
-            recorded = report["files"]["vectors"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-        if "layout" in report:
-            return None  # its file holds only some of its rows: the overlay path points at them instead
-        stored = store.read_vectors(number)  # (the cache lookup mapped it already)
-        if stored.shape != half.shape or not np.array_equal(stored, half):
-            return None
-        return store._key(number, _VECTORS), recorded
+    def verify(self, number: int, seen: dict | None = None) -> list[tuple[Path, str]]:
+        """(file, what is wrong) for each damaged file of a complete chunk; empty when the chunk is sound. An
+        overlay's sources are checked too, and its layout against its files (`seen`: verdicts of files checked
+        already, shared by the calls of one check so that a source cited by many chunks is read once)."""
+        seen = {} if seen is None else seen
 
-    def verify(self, number: int) -> list[tuple[Path, str]]:
-        """(file, what is wrong) for each damaged file of a complete chunk; empty when the chunk is sound."""
+        def problem(path: Path, expected: dict | None) -> str | None:
+            key = (str(path), json.dumps(expected, sort_keys=True))
+            if key not in seen:
+                seen[key] = checksum.problem(path, expected)
+            return seen[key]
+
         try:
             report = self.read_report(number)
             files = report["files"]
@@ -271,40 +255,72 @@ class ChunkStore:
             return [(self.report_path(number), reason)]
         found = []
         for kind, path in (("rows", self.rows_path(number)), ("vectors", self.vectors_path(number))):
-            problem = checksum.problem(path, files.get(kind))
-            if problem is not None:
-                found.append((path, problem))
+            found_problem = problem(path, files.get(kind))
+            if found_problem is not None:
+                found.append((path, found_problem))
+        sources = []
         for data in report.get("sources", []):  # an overlay: the stored vectors it points at
-            source = Source.from_dict(data)
+            try:
+                source = Source.from_dict(data)
+            except (KeyError, TypeError, ValueError):
+                return [*found, (self.report_path(number), "its list of sources is unreadable")]
+            sources.append(source)
             path = self.source_path(source)
-            problem = checksum.problem(path, source.checksum)
-            if problem is not None:
-                found.append((path, problem))
+            found_problem = problem(path, source.checksum)
+            if found_problem is not None:
+                found.append((path, found_problem))
+        if "layout" in report and not found:
+            wrong = self._layout_problem(number, report, sources)
+            if wrong is not None:
+                found.append((self.report_path(number), wrong))
         return found
+
+    def _layout_problem(self, number: int, report: dict, sources: list[Source]) -> str | None:
+        """What is wrong with an overlay's layout against its sound files (None: it describes them)."""
+        try:
+            runs = np.asarray(report["layout"], dtype=np.int64).reshape(-1, 3)
+            rows = pq.read_metadata(self.rows_path(number)).num_rows
+            own = np.load(self.vectors_path(number), mmap_mode="r").shape[0]
+        except (OSError, ValueError, TypeError, KeyError):
+            return "its layout is unreadable"
+        limits = np.array([s.rows for s in sources] + [own], dtype=np.int64)
+        src = runs[:, 0]
+        if (runs[:, 2] < 1).any() or (runs[:, 1] < 0).any() or (src < -1).any() or (src >= len(sources)).any():
+            return "its layout names rows that no file holds"
+        if int(runs[:, 2].sum()) != rows or int(runs[src < 0, 2].sum()) != own:
+            return f"its layout covers {int(runs[:, 2].sum())} rows, its rows file holds {rows}"
+        if (runs[:, 1] + runs[:, 2] > limits[np.where(src < 0, len(sources), src)]).any():
+            return "its layout names rows past the end of a source"
+        return None
 
     def damaged(self) -> dict[int, list[tuple[Path, str]]]:
         """Chunk number -> its damaged files, over the complete chunks (every file is read once)."""
-        return {k: found for k in sorted(self.complete()) if (found := self.verify(k))}
+        seen: dict = {}
+        return {k: found for k in sorted(self.complete()) if (found := self.verify(k, seen))}
 
     def discard(self, number: int) -> None:
         """Remove a chunk's files (the completion mark first), so that it is embedded again."""
         for suffix in (_VECTORS, _REPORT, _ROWS):
             self.storage.delete(self._key(number, suffix))  # a folder standing where the file should be too
 
-    def read_vectors(self, number: int, mmap: bool = True) -> np.ndarray:
+    def read_vectors(self, number: int, mmap: bool = True, rows: np.ndarray | None = None) -> np.ndarray:
         """The (rows, dim) float16 vectors of a complete chunk (memory-mapped by default; an overlay's are gathered
-        from its sources into memory)."""
+        from its sources into memory). `rows`: only those positions, in that order (an overlay then reads only the
+        pages of its sources that hold them)."""
         own = np.load(self.vectors_path(number), mmap_mode="r" if mmap else None, allow_pickle=False)
         report = self.read_report(number)
         if "layout" not in report:
-            return own
+            return own if rows is None else np.asarray(own[rows])
         layout = self.layout(number, report)
-        out = np.empty((len(layout.source), own.shape[1]), dtype=np.float16)
-        for i, source in enumerate(layout.sources):
-            sel = layout.source == i
-            if sel.any():
-                stored = own if i == len(layout.sources) - 1 else np.load(self.source_path(source), mmap_mode="r")
-                out[sel] = stored[layout.position[sel]]
+        source, position = layout.source, layout.position
+        if rows is not None:
+            source, position = source[rows], position[rows]
+        out = np.empty((len(source), own.shape[1]), dtype=np.float16)
+        for i in np.unique(source):
+            sel = source == i
+            stored = own if i == len(layout.sources) - 1 else np.load(self.source_path(layout.sources[i]),
+                                                                       mmap_mode="r")
+            out[sel] = stored[position[sel]]
         return out
 
     def read_rows(self, number: int, columns: list[str] | None = None) -> pa.Table:

@@ -21,11 +21,14 @@ LOG = logging.getLogger(__name__)
 
 
 @app.task(bind=True, name=EMBED_TASK, max_retries=5)
-def embed_chunk(self, work_dir: str, number: int) -> dict:
+def embed_chunk(self, work_dir: str, number: int, fresh: bool = False) -> dict:
     """Embed chunk `number` of the job in `work_dir` (skipped when complete); the last one queues the build.
-    When the device weights' exporter exits mid-chunk, nothing is written and the chunk is queued again."""
+    When the device weights' exporter exits mid-chunk, nothing is written and the chunk is queued again. `fresh`:
+    a chunk discarded as damaged, embedded with an embedding cache read anew (never one that trusted a file
+    before the damage was found)."""
     try:
-        result = steps.run_chunk(location(work_dir), number, worker_encoder, worker_cache, settings())
+        result = steps.run_chunk(location(work_dir), number, worker_encoder,
+                                 lambda plan: worker_cache(plan, fresh=fresh), settings())
     except WeightsLost as exc:
         forget_lost_models()
         if self.request.retries >= self.max_retries:
@@ -47,7 +50,7 @@ def build_index(self, work_dir: str) -> dict:
     if result["status"] == "busy":
         raise self.retry(countdown=result["retry_in"])
     for number in result.get("chunks", []):  # damaged chunks, discarded: embedded again
-        embed_chunk.apply_async((work_dir, number))
+        embed_chunk.apply_async((work_dir, number), {"fresh": True})
     for segment, dim in result.get("pieces", []):
         build_segment.apply_async((work_dir, result["key"], segment, dim))
     return {k: v for k, v in result.items() if k != "pieces"} | {"pieces": len(result.get("pieces", []))}

@@ -163,11 +163,12 @@ def worker_encoder(plan):
     return Encoder(loaded, max_length=plan.max_length, batch_tokens=plan.batch_tokens, compile=plan.compile)
 
 
-def worker_cache(plan):
-    """The embedding cache of `plan` in this process (built once per plan: it reads the stored text hashes)."""
+def worker_cache(plan, fresh: bool = False):
+    """The embedding cache of `plan` in this process (built once per plan: it reads the stored text hashes, and
+    remembers which stored files it checked; `fresh`: built anew, checking them again)."""
     from embedctl.pipeline.cache import EmbeddingCache
 
-    if plan.plan_id not in _CACHES:
+    if fresh or plan.plan_id not in _CACHES:
         _CACHES.clear()  # one job at a time per child is the common case: keep memory flat
         _CACHES[plan.plan_id] = EmbeddingCache(plan.cache_sources())
     return _CACHES[plan.plan_id]

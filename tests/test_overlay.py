@@ -18,7 +18,8 @@ from embedctl.cli import main
 from embedctl.jobs.runner import run_embedded
 from embedctl.jobs.spec import JobSpec
 from embedctl.pipeline import vectors
-from embedctl.pipeline.plan import load_plan
+from embedctl.pipeline.plan import load_plan, work_in_use
+from embedctl.pipeline.storage import LocalStorage
 from tests import indexfiles
 
 ROWS, CHUNK = 600, 100
@@ -91,6 +92,8 @@ def test_a_reindex_of_spread_edits_stores_only_the_vectors_it_computed(reindexed
         assert [s["chunk"] for s in report["sources"]] == [f"work/{first}/chunks/chunk-{number:06d}"]
         assert sum(count for _s, _start, count in report["layout"]) == CHUNK
         logical, before = new.read_vectors(number), old.read_vectors(number)
+        picked = np.array([97, 3, 50, 3])
+        np.testing.assert_array_equal(new.read_vectors(number, rows=picked), logical[picked])  # (what builds read)
         rows = new.read_rows(number).column("row").to_numpy()
         unchanged = ~np.isin(rows, list(SPREAD))
         np.testing.assert_array_equal(logical[unchanged], before[unchanged])  # the very vectors stored before
@@ -130,6 +133,37 @@ def test_damage_behind_a_pointer_is_named_by_verify_and_repaired(reindexed, tiny
     current = _texts(ROWS, SPREAD)
     hits = json.loads(invoke("query", out, current[350], "-k", 10, "--json").stdout)
     assert len(hits) == 10 and all(h["text"] == current[int(h["id"][1:])] for h in hits)
+
+
+def test_a_damaged_layout_is_named_by_verify(reindexed):
+    _corpus_path, out, _first, _report = reindexed
+    report_path = _current_store(out).report_path(2)
+    report = json.loads(report_path.read_text())
+    report["layout"][0][2] += 1  # still JSON, but one row too many
+    report_path.write_text(json.dumps(report))
+    checked = invoke("verify", out)
+    assert checked.exit_code == 1 and f"damaged  {report_path}" in checked.stdout, checked.output
+    assert "its layout covers 101 rows" in checked.stdout
+
+
+def test_nightly_appends_keep_one_copy_of_the_vectors(tmp_path, tiny_qwen3):
+    """Unchanged chunks point at the stored vectors instead of copying them: after re-indexes of a growing
+    corpus the output folder holds each vector once (plus the small files of the new rows), and only the folders
+    the current plan reads from."""
+    corpus, out = tmp_path / "c.parquet", tmp_path / "idx"
+    rows = 250
+    for night in range(5):
+        report = _index(_corpus(corpus, _texts(rows)), out, tiny_qwen3)
+        assert report["rows_embedded"] == (rows if night == 0 else 30)
+        npy = list((out / "work").rglob("chunk-*.npy"))
+        stored = sum(np.load(p, mmap_mode="r").shape[0] for p in npy)
+        # every vector once, but the few rows of a tail chunk that was mostly new when stored (written whole again
+        # once mostly new rows join them: below OVERLAY_SHARE a chunk does not point)
+        assert rows <= stored <= rows + CHUNK * vectors.OVERLAY_SHARE, (night, stored)
+        current = _current_store(out).folder.key.split("/")[1]
+        assert set(_works(out)) == work_in_use(LocalStorage(out), [current])  # no folder nothing points into
+        rows += 30
+    assert invoke("verify", out).exit_code == 0
 
 
 def test_a_chain_of_reindexes_is_compacted_and_old_folders_go(tmp_path, tiny_qwen3, monkeypatch):

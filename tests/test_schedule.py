@@ -159,9 +159,12 @@ def test_cached_vectors_equal_fresh_ones(tmp_path, corpus, tiny_qwen3):
     fresh_job = load_jobs(_spec_file(tmp_path / "fresh", str(tiny_qwen3)))
     _run(fresh_job["docs"])
 
-    def vectors(out):
-        work = next(p for p in (Path(out) / "work").iterdir()) / "chunks"
-        return np.concatenate([np.load(p) for p in sorted(work.glob("*.npy"))])
+    def vectors(out):  # the published plan's chunks, in order (a re-index's are overlays: read through the store)
+        from embedctl.pipeline.manifest import read_info
+        from embedctl.pipeline.plan import load_plan
+
+        plan = load_plan(Path(out) / "work" / read_info((Path(out) / "current").resolve()).plan_id)
+        return np.concatenate([plan.store.read_vectors(c.number) for c in plan.corpus.chunks])
 
     # Same row, same vector: fresh runs batch the texts with other neighbours (chunks are row ranges), so the
     # float32 sums round differently before the float16 store; a vector given to the wrong row would be far off.
