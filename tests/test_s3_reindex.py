@@ -49,8 +49,8 @@ def test_a_reindex_of_appended_rows_uploads_no_unchanged_vectors(server, tmp_pat
     assert again["rows_embedded"] == 4 and again["rows_indexed"] == 404
     for report in (full, again):
         assert {"GET", "PUT", "LIST", "bytes_up"} <= set(report["requests"])
-    # the 8 unchanged chunks are copied inside the store: what goes up is the new chunk, the small new segment,
-    # the manifest and the run's records
+    # the 8 unchanged chunks point at the stored vectors, their rows files copied inside the store: what goes up
+    # is the new chunk, the small new segment, the manifest and the run's records
     assert again["requests"]["bytes_up"] < 0.25 * full["requests"]["bytes_up"], (again["requests"], full["requests"])
 
 
