@@ -301,7 +301,7 @@ def _disk_full_at(monkeypatch, name: str) -> None:
 
 
 @pytest.mark.parametrize("target", ["chunk-000001.npy", "chunk-000001.rows.parquet", "chunk-000001.json",
-                                    "index-64.faiss", "rows.parquet", "info.json", "runs.jsonl"])
+                                    "index-64.faiss", "rows.parquet", "vectors.npy", "info.json", "runs.jsonl"])
 def test_a_full_disk_at_any_write_is_one_line_and_the_published_version_stays(target, index_copy, pristine,
                                                                              sample_slice, tmp_path, monkeypatch):
     table = pq.read_table(sample_slice)
