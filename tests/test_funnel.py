@@ -279,3 +279,20 @@ def test_funnel_on_an_s3_output_folder(tmp_path_factory, tmp_path, sample_slice)
         assert checked.returncode == 0 and "nothing is damaged" in checked.stdout, checked.stdout + checked.stderr
     finally:
         server.stop()
+
+
+def test_keep_full_dims_and_its_job_setting():
+    from embedctl.jobs.spec import JobSpec
+    from embedctl.pipeline.errors import ConfigError
+    from embedctl.pipeline.plan import index_dims
+
+    assert index_dims(FULL, (128,)) == [FULL, 128]  # --dims alone: the full dim is always indexed
+    assert index_dims(FULL, (128, 256), keep_full=True) == [256, 128]
+    assert index_dims(FULL, (FULL, 128), keep_full=True) == [FULL, 128]
+    for dims in (None, ()):
+        with pytest.raises(ConfigError, match="--keep-full needs --dims"):
+            index_dims(FULL, dims, (128,), keep_full=True)
+    spec = JobSpec.from_dict({"corpus": "c.parquet", "out": "o", "dims": [128], "keep_full": True})
+    assert spec.keep_full and JobSpec.from_dict(spec.to_dict()) == spec  # crosses the broker as JSON
+    with pytest.raises(ConfigError, match="keep_full must be true or false"):
+        JobSpec(corpus="c.parquet", out="o", keep_full="yes")
