@@ -54,8 +54,9 @@ LOG = logging.getLogger(__name__)
 ADD_BATCH = 8192
 """Vectors added to an HNSW index per call (the progress step)."""
 RERANK_QUERIES = 64
-"""Queries re-ranked together: their shortlists' rows are gathered from the vectors file once (at 200 candidates
-and 2560 dims, 64 queries gather at most 12,800 rows: 131 MB in float32)."""
+"""Queries re-ranked together: their shortlists' rows are gathered from the vectors file once, at most
+RERANK_QUERIES x shortlist rows of 4 x full dim bytes in float32 (64 x 200 x 2560 x 4 bytes at the reference
+model's dim and the default shortlist)."""
 
 
 def slice_normalise(vectors: np.ndarray, dim: int) -> np.ndarray:
