@@ -38,6 +38,9 @@ from embedctl.pipeline import defaults
 @env_option("--dims", env="DIMS", default=None, callback=parse_dims,
       help=f"Matryoshka dims indexed besides the full dim; each must be at most the model's dim. [default: those of "
            f"{','.join(map(str, defaults.DEFAULT_DIMS))} below the model's dim]")
+@env_option("--keep-full", env="KEEP_FULL", is_flag=True,
+            help="Build HNSW indexes for --dims only, none for the full dim; the full-dim vectors stay on disk (each "
+                 "segment's vectors file, which every build writes) for `query --funnel`.")
 @env_option("--chunk-rows", env="CHUNK_ROWS", type=int, default=defaults.DEFAULT_CHUNK_ROWS, show_default=True,
       help="Rows per chunk (unit of resume and of distribution).")
 @env_option("--batch-tokens", env="BATCH_TOKENS", type=int, default=None,
@@ -67,7 +70,7 @@ from embedctl.pipeline import defaults
 @cache_options
 def index(corpus: str, out: str, model: str, text_column: str, id_column: str, instruction: str | None,
           query_instruction: str | None, instruction_format: str | None, dims: tuple[int, ...] | None,
-          chunk_rows: int, batch_tokens: int | None,
+          keep_full: bool, chunk_rows: int, batch_tokens: int | None,
           max_length: int | None, dtype: str, device: str, threads: int | None, compile_model: bool | None, hnsw_m: int,
           ef_construction: int, ef_search: int, index_type: str, segment_rows: int, keep: int, shm: str,
           broker: str | None, detach: bool, quiet: bool, as_json: bool) -> None:
@@ -78,7 +81,7 @@ def index(corpus: str, out: str, model: str, text_column: str, id_column: str, i
     """
     spec = JobSpec(corpus=corpus, out=out, model=model, text_column=text_column, id_column=id_column,
                    instruction=instruction, query_instruction=query_instruction,
-                   instruction_format=instruction_format, dims=dims, chunk_rows=chunk_rows,
+                   instruction_format=instruction_format, dims=dims, keep_full=keep_full, chunk_rows=chunk_rows,
                    batch_tokens=batch_tokens, max_length=max_length, dtype=dtype, device=device, threads=threads,
                    hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search, index_type=index_type,
                    segment_rows=segment_rows, keep=keep,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from embedctl.cli.common import cache_options, env_option, print_json, shm_option
+from embedctl.cli.common import cache_options, env_option, parse_dims, print_json, shm_option
 from embedctl.pipeline import defaults
 from embedctl.pipeline.errors import ConfigError
 from embedctl.pipeline.manifest import read_info
@@ -75,6 +75,33 @@ def _read_queries(texts: tuple[str, ...], file: str | None) -> list[str]:
     return list(texts)
 
 
+def funnel_options(func):
+    """`--funnel DIM` (EMBEDCTL_FUNNEL) and `--shortlist N` (EMBEDCTL_SHORTLIST): a funnel search."""
+    func = env_option("--shortlist", env="SHORTLIST", type=int, default=None,
+                      help=f"Candidates per segment the funnel re-ranks [default: {defaults.DEFAULT_SHORTLIST}, "
+                           "measured: README, Funnel search].")(func)
+    return env_option("--funnel", env="FUNNEL", type=int, default=None,
+                      help="Funnel search: shortlist in this dim's HNSW, re-rank exactly at the full dim with the "
+                           "segments' full vectors (read from disk); scores are full-dim cosines.")(func)
+
+
+def _check_funnel_options(ctx: click.Context, funnel: int | None, shortlist: int | None, dim: int | None,
+                          server: str | None) -> None:
+    """Options that do not go with a funnel (or without one) are usage errors."""
+    if funnel is None:
+        given = ctx.get_parameter_source("shortlist") == click.core.ParameterSource.COMMANDLINE
+        if shortlist is not None and given:
+            raise click.UsageError("--shortlist needs --funnel DIM (the dim whose HNSW shortlists)")
+        return
+    if dim is not None:
+        raise click.UsageError("give --dim or --funnel, not both: a funnel searches --funnel's dim and re-ranks at "
+                               "the full dim")
+    if server:
+        raise click.UsageError("--funnel searches the index here; leave out --server")
+    if funnel <= 0 or (shortlist is not None and shortlist <= 0):
+        raise ConfigError(f"--funnel and --shortlist must be > 0, got {funnel!r} and {shortlist!r}")
+
+
 def server_options(func):
     """`--server URL` (EMBEDCTL_SERVER) and `--api-key` (EMBEDCTL_API_KEY): use a running `embedctl serve`."""
     func = env_option("--api-key", env="API_KEY", default=None, help="The server's --api-key.")(func)
@@ -89,6 +116,7 @@ def server_options(func):
               show_envvar=True, help="Results per query.")
 @env_option("--dim", env="DIM", type=int, default=None, help="Index dim to search [default: the full dim].")
 @env_option("--ef", env="EF", type=int, default=None, help="HNSW efSearch [default: the index's, 64].")
+@funnel_options
 @env_option("--query-instruction", env="QUERY_INSTRUCTION", default=None,
       help="Instruction for the queries [default: the one recorded in the index; '' for none].")
 @env_option("--file", "file", env="QUERY_FILE", default=None, help="Read queries from a file, one a line.")
@@ -98,12 +126,15 @@ def server_options(func):
 @server_options
 @env_option("--json", "as_json", env="JSON", is_flag=True, help="Print a list of {id, score, text} per query.")
 @cache_options
-def query(index_dir: str, texts: tuple[str, ...], k: int, dim: int | None, ef: int | None,
-          query_instruction: str | None, file: str | None, device: str, shm: str, no_verify: bool,
-          server: str | None, api_key: str | None, as_json: bool) -> None:
+@click.pass_context
+def query(ctx: click.Context, index_dir: str, texts: tuple[str, ...], k: int, dim: int | None, ef: int | None,
+          funnel: int | None, shortlist: int | None, query_instruction: str | None, file: str | None, device: str,
+          shm: str, no_verify: bool, server: str | None, api_key: str | None, as_json: bool) -> None:
     """Search INDEX_DIR (an --out folder or a version folder) for TEXTS, embedded with the index's model.
 
-    With --server the search runs in a running `embedctl serve` that serves INDEX_DIR (named by its folder name)."""
+    With --server the search runs in a running `embedctl serve` that serves INDEX_DIR (named by its folder name).
+    With --funnel DIM: shortlist in DIM's HNSW, re-rank exactly at the full dim from the segments' vectors files."""
+    _check_funnel_options(ctx, funnel, shortlist, dim, server)
     queries = _read_queries(texts, file)
     if k <= 0:
         raise ConfigError(f"-k must be > 0, got {k!r}")
@@ -115,7 +146,8 @@ def query(index_dir: str, texts: tuple[str, ...], k: int, dim: int | None, ef: i
         results = [item["hits"] for item in answer["data"]]
     else:
         results = [[hit.to_dict() for hit in hits]
-                   for hits in _search_here(index_dir, queries, k, dim, ef, query_instruction, device, shm, no_verify)]
+                   for hits in _search_here(index_dir, queries, k, dim, ef, query_instruction, device, shm, no_verify,
+                                            funnel, shortlist)]
     if as_json:
         print_json(results if file or len(queries) > 1 else results[0])
         return
@@ -132,11 +164,15 @@ def query(index_dir: str, texts: tuple[str, ...], k: int, dim: int | None, ef: i
 
 
 def _search_here(index_dir: str, queries: list[str], k: int, dim: int | None, ef: int | None,
-                 query_instruction: str | None, device: str, shm: str, no_verify: bool):
-    """Load the index and its model in this process and search."""
+                 query_instruction: str | None, device: str, shm: str, no_verify: bool, funnel: int | None = None,
+                 shortlist: int | None = None):
+    """Load the index and its model in this process and search (a funnel is checked before the model loads)."""
     from embedctl.pipeline.index import IndexReader
 
     reader = IndexReader(location(index_dir), verify=not no_verify, fetch_rows=False)  # a few rows: by ranges
+    shortlist = shortlist or defaults.DEFAULT_SHORTLIST
+    if funnel is not None:
+        reader.check_funnel(funnel, k, shortlist, index_dir)
     if dim is not None and dim not in reader.dims:
         raise ConfigError(f"--dim {dim} is not indexed in {index_dir}; choose one of "
                           f"{', '.join(map(str, reader.dims))}")
@@ -145,7 +181,7 @@ def _search_here(index_dir: str, queries: list[str], k: int, dim: int | None, ef
     info = reader.info
     encoder = load_encoder(info.model_ref(), device=device, max_length=info.max_length, shm=shm)
     vectors = encoder.encode(queries, prefix=info.query_prefix_for(query_instruction)).vectors
-    return reader.search(vectors, k=k, dim=dim, ef=ef)
+    return reader.search(vectors, k=k, dim=dim, ef=ef, funnel=funnel, shortlist=shortlist)
 
 
 @click.command()
@@ -171,7 +207,8 @@ def info(index_dir: str, as_json: bool) -> None:
                f"{info.dtype})")
     click.echo(f"rows     {info.rows} of {info.corpus.rows} corpus rows ({info.corpus.source})")
     click.echo(f"dims     {', '.join(map(str, info.dims))} ({info.index_type}, HNSW M={info.hnsw['m']}, "
-               f"efConstruction={info.hnsw['ef_construction']}, efSearch={info.hnsw['ef_search']})")
+               f"efConstruction={info.hnsw['ef_construction']}, efSearch={info.hnsw['ef_search']})"
+               + ("" if info.dim in info.dims else f"; full dim {info.dim}: vectors only (--keep-full), for --funnel"))
     click.echo(f"query    instruction prefix {info.query_prefix!r} ({info.instruction_format} format)")
     click.echo(f"segments {len(segments)}, at most {info.segment_rows or '-'} rows each")
     for segment in segments[:10]:
@@ -190,6 +227,11 @@ def info(index_dir: str, as_json: bool) -> None:
 @env_option("-k", "ks", env="EVAL_K", default="1,10", show_default=True, help="Comma-separated cut-offs for recall@k.")
 @env_option("--ef", env="EF", type=int, default=None, help="HNSW efSearch [default: the index's].")
 @env_option("--limit", env="EVAL_LIMIT", type=int, default=None, help="Evaluate only the first N queries.")
+@env_option("--funnel", env="EVAL_FUNNEL", default=None, callback=parse_dims,
+            help="Comma-separated dims: measure a funnel from each (shortlist in its HNSW, exact re-rank at the full "
+                 "dim) beside plain HNSW.")
+@env_option("--shortlist", env="SHORTLIST", type=int, default=None,
+            help=f"Candidates per segment the funnel re-ranks [default: {defaults.DEFAULT_SHORTLIST}].")
 @env_option("--query-instruction", env="QUERY_INSTRUCTION", default=None,
       help="Instruction for the queries [default: the one recorded in the index; '' for none].")
 @env_option("--device", env="DEVICE", default="auto", show_default=True)
@@ -202,7 +244,8 @@ def info(index_dir: str, as_json: bool) -> None:
 @env_option("--json", "as_json", env="JSON", is_flag=True, help="Print the metrics as JSON.")
 @cache_options
 def evaluate_cmd(index_dir: str, queries_path: str, query_column: str, relevant_column: str, ks: str,
-                 ef: int | None, limit: int | None, query_instruction: str | None, device: str, exact_device: str,
+                 ef: int | None, limit: int | None, funnel: tuple[int, ...] | None, shortlist: int | None,
+                 query_instruction: str | None, device: str, exact_device: str,
                  shm: str, no_verify: bool, server: str | None, api_key: str | None, as_json: bool) -> None:
     """Recall@k and MRR of INDEX_DIR on labelled queries, per dim, exact search vs HNSW.
 
@@ -218,7 +261,12 @@ def evaluate_cmd(index_dir: str, queries_path: str, query_column: str, relevant_
         raise click.BadParameter(f"{ks!r} is not a comma-separated list of integers", param_hint="-k") from None
     # a refused gpu fails before any index or model is loaded
     exact_device = resolve_exact_device(exact_device, max(cutoffs, default=1))
+    if shortlist is not None and shortlist <= 0:
+        raise ConfigError(f"--shortlist must be > 0, got {shortlist!r}")
+    shortlist = shortlist or defaults.DEFAULT_SHORTLIST
     reader = IndexReader(location(index_dir), verify=not no_verify)
+    for dim in funnel or ():  # before the model loads
+        reader.check_funnel(dim, max(cutoffs, default=1), shortlist, index_dir)
     queries = load_queries(Path(queries_path), query_column, relevant_column, reader, limit=limit)
     info = reader.info
     prefix = info.query_prefix_for(query_instruction)
@@ -236,7 +284,8 @@ def evaluate_cmd(index_dir: str, queries_path: str, query_column: str, relevant_
 
         encoder = load_encoder(info.model_ref(), device=device, max_length=info.max_length, shm=shm)
         vectors = encoder.encode(queries.texts, prefix=prefix).vectors
-    result = evaluate(reader, vectors, queries, cutoffs, ef=ef, exact_device=exact_device)
+    result = evaluate(reader, vectors, queries, cutoffs, ef=ef, exact_device=exact_device, funnel=tuple(funnel or ()),
+                      shortlist=shortlist)
     if as_json:
         print_json(result)
         return
@@ -245,8 +294,14 @@ def evaluate_cmd(index_dir: str, queries_path: str, query_column: str, relevant_
     click.echo("exact search on gpu (faiss-gpu)" if result["exact_device"] == "gpu" else "exact search on cpu")
     head = "  ".join(f"{'R@' + str(c):>7}" for c in cutoffs)
     click.echo(f"{'dim':>5}  {'search':<6} {head} {'MRR@' + str(k):>8}   HNSW vs exact")
+    full = result["full_dim"]
     for dim, m in result["dims"].items():
-        for kind in ("exact", "hnsw"):
+        for kind in ("exact", "hnsw", "funnel"):
+            if kind not in m:
+                continue
             cells = "  ".join(f"{m[kind][f'recall@{c}']:>7.4f}" for c in cutoffs)
             extra = f"   {m[f'hnsw_recall@{k}_vs_exact']:.4f} (ef {m['ef_search']})" if kind == "hnsw" else ""
+            if kind == "funnel":
+                extra = (f"   {m[f'funnel_recall@{k}_vs_exact_{full}']:.4f} (vs exact {full}, shortlist "
+                         f"{m['shortlist']})")
             click.echo(f"{dim:>5}  {kind:<6} {cells} {m[kind][f'mrr@{k}']:>8.4f}{extra}")

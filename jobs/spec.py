@@ -33,6 +33,7 @@ class JobSpec:
     `instruction` / `query_instruction`: None means "not set" (model defaults apply), "" means none.
     `instruction_format`: qwen3 or raw; None means the model's default (qwen3 for instruction-aware models).
     `dims`: None means the defaults below the model's dim; explicit dims must all be honoured.
+    `keep_full`: HNSW indexes for `dims` only, no full-dim one (the full vectors are kept on disk all the same).
     `id_column`: when it is the default ("id") and the corpus has no such column, row numbers are the ids.
     """
 
@@ -45,6 +46,7 @@ class JobSpec:
     query_instruction: str | None = None
     instruction_format: str | None = None
     dims: tuple[int, ...] | None = None
+    keep_full: bool = False
     chunk_rows: int = DEFAULT_CHUNK_ROWS
     batch_tokens: int | None = None
     max_length: int | None = None
@@ -78,6 +80,8 @@ class JobSpec:
         bad = [d for d in self.dims or () if not isinstance(d, int) or isinstance(d, bool) or d <= 0]
         if bad:
             raise ConfigError(f"dims must be positive integers, got {bad!r}")
+        if not isinstance(self.keep_full, bool):
+            raise ConfigError(f"keep_full must be true or false, got {self.keep_full!r}")
         if self.instruction_format not in (None, *INSTRUCTION_FORMATS):
             raise ConfigError(f"instruction_format must be one of {', '.join(INSTRUCTION_FORMATS)}, got "
                               f"{self.instruction_format!r}")

@@ -15,7 +15,7 @@ from embedctl.pipeline import checksum, versions
 from embedctl.pipeline.errors import StorageError
 from embedctl.pipeline.manifest import read_info, version_files
 from embedctl.pipeline.plan import WORK, WorkPlan, load_plan
-from embedctl.pipeline.segments import ROWS_FILE
+from embedctl.pipeline.segments import ROWS_FILE, VECTORS_FILE
 from embedctl.pipeline.storage import Storage, child, is_uri, location, storage_of
 
 
@@ -25,7 +25,7 @@ class Damage:
 
     path: str
     problem: str
-    kind: str  # info | current | deletions | rows | index | chunk
+    kind: str  # info | current | deletions | rows | index | vectors | chunk
     chunk: int | None = None
     segment: str | None = None
 
@@ -86,7 +86,8 @@ def check(out: Path) -> Check:
             result.files += 1
             verdicts = checksum.Verdicts(storage)  # what a run's up-to-date check trusts: damage found here drops it
             for ref, path, expected in version_files(current, info):
-                kind = "deletions" if ref is None else "rows" if path.name == ROWS_FILE else "index"
+                kind = ("deletions" if ref is None else "rows" if path.name == ROWS_FILE
+                        else "vectors" if path.name == VECTORS_FILE else "index")
                 _check_file(result, verdicts, path, expected, kind, ref.id if ref else None, storage)
             verdicts.save()
             if not any(ref.files.get(name) for ref in info.segments for name in ref.files):
@@ -150,7 +151,7 @@ def damaged_chunks(found: Check) -> list[int]:
 
 
 def damaged_segments(found: Check) -> frozenset[str]:
-    """Segments with a damaged rows or index file: a repair rewrites them from the stored vectors."""
+    """Segments with a damaged rows, index or vectors file: a repair rewrites them from the stored vectors."""
     return frozenset(d.segment for d in found.damaged if d.segment is not None)
 
 

@@ -32,7 +32,15 @@ from embedctl.pipeline.manifest import (
 from embedctl.pipeline.merge import MergePolicy
 from embedctl.pipeline.plan import WorkPlan
 from embedctl.pipeline.progress import ProgressFactory, no_progress, stage
-from embedctl.pipeline.segments import ROWS_FILE, build_index_file, index_file, segment_dir, write_rows
+from embedctl.pipeline.segments import (
+    ROWS_FILE,
+    VECTORS_FILE,
+    build_index_file,
+    index_file,
+    segment_dir,
+    write_rows,
+    write_vectors,
+)
 from embedctl.pipeline.storage import Folder
 from embedctl.pipeline.vectors import DamagedChunks
 from embedctl.pipeline.work import chunk_reports, missing_chunks
@@ -83,7 +91,8 @@ def plan_build(plan: WorkPlan, forced: frozenset[str] = frozenset(), rebuild: bo
 
 def build_piece(plan: WorkPlan, build: BuildPlan, segment: str, dim: int, rows: PlanRows | None = None,
                 progress: ProgressFactory = no_progress) -> None:
-    """Build one index file of one new segment (and the segment's rows file, when no piece wrote it yet).
+    """Build one index file of one new segment (and the segment's rows and full vectors files, when no piece wrote
+    them yet: the vectors file holds the segment's full-dim float16 vectors for the funnel's re-rank).
 
     Idempotent: a piece already done is skipped; files are written atomically. Memory: the segment's full-dim
     float16 vectors, their float32 slice and the index (see README, "Segments")."""
@@ -95,6 +104,8 @@ def build_piece(plan: WorkPlan, build: BuildPlan, segment: str, dim: int, rows: 
     if build.done(segment, "rows") is None:
         build.mark_done(segment, "rows", write_rows(folder, gather_rows(plan, rows, sources)))
     vectors = gather_vectors(plan, rows, sources)
+    if build.done(segment, "vectors") is None:
+        build.mark_done(segment, "vectors", write_vectors(folder, vectors))
     with stage(progress, f"index {dim}d {segment}", len(sources), "vec") as update:
         written = build_index_file(folder, dim, vectors, plan.hnsw_m, plan.ef_construction, plan.ef_search,
                                    plan.index_type, update)
@@ -159,7 +170,7 @@ def _write_version(plan: WorkPlan, build: BuildPlan, folder: Path) -> VersionInf
         segments.append(ref)
         checksums.update(files)
     for new in build.new:
-        files = {ROWS_FILE: build.done(new.id, "rows"),
+        files = {ROWS_FILE: build.done(new.id, "rows"), VECTORS_FILE: build.done(new.id, "vectors"),
                  **{index_file(d): build.done(new.id, str(d)) for d in build.dims}}
         segments.append(SegmentRef(id=new.id, rows=new.rows, files=files))
     info = VersionInfo(

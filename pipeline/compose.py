@@ -30,7 +30,7 @@ from embedctl.pipeline.fsutil import json_writer
 from embedctl.pipeline.manifest import VersionInfo, read_deletions
 from embedctl.pipeline.merge import MergePolicy, SegmentState
 from embedctl.pipeline.plan import WorkPlan
-from embedctl.pipeline.segments import new_segment_id, read_rows
+from embedctl.pipeline.segments import LAYOUT, new_segment_id, read_rows
 from embedctl.pipeline.storage import Folder, LocalStorage, Storage, join, storage_of
 
 BUILD = "build"
@@ -40,8 +40,9 @@ DONE = "done"
 
 def segment_key(plan: WorkPlan) -> str:
     """What a segment must match to be reused by a plan: the vectors (model, instruction, length, dtype) and the
-    index settings (dims, HNSW graph, storage). efSearch and the query instruction are read at search time."""
-    key = [plan.vector_key, list(plan.dims), plan.hnsw_m, plan.ef_construction, plan.index_type]
+    index settings (dims, HNSW graph, storage) and the segment layout (the files a segment holds: a segment without
+    a full vectors file is rewritten). efSearch and the query instruction are read at search time."""
+    key = [plan.vector_key, list(plan.dims), plan.hnsw_m, plan.ef_construction, plan.index_type, LAYOUT]
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]
 
 

@@ -45,6 +45,13 @@ DEFAULT_KEEP_VERSIONS = 3
 DEFAULT_TOP_K = 10
 """Results per query."""
 
+DEFAULT_SHORTLIST = 200
+"""Candidates per segment a funnel search (`query --funnel`) takes from the small dim's HNSW before its exact
+full-dim re-rank. Measured (MiniLM, 20,000 WordNet glosses): 200 from the 128-dim slice re-ranked at 384 gives
+recall@10 0.991 against exact 384-dim search, where the 384-dim HNSW gives 0.995 (on the 3,000-row sample's 855
+queries: 0.9724, and 0.996 with 500; README, "Funnel search"). A longer shortlist costs efSearch (at least the
+shortlist) and one row read from the vectors file per candidate."""
+
 DEFAULT_QUERY_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
 """Query instruction of instruction-aware models (the Qwen3 embedding family) without prompts of their own."""
 

@@ -5,6 +5,10 @@ brute-force inner product over the vectors each index stores (its HNSW storage),
 only by the graph search; both search every segment of the version, without its deleted rows. Exact search runs
 on the CPU or, with faiss-gpu, on the GPU (`pipeline.exact`); HNSW always runs on the CPU. The benchmark and
 `embedctl eval` use this same code.
+
+A funnel (`funnel` dims) is measured beside: shortlist in that dim's HNSW, exact re-rank at the full dim, with its
+agreement with exact full-dim search (by the full-dim index's stored vectors, or by the segments' vectors files
+where no full-dim index was built: `--keep-full`).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from embedctl.pipeline.defaults import DEFAULT_SHORTLIST
 from embedctl.pipeline.errors import ConfigError, CorpusError
 from embedctl.pipeline.exact import resolve_exact_device
 from embedctl.pipeline.index import IndexReader
@@ -71,19 +76,29 @@ def _metrics(found: np.ndarray, relevant: np.ndarray, ks: tuple[int, ...]) -> di
     return out
 
 
+def _agreement(approx: np.ndarray, exact: np.ndarray, k: int) -> float:
+    return round(float(np.mean([len(set(a) & set(e)) / k for a, e in zip(approx, exact, strict=True)])), 4)
+
+
 def evaluate(reader: IndexReader, query_vectors: np.ndarray, queries: QuerySet, ks: tuple[int, ...] = (1, 10),
-             ef: int | None = None, dims: list[int] | None = None, exact_device: str = "cpu") -> dict:
+             ef: int | None = None, dims: list[int] | None = None, exact_device: str = "cpu",
+             funnel: tuple[int, ...] = (), shortlist: int = DEFAULT_SHORTLIST) -> dict:
     """Recall@k and MRR per dim for exact search and HNSW; with HNSW's agreement with exact (recall vs exact).
 
     `exact_device` (auto|cpu|gpu) is where the exact search runs; the result records the device it resolved to and
-    the time of each search per query."""
+    the time of each search per query. Each dim of `funnel` adds a funnel from that dim (`shortlist` candidates
+    per segment) and its agreement with exact full-dim search."""
     if not ks or min(ks) <= 0:
         raise ConfigError(f"-k values must be positive, got {ks!r}")
     k = max(ks)
+    for dim in funnel:
+        reader.check_funnel(dim, k, shortlist)
     exact_device = resolve_exact_device(exact_device, k)
     ef = max(ef or reader.info.hnsw["ef_search"], k)  # HNSW returns at most efSearch hits
     results = {}
-    for dim in dims or reader.dims:
+    full = reader.info.dim
+    exact_full = None
+    for dim in sorted(set(dims or reader.dims) | set(funnel), reverse=True):
         reader.load(dim)
         t0 = time.perf_counter()
         _, segments, positions = reader.search_positions(query_vectors, k, dim, ef)
@@ -94,12 +109,24 @@ def evaluate(reader: IndexReader, query_vectors: np.ndarray, queries: QuerySet, 
                                                          exact_device=exact_device)
         exact_seconds = time.perf_counter() - t0
         exact = _keys(reader, segments, positions)
-        agreement = float(np.mean([len(set(a) & set(e)) / k for a, e in zip(approx, exact, strict=True)]))
         results[str(dim)] = {"exact": _metrics(exact, queries.relevant, ks),
                              "hnsw": _metrics(approx, queries.relevant, ks),
-                             f"hnsw_recall@{k}_vs_exact": round(agreement, 4),
+                             f"hnsw_recall@{k}_vs_exact": _agreement(approx, exact, k),
                              "ef_search": ef,
                              "hnsw_ms_per_query": round(1000 * seconds / len(query_vectors), 4),
                              "exact_ms_per_query": round(1000 * exact_seconds / len(query_vectors), 4)}
+        if dim == full:
+            exact_full = exact
+        if dim in funnel:
+            t0 = time.perf_counter()
+            _, segments, positions = reader.funnel_positions(query_vectors, k, dim, shortlist, ef)
+            funnel_seconds = time.perf_counter() - t0
+            if exact_full is None:  # no full-dim index (--keep-full): exact search of the vectors files
+                exact_full = _keys(reader, *reader.exact_full_positions(query_vectors, k)[1:])
+            found = _keys(reader, segments, positions)
+            results[str(dim)].update({"funnel": _metrics(found, queries.relevant, ks),
+                                      f"funnel_recall@{k}_vs_exact_{full}": _agreement(found, exact_full, k),
+                                      "shortlist": shortlist,
+                                      "funnel_ms_per_query": round(1000 * funnel_seconds / len(query_vectors), 4)})
     return {"index": str(reader.dir), "queries": len(queries.texts), "k": list(ks), "exact_device": exact_device,
-            "dims": results}
+            "full_dim": full, "dims": results}

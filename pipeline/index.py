@@ -7,6 +7,11 @@ of a version searches every segment of the dim, skips the rows the version delet
 the search parameters, so each segment still returns its k best live rows) and merges the top k. Exact search (the
 baseline of `embedctl eval`) runs in FAISS on the CPU with the same selector, or on the GPU over the live rows in
 tiles (`pipeline.exact`).
+
+A funnel search (`IndexReader.funnel_positions`) shortlists N live rows per segment in a small dim's HNSW, then
+re-ranks them exactly at the full dim with the segment's full vectors (`vectors.npy`, memory-mapped: only the
+shortlisted rows are read), scored as the full-dim index scores them (the float16 vectors re-normalised in
+float32), so a shortlist that covers the segment gives exactly the full-dim exact search.
 """
 
 from __future__ import annotations
@@ -27,17 +32,19 @@ import numpy as np
 from embedctl.pipeline import exact as exact_search
 from embedctl.pipeline.checksum import DamagedFile, checksum
 from embedctl.pipeline.checksum import verify as verify_checksum
-from embedctl.pipeline.defaults import INDEX_TYPES
+from embedctl.pipeline.defaults import DEFAULT_SHORTLIST, INDEX_TYPES
 from embedctl.pipeline.errors import ConfigError
 from embedctl.pipeline.manifest import SegmentRef, VersionInfo, read_deletions, read_info
 from embedctl.pipeline.segments import (
     ROWS_FILE,
     ROWS_GROUP,
+    VECTORS_FILE,
     deletions_bitmap,
     index_file,
     open_index,
     open_remote_rows,
     open_rows,
+    open_vectors,
 )
 from embedctl.pipeline.storage import Folder, LocalStorage, Storage, join
 from embedctl.pipeline.versions import resolve_index_dir, version_folder
@@ -46,6 +53,10 @@ LOG = logging.getLogger(__name__)
 
 ADD_BATCH = 8192
 """Vectors added to an HNSW index per call (the progress step)."""
+RERANK_QUERIES = 64
+"""Queries re-ranked together: their shortlists' rows are gathered from the vectors file once, at most
+RERANK_QUERIES x shortlist rows of 4 x full dim bytes in float32 (64 x 200 x 2560 x 4 bytes at the reference
+model's dim and the default shortlist)."""
 
 
 def slice_normalise(vectors: np.ndarray, dim: int) -> np.ndarray:
@@ -135,6 +146,7 @@ class SegmentReader:
             self._rows = open_rows(self._checked(ROWS_FILE))
         self._rows_lock = threading.Lock()  # one reader of the rows file at a time (a server searches in threads)
         self._indexes: dict[int, faiss.Index] = {}
+        self._vectors: np.ndarray | None = None
 
     def _checked(self, name: str) -> Path:
         key = join(self.ref.prefix, name)
@@ -155,6 +167,67 @@ class SegmentReader:
         if dim not in self._indexes:
             self._indexes[dim] = open_index(self._checked(index_file(dim)))
         return self._indexes[dim]
+
+    @property
+    def has_vectors(self) -> bool:
+        """Whether the segment has its full vectors file (segments built before embedctl wrote them have none)."""
+        return VECTORS_FILE in self.ref.files
+
+    def vectors(self) -> np.ndarray:
+        """The segment's full-dim float16 vectors, memory-mapped (checked against their checksum on first use)."""
+        if self._vectors is None:
+            self._vectors = open_vectors(self._checked(VECTORS_FILE))
+            if self._vectors.ndim != 2 or len(self._vectors) != self.ref.rows:
+                raise DamagedFile(self.storage.local_path(join(self.ref.prefix, VECTORS_FILE)),
+                                  f"{self._vectors.shape} vectors for {self.ref.rows} rows", self._remedy,
+                                  self.storage.describe(join(self.ref.prefix, VECTORS_FILE)))
+        return self._vectors
+
+    def rerank(self, queries: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, positions) of the k best of each query's `candidates` (positions; -1: none) by their exact
+        full-dim inner product with `queries` (full-dim, normalised), best first; -inf / -1 pad.
+
+        Only the candidates' rows of the vectors file are read (sorted, so each page once per batch of queries)."""
+        vectors = self.vectors()
+        full = vectors.shape[1]
+        n = len(queries)
+        scores = np.full((n, k), -np.inf, dtype=np.float32)
+        positions = np.full((n, k), -1, dtype=np.int64)
+        for start in range(0, n, RERANK_QUERIES):
+            cand = candidates[start:start + RERANK_QUERIES]
+            rows = np.unique(cand[cand >= 0])
+            if not len(rows):
+                continue
+            block = slice_normalise(vectors[rows], full)  # as the full-dim index stores them
+            all_scores = np.asarray(queries[start:start + RERANK_QUERIES], np.float32) @ block.T
+            where = np.searchsorted(rows, np.maximum(cand, 0))
+            cand_scores = np.where(cand >= 0, np.take_along_axis(all_scores, where, 1), -np.inf)
+            kk = min(k, cand.shape[1])
+            best = np.argsort(-cand_scores, axis=1, kind="stable")[:, :kk]
+            top = np.take_along_axis(cand_scores, best, 1)
+            scores[start:start + len(cand), :kk] = top
+            positions[start:start + len(cand), :kk] = np.where(np.isfinite(top), np.take_along_axis(cand, best, 1),
+                                                                -1)
+        return scores, positions
+
+    def exact_full(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, positions) of the k best live rows by exact full-dim search of the vectors file (in tiles):
+        the baseline of a funnel where no full-dim index exists (`--keep-full`)."""
+        vectors = self.vectors()
+        full = vectors.shape[1]
+        n = len(vectors)
+        rows = exact_search.default_tile_rows(full)
+        live = np.ones(n, dtype=bool)
+        live[self.deleted] = False
+
+        def tiles():
+            for start in range(0, n, rows):
+                stop = min(start + rows, n)
+                keep = np.flatnonzero(live[start:stop])
+                yield slice_normalise(vectors[start:stop][keep], full), keep + start
+
+        return exact_search.knn_tiles(tiles(), slice_normalise(queries, full), min(k, max(n, 1)),
+                                      exact_search.cpu_search)
 
     def params(self, ef: int | None = None, exact: bool = False) -> faiss.SearchParameters | None:
         """Search parameters that skip the deleted rows (and set efSearch for HNSW)."""
@@ -285,25 +358,82 @@ class IndexReader:
         dim = self._dim(dim)
         ef = max(ef or self.info.hnsw["ef_search"], k)
         q = slice_normalise(queries, dim)
-        parts = _map(lambda seg: seg.search(q, k, dim, ef, exact, exact_device), self.segments)
-        scores = np.concatenate([p[0] for p in parts], axis=1)
-        positions = np.concatenate([p[1] for p in parts], axis=1)
-        segment = np.concatenate([np.full(p[1].shape, n, np.int64) for n, p in enumerate(parts)], axis=1)
-        scores = np.where(positions >= 0, scores, -np.inf)
-        best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        take = np.take_along_axis
-        return take(scores, best, 1), take(segment, best, 1), take(positions, best, 1)
+        return _merge(_map(lambda seg: seg.search(q, k, dim, ef, exact, exact_device), self.segments), k)
 
-    def search(self, queries: np.ndarray, k: int, dim: int | None = None, ef: int | None = None) -> list[list[Hit]]:
-        """The k best live rows for each query, with their ids and texts."""
+    def check_funnel(self, funnel: int, k: int, shortlist: int, where: str | None = None) -> None:
+        """Refuse (one line) a funnel this index cannot run: a dim without an index, one not below the full dim, a
+        shortlist shorter than k, segments without their full vectors file (built before embedctl wrote them)."""
+        where = where or str(self.dir)
+        if funnel >= self.info.dim:
+            raise ConfigError(f"--funnel {funnel} is not below the full dim {self.info.dim}: the funnel shortlists in "
+                              f"a smaller dim and re-ranks at {self.info.dim}; give one of "
+                              f"{', '.join(str(d) for d in self.dims if d < self.info.dim) or 'the smaller dims'}")
+        if funnel not in self.dims:
+            smaller = [str(d) for d in self.dims if d < self.info.dim]
+            choose = f"choose one of {', '.join(smaller)}" if smaller else "none is indexed"
+            raise ConfigError(f"--funnel {funnel} is not indexed in {where} ({choose}); index it with "
+                              f"`embedctl index ... --dims {funnel}`")
+        if shortlist < k:
+            raise ConfigError(f"--shortlist {shortlist} is below -k {k}: the re-rank returns at most the shortlist; "
+                              f"give --shortlist of at least {k}")
+        old = [seg.ref.id for seg in self.segments if not seg.has_vectors]
+        if old:
+            raise ConfigError(f"{where}: {len(old)} of its {len(self.segments)} segments (first: {old[0]}) were built "
+                              "before embedctl kept the full vectors per segment, which the funnel re-ranks with; "
+                              "re-index it (the same `embedctl index` command: it rebuilds the segments from the "
+                              "stored vectors), then search with --funnel")
+
+    def funnel_positions(self, queries: np.ndarray, k: int, funnel: int, shortlist: int,
+                         ef: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(scores, segment numbers, positions) of the k best live rows over all segments by a funnel: `shortlist`
+        live rows per segment from the HNSW of dim `funnel`, re-ranked by their exact full-dim inner product
+        (scores are full-dim cosines). `queries`: full-dim normalised vectors."""
+        if k <= 0:
+            raise ConfigError(f"-k must be > 0, got {k!r}")
+        if ef is not None and ef <= 0:
+            raise ConfigError(f"--ef must be > 0, got {ef!r}")
+        self.check_funnel(funnel, k, shortlist)
+        ef = max(ef or self.info.hnsw["ef_search"], shortlist)  # HNSW returns at most efSearch hits
+        small = slice_normalise(queries, funnel)
+        full = slice_normalise(queries, self.info.dim)
+
+        def one(seg: SegmentReader):
+            _, candidates = seg.search(small, shortlist, funnel, ef)
+            return seg.rerank(full, candidates, k)
+
+        return _merge(_map(one, self.segments), k)
+
+    def exact_full_positions(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(scores, segment numbers, positions) of exact full-dim search over the segments' vectors files."""
+        return _merge(_map(lambda seg: seg.exact_full(queries, k), self.segments), k)
+
+    def search(self, queries: np.ndarray, k: int, dim: int | None = None, ef: int | None = None,
+               funnel: int | None = None, shortlist: int | None = None) -> list[list[Hit]]:
+        """The k best live rows for each query, with their ids and texts; `funnel`: by a funnel from that dim
+        (`funnel_positions`, `shortlist` candidates per segment)."""
         t0 = time.perf_counter()
-        scores, segments, positions = self.search_positions(queries, k, dim, ef)
+        if funnel is not None:
+            scores, segments, positions = self.funnel_positions(queries, k, funnel,
+                                                                shortlist or DEFAULT_SHORTLIST, ef)
+        else:
+            scores, segments, positions = self.search_positions(queries, k, dim, ef)
         LOG.debug("searched %d queries in %.1f ms", len(queries), 1000 * (time.perf_counter() - t0))
         looked = [seg.lookup(positions[segments == n]) for n, seg in enumerate(self.segments)]
         return [[Hit(id=i, score=float(s), text=t, row=r)
                  for s, n, p in zip(qs, qn, qp, strict=True) if p >= 0
                  for i, t, r in [looked[n][int(p)]]]
                 for qs, qn, qp in zip(scores, segments, positions, strict=True)]
+
+
+def _merge(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(scores, segment numbers, positions) of the k best of each segment's (scores, positions), best first."""
+    scores = np.concatenate([p[0] for p in parts], axis=1)
+    positions = np.concatenate([p[1] for p in parts], axis=1)
+    segment = np.concatenate([np.full(p[1].shape, n, np.int64) for n, p in enumerate(parts)], axis=1)
+    scores = np.where(positions >= 0, scores, -np.inf)
+    best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    take = np.take_along_axis
+    return take(scores, best, 1), take(segment, best, 1), take(positions, best, 1)
 
 
 _POOL: list[ThreadPoolExecutor] = []

@@ -21,6 +21,7 @@ from embedctl.pipeline.defaults import DEFAULT_SEGMENT_ROWS
 from embedctl.pipeline.errors import ConfigError, StorageError
 from embedctl.pipeline.fsutil import json_writer
 from embedctl.pipeline.manifest import read_info
+from embedctl.pipeline.segments import LAYOUT
 from embedctl.pipeline.storage import Folder, Storage, child, is_uri, join, location, parent, storage_of
 from embedctl.pipeline.vectors import ChunkStore
 
@@ -29,13 +30,19 @@ WORK = "work"
 CHUNKS = "chunks"
 
 
-def index_dims(full_dim: int, dims: Sequence[int] | None, defaults: Sequence[int] = ()) -> list[int]:
-    """The dims to index, largest first: the full dim, then each of `dims` below it.
+def index_dims(full_dim: int, dims: Sequence[int] | None, defaults: Sequence[int] = (),
+               keep_full: bool = False) -> list[int]:
+    """The dims to index with HNSW, largest first: the full dim, then each of `dims` below it.
 
     `dims` are what the user asked for: one above the model's dim, or one given twice, is refused (an explicit
     value that cannot be honoured is never dropped silently). With `dims` None, the `defaults` below the full dim
-    are used and the others left out (the defaults suit the reference model's 2560 dims).
+    are used and the others left out (the defaults suit the reference model's 2560 dims). `keep_full`: index only
+    `dims` (the full dim too only when listed); the full vectors are kept in each segment's vectors file all the
+    same, for the funnel's re-rank.
     """
+    if keep_full and not dims:
+        raise ConfigError("--keep-full needs --dims: the dims whose HNSW indexes to build (e.g. --dims 128 "
+                          "--keep-full: a funnel from 128 re-ranks at the full dim without a full-dim HNSW)")
     if dims is None:
         return [full_dim] + sorted({int(d) for d in defaults if d < full_dim}, reverse=True)
     bad = [d for d in dims if not isinstance(d, int) or isinstance(d, bool) or d <= 0]
@@ -48,6 +55,8 @@ def index_dims(full_dim: int, dims: Sequence[int] | None, defaults: Sequence[int
     repeated = sorted({d for d in dims if list(dims).count(d) > 1})
     if repeated:
         raise ConfigError(f"--dims lists {repeated[0]} twice; give each dim once")
+    if keep_full:
+        return sorted(set(dims), reverse=True)
     return [full_dim] + sorted({d for d in dims if d < full_dim}, reverse=True)
 
 
@@ -69,7 +78,7 @@ class WorkPlan:
     batch_tokens: int | None
     document_prefix: str
     query_prefix: str
-    dims: tuple[int, ...]  # indexed dims, full dim first
+    dims: tuple[int, ...]  # dims with an HNSW index, largest first (the full dim first unless --keep-full left it out)
     hnsw_m: int
     ef_construction: int
     ef_search: int
@@ -115,7 +124,7 @@ class WorkPlan:
         """What a published version must match for the job to be up to date."""
         return {"plan_id": self.plan_id, "dims": list(self.dims), "hnsw_m": self.hnsw_m,
                 "ef_construction": self.ef_construction, "query_prefix": self.query_prefix,
-                "index_type": self.index_type}
+                "index_type": self.index_type, "segment_layout": LAYOUT}
 
     def to_dict(self) -> dict:
         return {**asdict(self), "corpus": self.corpus.to_dict(), "dims": list(self.dims),
@@ -198,7 +207,7 @@ def plan_job(spec: Any) -> WorkPlan:
     if spec.max_length and profile.position_limit and spec.max_length > profile.position_limit:
         raise ConfigError(f"--max-length {spec.max_length} is above the {profile.position_limit} positions of "
                           f"{spec.model}; give at most {profile.position_limit}")
-    dims = index_dims(profile.dim, spec.dims, defaults.DEFAULT_DIMS)
+    dims = index_dims(profile.dim, spec.dims, defaults.DEFAULT_DIMS, spec.keep_full)
     fmt = spec.instruction_format or profile.instruction_format
     named_ids = spec.id_column != defaults.DEFAULT_ID_COLUMN  # a column the user named must exist
     corpus = plan_corpus(spec.corpus, spec.text_column, spec.id_column, spec.chunk_rows,

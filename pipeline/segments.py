@@ -2,6 +2,9 @@
 
     OUT/segments/<segment id>/rows.parquet        row, id, text, hash of the segment's rows (position i = row i)
     OUT/segments/<segment id>/index-<dim>.faiss   one HNSW index per dim, opened by plain `faiss.read_index`
+    OUT/segments/<segment id>/vectors.npy         the rows' full-dim float16 vectors (row i = position i), a plain
+                                                  `.npy` that `np.load(..., mmap_mode="r")` maps: the funnel's
+                                                  re-rank reads only the rows it shortlisted
 
 A segment is written once, by the build that creates it, and never changed: a version lists the segments it
 uses with its own deletion set for each (`pipeline.manifest`), so versions share unchanged segments by reference
@@ -22,6 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from embedctl.pipeline.checksum import checksum
+from embedctl.pipeline.fsutil import npy_writer
 from embedctl.pipeline.storage import (
     Folder,
     LocalStorage,
@@ -44,6 +48,10 @@ declare_immutable(f"{SEGMENTS}/")  # a segment's files are written once under it
 ROWS_FILE = "rows.parquet"
 ROWS_GROUP = 16384
 """Row group size of a segment's rows.parquet: a query reads only the groups of its hits."""
+VECTORS_FILE = "vectors.npy"
+LAYOUT = 2
+"""The files every segment holds: 2 = rows, indexes and the full vectors (`VECTORS_FILE`); segments of layout 1 (no
+vectors file) are neither reused by a build nor taken as up to date, so the next `embedctl index` rewrites them."""
 
 
 def index_file(dim: int) -> str:
@@ -86,6 +94,19 @@ def write_rows(folder: Path | Folder, table: pa.Table) -> dict:
                                                           write_page_checksum=True))
     # page checksums (CRC-32 of each page): a reader of a few row groups of a remote copy checks what it reads
     return {**checksum(segment.storage.local_path(key)), "pages": "crc32"}
+
+
+def write_vectors(folder: Path | Folder, vectors: np.ndarray) -> dict:
+    """Write a segment's full-dim vectors (float16, row i = position i) atomically; returns its checksum."""
+    segment = _folder(folder)
+    key = segment.child(VECTORS_FILE)
+    segment.storage.write(key, npy_writer(np.ascontiguousarray(vectors, dtype=np.float16)))
+    return checksum(segment.storage.local_path(key))
+
+
+def open_vectors(path: Path) -> np.ndarray:
+    """A segment's full vectors, memory-mapped read-only (`path`: its local copy): rows are read when touched."""
+    return np.load(path, mmap_mode="r", allow_pickle=False)
 
 
 def rows_path(storage: Storage, prefix: str) -> Path:
@@ -165,9 +186,10 @@ def build_bytes_per_row(full_dim: int, dim: int, hnsw_m: int, index_type: str = 
 
 
 def is_built(folder: Path | Folder, dims: Iterable[int]) -> bool:
-    """Whether a segment's rows file and the index of every dim are written."""
+    """Whether a segment's rows file, its vectors file and the index of every dim are written."""
     segment = _folder(folder)
-    return all(segment.storage.exists(segment.child(name)) for name in [ROWS_FILE, *map(index_file, dims)])
+    return all(segment.storage.exists(segment.child(name))
+               for name in [ROWS_FILE, VECTORS_FILE, *map(index_file, dims)])
 
 
 def collect_garbage(out: Path | str | Storage, referenced: set[str]) -> list[str]:

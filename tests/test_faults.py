@@ -220,10 +220,10 @@ def test_the_up_to_date_check_reads_only_files_changed_since_they_last_matched(i
     real = checksum.checksum
     monkeypatch.setattr(checksum, "checksum", lambda path: read.append(Path(path).name) or real(path))
     assert invoke(*args).stdout.startswith("up to date")  # a folder copied just now: read, but no verdict kept
-    assert len(read) == 3
-    assert invoke(*args).stdout.startswith("up to date") and len(read) == 6  # still racy: read again
+    assert len(read) == 4  # rows.parquet, vectors.npy, index-384.faiss, index-128.faiss
+    assert invoke(*args).stdout.startswith("up to date") and len(read) == 8  # still racy: read again
     monkeypatch.setattr(checksum, "RACY_SECONDS", 0.0)  # as if they had settled
-    assert invoke(*args).stdout.startswith("up to date") and len(read) == 9
+    assert invoke(*args).stdout.startswith("up to date") and len(read) == 12
     read.clear()
     assert invoke(*args).stdout.startswith("up to date") and read == []  # settled and unchanged: nothing read
     rows = _version_file(index_copy, "rows.parquet")
@@ -301,7 +301,7 @@ def _disk_full_at(monkeypatch, name: str) -> None:
 
 
 @pytest.mark.parametrize("target", ["chunk-000001.npy", "chunk-000001.rows.parquet", "chunk-000001.json",
-                                    "index-64.faiss", "rows.parquet", "info.json", "runs.jsonl"])
+                                    "index-64.faiss", "rows.parquet", "vectors.npy", "info.json", "runs.jsonl"])
 def test_a_full_disk_at_any_write_is_one_line_and_the_published_version_stays(target, index_copy, pristine,
                                                                              sample_slice, tmp_path, monkeypatch):
     table = pq.read_table(sample_slice)

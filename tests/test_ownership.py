@@ -14,6 +14,7 @@ PACKAGES = ("pipeline", "jobs", "tasks", "shm_loader", "serve", "cli")
 NAMES = {  # a pattern of string literals (not docstrings) that spells an on-disk name -> the one module that owns it
     r"(^|/)rows\.parquet$": "pipeline/segments.py",
     r"^index-": "pipeline/segments.py",
+    r"^vectors\.npy$": "pipeline/segments.py",
     r"^deleted-": "pipeline/deletions.py",
     r"^sources-": "pipeline/deletions.py",
     r"^\.verified\.json$": "pipeline/checksum.py",

@@ -64,7 +64,7 @@ def tour(tmp_path):
 @pytest.mark.slow
 def test_tour(tour):
     folder, env, _ = tour
-    for name in ("tour-index", "tour-rerun", "tour-eval", "tour-verify"):
+    for name in ("tour-index", "tour-rerun", "tour-eval", "tour-funnel", "tour-verify"):
         readme.check(BLOCKS[name], folder, env)
     result = readme.check(BLOCKS["tour-errors"], folder, env)
     lines = result.stderr.strip().splitlines()
