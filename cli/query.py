@@ -85,8 +85,7 @@ def funnel_options(func):
                            "segments' full vectors (read from disk); scores are full-dim cosines.")(func)
 
 
-def _check_funnel_options(ctx: click.Context, funnel: int | None, shortlist: int | None, dim: int | None,
-                          server: str | None) -> None:
+def _check_funnel_options(ctx: click.Context, funnel: int | None, shortlist: int | None, dim: int | None) -> None:
     """Options that do not go with a funnel (or without one) are usage errors."""
     if funnel is None:
         given = ctx.get_parameter_source("shortlist") == click.core.ParameterSource.COMMANDLINE
@@ -96,8 +95,6 @@ def _check_funnel_options(ctx: click.Context, funnel: int | None, shortlist: int
     if dim is not None:
         raise click.UsageError("give --dim or --funnel, not both: a funnel searches --funnel's dim and re-ranks at "
                                "the full dim")
-    if server:
-        raise click.UsageError("--funnel searches the index here; leave out --server")
     if funnel <= 0 or (shortlist is not None and shortlist <= 0):
         raise ConfigError(f"--funnel and --shortlist must be > 0, got {funnel!r} and {shortlist!r}")
 
@@ -133,8 +130,9 @@ def query(ctx: click.Context, index_dir: str, texts: tuple[str, ...], k: int, di
     """Search INDEX_DIR (an --out folder or a version folder) for TEXTS, embedded with the index's model.
 
     With --server the search runs in a running `embedctl serve` that serves INDEX_DIR (named by its folder name).
-    With --funnel DIM: shortlist in DIM's HNSW, re-rank exactly at the full dim from the segments' vectors files."""
-    _check_funnel_options(ctx, funnel, shortlist, dim, server)
+    With --funnel DIM: shortlist in DIM's HNSW, re-rank exactly at the full dim from the segments' vectors files
+    (here, or in the server)."""
+    _check_funnel_options(ctx, funnel, shortlist, dim)
     queries = _read_queries(texts, file)
     if k <= 0:
         raise ConfigError(f"-k must be > 0, got {k!r}")
@@ -142,7 +140,7 @@ def query(ctx: click.Context, index_dir: str, texts: tuple[str, ...], k: int, di
         from embedctl.jobs.client import ServerClient
 
         answer = ServerClient(server, api_key).search(Path(index_dir).resolve().name, queries, k, dim, ef,
-                                                      query_instruction)
+                                                      query_instruction, funnel, shortlist)
         results = [item["hits"] for item in answer["data"]]
     else:
         results = [[hit.to_dict() for hit in hits]

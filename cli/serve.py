@@ -18,6 +18,7 @@ from pathlib import Path
 import click
 
 from embedctl.cli.common import cache_options, env_option, exported_devices, shm_option
+from embedctl.cli.query import funnel_options
 from embedctl.pipeline.errors import ConfigError
 from embedctl.pipeline.manifest import read_info
 from embedctl.pipeline.storage import is_uri, location
@@ -85,12 +86,13 @@ def _limit_options(func):
 @env_option("--device-share", env="DEVICE_SHARE", type=click.Choice(["auto", "on", "off"]), default="auto",
             show_default=True, help="One device copy of the weights per GPU, mapped by every worker on it "
                                     "(auto: on CUDA).")
+@funnel_options
 @cache_options
 def serve(index_dirs: tuple[str, ...], model: str | None, workers: int | None, host: str, port: int,
           api_key: str | None, device: str, dtype: str, shm: str, threads: int | None, batch_tokens: int | None,
           batch_wait_ms: float, max_queue: int, max_body: int, max_inputs: int, cache: int,
           header_timeout: float, body_timeout: float, max_connections: int, no_verify: bool,
-          device_share: str) -> None:
+          device_share: str, funnel: int | None, shortlist: int | None) -> None:
     """Serve MODEL over HTTP (OpenAI's /v1/embeddings) and search INDEX_DIRS (/v1/search, by folder name).
 
     Routes: POST /v1/embeddings, POST /v1/search, GET /v1/models, GET /health, GET /metrics (Prometheus).
@@ -102,7 +104,9 @@ def serve(index_dirs: tuple[str, ...], model: str | None, workers: int | None, h
         workers=1 if workers is None else workers, host=host, port=port, api_key=api_key, device=device,
         dtype=dtype, shm=shm, threads=threads, batch_tokens=batch_tokens, batch_wait_ms=batch_wait_ms,
         max_queue=max_queue, max_body=max_body, max_inputs=max_inputs, cache=cache, header_timeout=header_timeout, body_timeout=body_timeout,
-        max_connections=max_connections, verify=not no_verify)
+        max_connections=max_connections, verify=not no_verify, funnel=funnel, shortlist=shortlist)
+    if shortlist is not None and funnel is None:
+        raise click.UsageError("--shortlist needs --funnel DIM (the default funnel of /v1/search)")
     infos = [read_info(resolve_index_dir(location(f))) for f in index_dirs]  # one line when one is not published
     if model is None:
         if not infos:
@@ -114,6 +118,9 @@ def serve(index_dirs: tuple[str, ...], model: str | None, workers: int | None, h
     fingerprint = ref.fingerprint
     for folder, info in zip(map(location, index_dirs), infos, strict=True):
         info.require_model(fingerprint, model, folder)
+        if funnel is not None and (funnel >= info.dim or funnel not in info.dims):
+            raise ConfigError(f"--funnel {funnel} cannot run on {folder}: it needs an indexed dim below the full dim "
+                              f"{info.dim} (indexed: {', '.join(map(str, info.dims))})")
     names = index_names(index_dirs)
     _check_port(host, port)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:

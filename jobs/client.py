@@ -49,9 +49,10 @@ class ServerClient:
         return self._call("GET", "/v1/models")["data"][0]
 
     def search(self, index: str, queries: list[str], k: int, dim: int | None = None, ef: int | None = None,
-               instruction: str | None = None) -> dict:
+               instruction: str | None = None, funnel: int | None = None, shortlist: int | None = None) -> dict:
         body = {"index": index, "query": queries, "k": k}
-        body.update({key: value for key, value in (("dim", dim), ("ef", ef), ("instruction", instruction))
+        body.update({key: value for key, value in (("dim", dim), ("ef", ef), ("instruction", instruction),
+                                                   ("funnel", funnel), ("shortlist", shortlist))
                      if value is not None})
         return self._call("POST", "/v1/search", body)
 

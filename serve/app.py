@@ -285,6 +285,27 @@ def _log_to_stderr() -> None:
         root.propagate = False
 
 
+def _funnel_of(req: SearchRequest, reader, config: ServeConfig) -> tuple[int | None, int | None]:
+    """(funnel dim, shortlist) of a search: the request's, else the server's default (`--funnel`) unless the request
+    names a `dim`; a funnel the index cannot run is a 400 naming `funnel`."""
+    from embedctl.pipeline.defaults import DEFAULT_SHORTLIST
+
+    if req.funnel is not None and req.dim is not None:
+        raise ApiError(400, "give dim or funnel, not both: a funnel searches funnel's dim and re-ranks at the full "
+                            "dim", param="funnel")
+    funnel = req.funnel if req.funnel is not None else config.funnel if req.dim is None else None
+    if funnel is None:
+        if req.shortlist is not None:
+            raise ApiError(400, "shortlist needs funnel (the dim whose HNSW shortlists)", param="shortlist")
+        return None, None
+    shortlist = req.shortlist or config.shortlist or DEFAULT_SHORTLIST
+    try:
+        reader.check_funnel(funnel, req.k, shortlist, req.index)
+    except ConfigError as exc:
+        raise ApiError(400, str(exc), param="shortlist" if shortlist < req.k else "funnel") from None
+    return funnel, shortlist
+
+
 def create_app(config: ServeConfig | None = None) -> FastAPI:
     """The app of one worker process (`uvicorn --factory embedctl.serve.app:create_app` reads the settings from
     EMBEDCTL_SERVE_CONFIG)."""
@@ -390,18 +411,20 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         if req.dim is not None and req.dim not in reader.dims:
             raise ApiError(400, f"dim {req.dim} is not indexed in {req.index}; choose one of "
                                 f"{', '.join(map(str, reader.dims))}", param="dim")
+        funnel, shortlist = _funnel_of(req, reader, config)
         if len(queries) > config.max_inputs:
             raise ApiError(400, f"{len(queries)} queries in one request; at most {config.max_inputs}", param="query")
         prefix = info.query_prefix_for(req.instruction)
         embedded = await engine.embed_texts(queries, prefix)
-        results = await asyncio.to_thread(reader.search, embedded.vectors, req.k, req.dim, req.ef)
+        results = await asyncio.to_thread(reader.search, embedded.vectors, req.k, req.dim, req.ef, funnel, shortlist)
         metrics.TOKENS.labels("/v1/search").inc(embedded.tokens)
         return JSON({
             "object": "list",
             "index": req.index,
             "version": reader.dir.name,
             "model": config.model,
-            "dim": req.dim or reader.dims[0],
+            "dim": info.dim if funnel else req.dim or reader.dims[0],
+            **({"funnel": funnel, "shortlist": shortlist} if funnel else {}),
             "data": [{"query": q, "hits": [h.to_dict() for h in hits]} for q, hits in zip(queries, results,
                                                                                            strict=True)],
             "usage": {"prompt_tokens": embedded.tokens, "total_tokens": embedded.tokens},

@@ -61,12 +61,15 @@ class ServeConfig:
     body_timeout: float = DEFAULT_BODY_TIMEOUT
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     verify: bool = True  # check index files against their checksums when (re)loading them
+    funnel: int | None = None  # the default of /v1/search's `funnel` (a request naming `dim` searches that dim)
+    shortlist: int | None = None  # the default of its `shortlist` (None: DEFAULT_SHORTLIST)
     share: dict | None = None  # {"folder", "dtype", "devices"}: the weight exporters the supervisor runs
 
     def __post_init__(self):
         """Refuse a bad value in one line naming its option (each field is an option of `embedctl serve`)."""
         for name, low in (("workers", 1), ("threads", 1), ("batch_tokens", 1), ("max_queue", 1), ("max_body", 1),
-                          ("max_inputs", 1), ("cache", 0), ("batch_wait_ms", 0), ("max_connections", 1)):
+                          ("max_inputs", 1), ("cache", 0), ("batch_wait_ms", 0), ("max_connections", 1),
+                          ("funnel", 1), ("shortlist", 1)):
             value = getattr(self, name)
             if value is not None and value < low:
                 raise ConfigError(f"{_option(name)} must be >= {low}, got {value}")

@@ -42,6 +42,10 @@ class EmbeddingRequest(BaseModel):
     prefix: str | None = None
 
 
+MAX_SHORTLIST = 100_000
+"""Most funnel candidates a request may ask for per segment."""
+
+
 class SearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     SHAPES: ClassVar[dict[str, str]] = {"query": "a string or a list of strings"}
@@ -51,6 +55,8 @@ class SearchRequest(BaseModel):
     k: int = Field(default=10, ge=1, le=10_000)
     dim: int | None = Field(default=None, le=MAX_DIM)
     ef: int | None = Field(default=None, ge=1, le=MAX_EF)
+    funnel: int | None = Field(default=None, ge=1, le=MAX_DIM)  # shortlist in this dim, re-rank at the full dim
+    shortlist: int | None = Field(default=None, ge=1, le=MAX_SHORTLIST)
     instruction: str | None = None
 
 

@@ -210,6 +210,48 @@ def test_query_and_eval_through_the_server_match_the_local_ones(served, tmp_path
     assert down.returncode == 1 and down.stderr.count("\n") == 1 and "cannot reach the server" in down.stderr
 
 
+def test_funnel_search_through_the_server_matches_the_local_one(served):
+    """/v1/search's `funnel` and `shortlist` (a request's, or the server's `--funnel` default) answer what a local
+    `embedctl query --funnel` answers; a funnel the index cannot run is a 400 naming the field."""
+    server, home, env = served
+    args = ["query", "wordnet", "a domestic animal that barks", "-k", "5", "--funnel", "128", "--shortlist", "40"]
+    local = _cli([*args, "--json"], home, env)
+    remote = _cli([*args, "--json", "--server", server.url, "--api-key", KEY], home, env)
+    assert local.returncode == remote.returncode == 0, remote.stderr
+    hits = json.loads(local.stdout)
+    assert [h["id"] for h in json.loads(remote.stdout)] == [h["id"] for h in hits]
+    assert [h["score"] for h in json.loads(remote.stdout)] == pytest.approx([h["score"] for h in hits], abs=1e-5)
+    human = _cli(args + ["--server", server.url, "--api-key", KEY], home, env)
+    assert human.returncode == 0 and human.stdout.splitlines()[0].split() == ["rank", "score", "id", "text"]
+    status, body = _post(server, "/v1/search", {"index": "wordnet", "query": "barking dog", "k": 5, "funnel": 128,
+                                                "shortlist": 40})
+    assert status == 200 and (body["dim"], body["funnel"], body["shortlist"]) == (384, 128, 40), body
+    for request, param, fragment in (
+            ({"funnel": 64}, "funnel", "not indexed"),
+            ({"funnel": 384}, "funnel", "not below the full dim"),
+            ({"funnel": 128, "dim": 128}, "funnel", "not both"),
+            ({"shortlist": 40}, "shortlist", "needs funnel"),
+            ({"funnel": 128, "shortlist": 3}, "shortlist", "")):
+        status, body = _post(server, "/v1/search", {"index": "wordnet", "query": "x", "k": 5, **request})
+        assert status == 400 and body["error"]["param"] == param and fragment in body["error"]["message"], body
+    refused = _cli(["serve", "wordnet", "--model", "minilm", "--funnel", "64", "--port", "9"], home, env)
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1 and "--funnel 64 cannot run" in refused.stderr
+    default = Server(["wordnet", "--model", "minilm", "--funnel", "128", "--shortlist", "40"], env,
+                     home / "funnel-server.log", home, api_key=KEY)
+    try:
+        default.start()
+        status, body = _post(default, "/v1/search", {"index": "wordnet", "query": "barking dog", "k": 5})
+        assert status == 200 and (body["dim"], body["funnel"], body["shortlist"]) == (384, 128, 40), body
+        funnel_hits = [h["id"] for h in body["data"][0]["hits"]]
+        status, plain = _post(default, "/v1/search", {"index": "wordnet", "query": "barking dog", "k": 5, "dim": 128})
+        assert status == 200 and plain["dim"] == 128 and "funnel" not in plain  # a named dim: that dim's HNSW
+        status, body = _post(server, "/v1/search", {"index": "wordnet", "query": "barking dog", "k": 5, "funnel": 128,
+                                                    "shortlist": 40})
+        assert [h["id"] for h in body["data"][0]["hits"]] == funnel_hits  # the default is the request's funnel
+    finally:
+        default.stop()
+
+
 def test_a_reindex_during_searches_fails_none_and_each_answer_is_one_version(served):
     server, home, env = served
     stop, answers, failures = threading.Event(), [], []
